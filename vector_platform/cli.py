@@ -1,0 +1,232 @@
+"""`vector-platform`: the command line. Commands that change data run through Dagster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from vector_platform.names import InvalidName
+
+
+def _platform():
+    from vector_platform.api import Platform
+
+    return Platform()
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=str, ensure_ascii=False))
+
+
+def cmd_collections_add(args) -> int:
+    vp = _platform()
+    settings = {}
+    if args.hnsw_m is not None:
+        settings["hnsw_m"] = args.hnsw_m
+    if args.hnsw_ef_construction is not None:
+        settings["hnsw_ef_construction"] = args.hnsw_ef_construction
+    if args.hnsw_ef_search is not None:
+        settings["hnsw_ef_search"] = args.hnsw_ef_search
+    coll = vp.add_collection(args.name, args.source, model=args.model, **settings)
+    print(f"collection {coll.name}: source {coll.source}, models {', '.join(coll.models)}, tier {coll.tier}")
+    return 0
+
+
+def cmd_collections_list(args) -> int:
+    from vector_platform import catalog
+
+    vp = _platform()
+    with vp.pool().connection() as conn:
+        rows = [
+            {"name": c.name, "source": c.source, "tier": c.tier, "serving_model": c.serving_model, "models": list(c.models)}
+            for c in catalog.list_collections(conn)
+        ]
+    if args.json:
+        _print_json({"collections": rows})
+    else:
+        for r in rows:
+            print(f"{r['name']:<24} {r['tier']:<8} {r['serving_model']:<16} {r['source']}")
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from vector_platform import progress as progress_hooks
+
+    vp = _platform()
+    vp.collection(args.name)  # clear error for an unknown collection before anything starts
+    with Progress(
+        TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        transient=False, disable=not sys.stderr.isatty() or args.quiet,
+    ) as bars:
+        tasks: dict[str, Any] = {}
+
+        def show(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        progress_hooks.listeners.append(show)
+        try:
+            runs = vp.ingest(args.name)
+        finally:
+            progress_hooks.listeners.remove(show)
+    failed = False
+    for run in runs:
+        state = "ok" if run.success else "FAILED"
+        print(f"{run.job} [{run.partition}] {state} (run {run.run_id[:8]})")
+        for asset, meta in run.metadata.items():
+            shown = {k: v for k, v in meta.items() if not k.startswith("dagster/") and not isinstance(v, (dict, list))}
+            print(f"  {asset}: " + ", ".join(f"{k}={v}" for k, v in list(shown.items())[:8]))
+        for check, passed in run.checks.items():
+            print(f"  check {check}: {'passed' if passed else 'FAILED'}")
+        if not run.success:
+            failed = True
+            print(f"  error: {run.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        _print_json(result.as_json())
+        return
+    print(f"query: {result.query}")
+    for i, hit in enumerate(result.hits, 1):
+        snippet = " ".join(hit.text.split())[:160]
+        print(f"{i:>2}. {hit.score:.4f} [{hit.collection}/{hit.source_tier}] {hit.doc_id}: {snippet}")
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+
+
+def cmd_search(args) -> int:
+    queries = []
+    if args.queries:
+        queries = [line.strip() for line in Path(args.queries).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.query:
+        queries.insert(0, args.query)
+    if not queries:
+        print("error: give a QUERY or --queries FILE", file=sys.stderr)
+        return 2
+    vp = _platform()
+    for query in queries:
+        result = vp.search(query, args.collection, k=args.k, exact=args.exact)
+        _print_result(result, args.json)
+    return 0
+
+
+def cmd_status(args) -> int:
+    status = _platform().status()
+    if args.json:
+        _print_json(status)
+        return 0
+    for c in status["collections"]:
+        print(
+            f"{c['name']:<20} tier={c['tier']:<8} docs={c['documents']:<7} chunks={c['chunks']:<7} "
+            f"vectors={c['vectors']:<7} dead_letters={c['dead_letters']:<4} pg={c['bytes_postgres'] / 2**20:.1f} MiB"
+        )
+    return 0
+
+
+def cmd_dead_letters(args) -> int:
+    from vector_platform import catalog
+
+    vp = _platform()
+    with vp.pool().connection() as conn:
+        rows = catalog.open_dead_letters(conn, args.collection)
+    if args.json:
+        _print_json({"dead_letters": rows})
+    else:
+        for r in rows:
+            print(f"{r['collection']}/{r['model_key'] or '-'} {r['stage']} {r['ref']}: {r['error']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from vector_platform.demo import run_demo
+
+    return run_demo(limit=args.limit)
+
+
+def cmd_dev(args) -> int:
+    """`dagster dev` on 127.0.0.1 with instance storage in the embedded Postgres."""
+    from vector_platform.api import dagster_instance
+
+    dagster_instance().dispose()  # writes dagster.yaml into DAGSTER_HOME, sets the storage env
+    repo = Path(__file__).resolve().parent.parent
+    workspace = repo / "workspace.yaml"
+    command = ["dagster", "dev", "-h", args.host, "-p", str(args.port)]
+    command += ["-w", str(workspace)] if workspace.exists() else ["-m", "vector_platform.definitions"]
+    print(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}; UI on http://{args.host}:{args.port}", file=sys.stderr)
+    os.execvp("env", ["env", "--default-signal=INT,TERM", *command])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vector-platform", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    coll = sub.add_parser("collections", help="declare and list collections").add_subparsers(dest="action", required=True)
+    add = coll.add_parser("add", help="declare a collection (folder or JSONL source)")
+    add.add_argument("name")
+    add.add_argument("--source", required=True)
+    add.add_argument("--model", default="minilm_l6_v2")
+    add.add_argument("--hnsw-m", type=int)
+    add.add_argument("--hnsw-ef-construction", type=int)
+    add.add_argument("--hnsw-ef-search", type=int)
+    add.set_defaults(func=cmd_collections_add)
+    lst = coll.add_parser("list", help="list collections")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(func=cmd_collections_list)
+
+    ingest = sub.add_parser("ingest", help="materialize a collection's assets through Dagster")
+    ingest.add_argument("name")
+    ingest.add_argument("--quiet", action="store_true", help="no progress bars")
+    ingest.set_defaults(func=cmd_ingest)
+
+    search = sub.add_parser("search", help="search one or more collections")
+    search.add_argument("query", nargs="?")
+    search.add_argument("--collection", action="append", required=True)
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--exact", action="store_true", help="exact search, bypassing the HNSW index")
+    search.add_argument("--queries", help="a file with one query per line (the model loads once)")
+    search.add_argument("--json", action="store_true", help="one JSON object per query per line")
+    search.set_defaults(func=cmd_search)
+
+    status = sub.add_parser("status", help="collections, tiers, counts and sizes")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    dead = sub.add_parser("dead-letters", help="open dead letters")
+    dead.add_argument("--collection")
+    dead.add_argument("--json", action="store_true")
+    dead.set_defaults(func=cmd_dead_letters)
+
+    demo = sub.add_parser("demo", help="ingest the Python standard library's docstrings and search them")
+    demo.add_argument("--limit", type=int, default=400, help="documents in the demo corpus")
+    demo.set_defaults(func=cmd_demo)
+
+    dev = sub.add_parser("dev", help="start the Dagster UI on 127.0.0.1")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=3000)
+    dev.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (InvalidName, KeyError, ValueError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

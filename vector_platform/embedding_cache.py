@@ -1,0 +1,69 @@
+"""The embedding cache: vectors keyed by (model, chunk content hash), as Parquet files.
+
+Layout: `embedding_cache/<model_key>/<uuid>.parquet`, columns `content_hash` (string) and
+`embedding` (fixed-size list of float32). Files are only ever added, one per embedded batch,
+so a run killed mid-way keeps every finished batch and a re-run embeds only what is missing.
+Re-ingesting a collection, or building another collection's table with the same model,
+reads vectors from here instead of calling the model again.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vector_platform.object_store import ObjectStore
+
+
+def _prefix(model_key: str) -> str:
+    return f"embedding_cache/{model_key}"
+
+
+def write(store: ObjectStore, model_key: str, hashes: list[str], vectors: np.ndarray) -> str | None:
+    """Add one Parquet file with these vectors; returns its key (None when there is nothing)."""
+    if not hashes:
+        return None
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dims = vectors.shape[1]
+    table = pa.table(
+        {
+            "content_hash": pa.array(hashes, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dims),
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    key = f"{_prefix(model_key)}/{uuid.uuid4().hex}.parquet"
+    store.put_bytes(key, buf.getvalue())
+    return key
+
+
+def lookup(store: ObjectStore, model_key: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
+    """Vectors for those of `hashes` that are cached (a later file wins over an earlier one)."""
+    wanted = set(hashes)
+    found: dict[str, np.ndarray] = {}
+    if not wanted:
+        return found
+    for key in store.list(_prefix(model_key)):
+        if not key.endswith(".parquet"):
+            continue
+        table = pq.read_table(io.BytesIO(store.get_bytes(key)))
+        file_hashes = table.column("content_hash").to_pylist()
+        column = table.column("embedding").combine_chunks()
+        if not len(file_hashes):
+            continue
+        dims = column.type.list_size
+        matrix = column.values.to_numpy(zero_copy_only=False).reshape(-1, dims)
+        for i, h in enumerate(file_hashes):
+            if h in wanted:
+                found[h] = matrix[i]
+    return found
+
+
+def cached_count(store: ObjectStore, model_key: str) -> int:
+    return sum(pq.read_metadata(io.BytesIO(store.get_bytes(k))).num_rows for k in store.list(_prefix(model_key)))

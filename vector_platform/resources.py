@@ -1,0 +1,80 @@
+"""Dagster resources: `postgres`, `object_store`, `embedder`. Each is bound once, in definitions.py."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+from psycopg_pool import ConnectionPool
+from pydantic import Field
+
+from vector_platform import catalog, db
+from vector_platform.chunking import Chunker
+from vector_platform.embedders import Embedder, make_embedder
+from vector_platform.models import ModelSpec
+from vector_platform.object_store import ObjectStore
+from vector_platform.settings import default_object_store_url, vp_home
+
+
+class PostgresResource(dg.ConfigurableResource):
+    """The PostgreSQL + pgvector database that holds the catalog and the vector tables."""
+
+    dsn: Optional[str] = Field(
+        default=None,
+        description="PostgreSQL DSN (a secret: bind it with EnvVar('VP_PG_DSN')). "
+        "Unset: the embedded PostgreSQL 18 + pgvector server under `home`/pg, started on demand.",
+    )
+    home: Optional[str] = Field(default=None, description="Folder for embedded defaults (default $VP_HOME or ./.vp).")
+    pool_size: int = Field(default=4, description="Connections per process.")
+
+    def resolved_dsn(self) -> str:
+        return self.dsn or db.embedded_dsn(Path(self.home) if self.home else vp_home())
+
+    def pool(self) -> ConnectionPool:
+        pool = db.get_pool(self.resolved_dsn(), self.pool_size)
+        with pool.connection() as conn:
+            catalog.bootstrap(conn)
+        return pool
+
+
+class ObjectStoreResource(dg.ConfigurableResource):
+    """Where the embedding cache (and later snapshots and archives) live: file:// or s3://."""
+
+    url: Optional[str] = Field(default=None, description="file:///path or s3://bucket/prefix (default $VP_OBJECT_STORE or file://$VP_HOME/objects).")
+    endpoint_url: Optional[str] = Field(default=None, description="S3-compatible endpoint (default $AWS_ENDPOINT_URL).")
+
+    def store(self) -> ObjectStore:
+        return ObjectStore.from_url(self.url or default_object_store_url(), self.endpoint_url)
+
+
+_embedders: dict[tuple, Embedder] = {}
+_embedders_lock = threading.Lock()
+
+
+class EmbedderResource(dg.ConfigurableResource):
+    """Hands out the embedder for a model spec (the local model by default), once per process."""
+
+    device: str = Field(default="cpu", description="torch device for local models.")
+    batch_size: int = Field(default=64, description="Texts per embedding call (and per cache file).")
+
+    def for_model(self, spec: ModelSpec) -> Embedder:
+        key = (spec.key, spec.model_name, self.device)
+        with _embedders_lock:
+            if key not in _embedders:
+                _embedders[key] = make_embedder(spec, device=self.device)
+            return _embedders[key]
+
+    def chunker(self, spec: ModelSpec, max_tokens: int, overlap: int) -> Chunker:
+        return Chunker(self.for_model(spec).tokenizer(), max_tokens, overlap)
+
+
+def default_resources() -> dict[str, dg.ConfigurableResource]:
+    dsn = dg.EnvVar("VP_PG_DSN") if os.environ.get("VP_PG_DSN") else None
+    return {
+        "postgres": PostgresResource(dsn=dsn),
+        "object_store": ObjectStoreResource(),
+        "embedder": EmbedderResource(),
+    }

@@ -1,0 +1,58 @@
+"""Where things live by default, and each collection's tunable settings.
+
+Environment variables (all optional):
+- VP_HOME: folder for the embedded defaults (default ./.vp)
+- VP_PG_DSN: a PostgreSQL DSN; when unset the embedded server under $VP_HOME/pg is used
+- VP_OBJECT_STORE: file:///path or s3://bucket/prefix (default file://$VP_HOME/objects)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+def vp_home() -> Path:
+    return Path(os.environ.get("VP_HOME", ".vp")).expanduser().resolve()
+
+
+def default_object_store_url() -> str:
+    return os.environ.get("VP_OBJECT_STORE") or (vp_home() / "objects").as_uri()
+
+
+@dataclass
+class CollectionSettings:
+    """Per-collection knobs, stored as JSON in the catalog."""
+
+    chunk_overlap_tokens: int = 32
+    # 0 means "the model's max input tokens" (minus its special tokens).
+    chunk_max_tokens: int = 0
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
+    hnsw_ef_search: int = 100
+    recall_target: float = 0.95
+    max_document_bytes: int = 20 * 1024 * 1024
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.hnsw_m <= 100:
+            raise ValueError(f"hnsw_m must be between 2 and 100, got {self.hnsw_m}")
+        if not 4 <= self.hnsw_ef_construction <= 1000 or self.hnsw_ef_construction < 2 * self.hnsw_m:
+            raise ValueError(
+                f"hnsw_ef_construction must be between 4 and 1000 and at least 2 x hnsw_m, "
+                f"got {self.hnsw_ef_construction}"
+            )
+        if not 1 <= self.hnsw_ef_search <= 1000:
+            raise ValueError(f"hnsw_ef_search must be between 1 and 1000, got {self.hnsw_ef_search}")
+        if self.chunk_overlap_tokens < 0 or self.chunk_max_tokens < 0:
+            raise ValueError("chunk sizes cannot be negative")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> "CollectionSettings":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
