@@ -224,6 +224,23 @@ def publish_view(conn: psycopg.Connection, collection: str, table: str) -> None:
 
 # ---------------------------------------------------------------- nearest neighbours
 
+def _plan_settings(conn: psycopg.Connection, exact: bool, ef_search: int, iterative: bool) -> None:
+    """Set every planner knob search depends on, each time.
+
+    All of them, both ways: inside a pooled connection's transaction `conn.transaction()` is a
+    savepoint, and a SET LOCAL from an earlier ANN query would otherwise still be in force.
+    """
+    settings = {
+        "enable_seqscan": "on" if exact else "off",
+        "enable_indexscan": "off" if exact else "on",
+        "enable_bitmapscan": "off" if exact else "on",
+        "hnsw.ef_search": str(int(ef_search)),
+        "hnsw.iterative_scan": "relaxed_order" if iterative and not exact else "off",
+    }
+    for name, value in settings.items():
+        conn.execute("SELECT set_config(%s, %s, true)", (name, value), prepare=False)
+
+
 def nearest(
     conn: psycopg.Connection,
     relation: sql.Composable,
@@ -250,14 +267,7 @@ def nearest(
     )
     params = {"q": np.asarray(vector, dtype=np.float32), "k": k, "filters": Jsonb(filters or {})}
     with conn.transaction():
-        if exact:
-            conn.execute("SET LOCAL enable_indexscan = off")
-            conn.execute("SET LOCAL enable_bitmapscan = off")
-        else:
-            conn.execute("SET LOCAL enable_seqscan = off")
-            conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search))))
-            if filters:
-                conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        _plan_settings(conn, exact, ef_search, iterative=bool(filters))
         rows = conn.execute(query, params, prepare=False).fetchall()
     if filters and not exact:  # relaxed order: results may come slightly out of order
         rows.sort(key=lambda r: r[-1])
@@ -270,11 +280,6 @@ def explain_nearest(conn: psycopg.Connection, relation: sql.Composable, spec: Mo
         rel=relation, op=operator(spec), vtype=sql.SQL(spec.storage_type)
     )
     with conn.transaction():
-        if exact:
-            conn.execute("SET LOCAL enable_indexscan = off")
-            conn.execute("SET LOCAL enable_bitmapscan = off")
-        else:
-            conn.execute("SET LOCAL enable_seqscan = off")
-            conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search))))
+        _plan_settings(conn, exact, ef_search, iterative=False)
         plan = conn.execute(query, {"q": np.asarray(vector, dtype=np.float32)}, prepare=False).fetchall()
     return "\n".join(r[0] for r in plan)
