@@ -66,10 +66,12 @@ def test_search_merges_collections_by_score_and_labels_tiers(two_collections, pg
         queried = conn.execute(
             "SELECT count(*) FROM vector_platform.collections WHERE name = ANY(%s) AND last_queried_at IS NOT NULL", ([a, b],)
         ).fetchone()[0]
-        logged = conn.execute(
-            "SELECT count(*) FROM vector_platform.query_stats WHERE collection = %s AND query_text = 'gamma delta epsilon'", (a,)
-        ).fetchone()[0]
-    assert queried == 2 and logged == 2
+        logged = dict(conn.execute(
+            "SELECT mode, count(*) FROM vector_platform.query_stats "
+            "WHERE collection = %s AND query_text = 'gamma delta epsilon' GROUP BY mode",
+            (a,),
+        ).fetchall())
+    assert queried == 2 and logged == {"ann": 1, "exact": 2}
 
 
 def test_metadata_filters_and_input_errors(two_collections):
