@@ -317,7 +317,9 @@ def load_vectors(
         for start in range(0, len(loadable), batch_rows):
             part = loadable[start : start + batch_rows]
             with conn.transaction():
-                inserted += vector_sql.copy_upsert(conn, table, spec, part, np.vstack([vectors[r[3]] for r in part]))
+                inserted += vector_sql.copy_upsert(
+                    conn, table, spec, part, np.vstack([vectors[r[3]] for r in part]), assume_new=True
+                )
         with conn.transaction():
             updated = conn.execute(
                 sql.SQL(

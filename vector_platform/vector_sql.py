@@ -15,13 +15,14 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from vector_platform.catalog import SERVING, VECTORS
+from vector_platform.copy_binary import encode_vector_rows
 from vector_platform.models import ModelSpec
 from vector_platform.names import bounded_identifier
 
 OPERATORS = {"cosine": "<=>", "l2": "<->", "inner_product": "<#>"}
 OPCLASS_SUFFIX = {"cosine": "cosine_ops", "l2": "l2_ops", "inner_product": "ip_ops"}
 ROW_COLUMNS = ("chunk_id", "doc_id", "seq", "content_hash", "text", "metadata", "source_ts")
-COPY_TYPES = ("uuid", "text", "int4", "text", "text", "jsonb", "timestamptz", "vector")
+COPY_TYPES = ("uuid", "text", "int4", "text", "text", "jsonb", "timestamptz", "vector")  # for write_row users
 
 
 def table_id(table: str) -> sql.Composable:
@@ -81,13 +82,28 @@ def copy_upsert(
     spec: ModelSpec,
     rows: Sequence[Sequence[Any]],
     vectors: np.ndarray,
+    assume_new: bool = False,
 ) -> int:
-    """Binary COPY rows (ROW_COLUMNS order) + vectors into a temp table, then upsert by chunk_id.
+    """Write rows (ROW_COLUMNS order) + vectors by binary COPY; rows whose chunk_id exists are updated.
 
+    `assume_new`: the caller selected rows missing from the table (the bulk-load case). They are
+    COPied straight into it inside a savepoint, which writes each row once instead of twice; if
+    a concurrent writer got there first, the unique violation rolls the savepoint back and the
+    batch takes the staged path: COPY into a temp table, then INSERT ... ON CONFLICT DO UPDATE.
     Runs in the caller's transaction: all rows land or none do.
     """
     if not len(rows):
         return 0
+    payload = encode_vector_rows(rows, vectors)
+    columns = sql.SQL(", ").join(map(sql.Identifier, ROW_COLUMNS + ("embedding",)))
+    if assume_new and spec.storage_type == "vector":
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(table_id(table), columns)) as copy:
+                    copy.write(payload)
+            return len(rows)
+        except psycopg.errors.UniqueViolation:
+            pass
     stage = sql.Identifier("vp_stage")
     conn.execute(
         sql.SQL(
@@ -95,13 +111,9 @@ def copy_upsert(
             "text text, metadata jsonb, source_ts timestamptz, embedding vector({dims})) ON COMMIT DROP"
         ).format(stage=stage, dims=sql.Literal(spec.dims))
     )
-    columns = sql.SQL(", ").join(map(sql.Identifier, ROW_COLUMNS + ("embedding",)))
     with conn.cursor() as cur:
         with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(stage, columns)) as copy:
-            copy.set_types(COPY_TYPES)
-            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-            for row, vec in zip(rows, vectors):
-                copy.write_row((*row[:5], Jsonb(row[5]), row[6], vec))
+            copy.write(payload)
         cast = sql.SQL("embedding::{}").format(column_type(spec))
         cur.execute(
             sql.SQL(
