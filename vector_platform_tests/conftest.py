@@ -168,16 +168,20 @@ def dagster_instance():
         yield instance
 
 
+def build_platform(pg_dsn, instance, store_url: str, real_model: bool = False, batch_size: int = 64) -> Platform:
+    embedder = EmbedderResource(batch_size=batch_size) if real_model else FakeEmbedderResource(batch_size=batch_size)
+    resources = {
+        "postgres": PostgresResource(dsn=pg_dsn),
+        "object_store": ObjectStoreResource(url=store_url),
+        "embedder": embedder,
+    }
+    return Platform(resources=resources, instance=instance)
+
+
 @pytest.fixture
 def make_platform(pg_dsn, dagster_instance, tmp_path):
     def make(store_url: str | None = None, real_model: bool = False, batch_size: int = 64) -> Platform:
-        embedder = EmbedderResource(batch_size=batch_size) if real_model else FakeEmbedderResource(batch_size=batch_size)
-        resources = {
-            "postgres": PostgresResource(dsn=pg_dsn),
-            "object_store": ObjectStoreResource(url=store_url or (tmp_path / "objects").as_uri()),
-            "embedder": embedder,
-        }
-        return Platform(resources=resources, instance=dagster_instance)
+        return build_platform(pg_dsn, dagster_instance, store_url or (tmp_path / "objects").as_uri(), real_model, batch_size)
 
     return make
 

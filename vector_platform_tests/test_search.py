@@ -1,5 +1,7 @@
 """Search: the plan it really runs, merging across collections, filters, the query log."""
 
+import uuid
+
 import psycopg
 import pytest
 from psycopg import sql
@@ -7,7 +9,7 @@ from psycopg import sql
 from vector_platform import catalog, vector_sql
 from vector_platform.models import MINILM
 
-from .conftest import write_jsonl
+from .conftest import build_platform, write_jsonl
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
@@ -23,12 +25,13 @@ def _corpus(n, tag):
     ]
 
 
-@pytest.fixture
-def two_collections(make_platform, fake_embedder, tmp_path, unique_name):
-    vp = make_platform()
-    names = [f"{unique_name}_a", f"{unique_name}_b"]
+@pytest.fixture(scope="module")
+def two_collections(pg_dsn, dagster_instance, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("search")
+    vp = build_platform(pg_dsn, dagster_instance, (folder / "objects").as_uri())
+    names = [f"search_{uuid.uuid4().hex[:6]}_a", f"search_{uuid.uuid4().hex[:6]}_b"]
     for name, n in zip(names, (3000, 200)):
-        vp.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", _corpus(n, name[-1])))
+        vp.add_collection(name, write_jsonl(folder / f"{name}.jsonl", _corpus(n, name[-1])))
         assert all(r.success for r in vp.ingest(name))
     return vp, names
 
