@@ -36,9 +36,8 @@ def dagster_instance() -> dg.DagsterInstance:
         home = str(vp_home() / "dagster")
         os.environ["DAGSTER_HOME"] = home
         Path(home).mkdir(parents=True, exist_ok=True)
-        target = Path(home) / "dagster.yaml"
-        if not target.exists() and REPO_DAGSTER_YAML.exists():
-            shutil.copyfile(REPO_DAGSTER_YAML, target)
+        if REPO_DAGSTER_YAML.exists():  # kept in step with the repository's copy
+            shutil.copyfile(REPO_DAGSTER_YAML, Path(home) / "dagster.yaml")
     prepare_instance_env()
     return dg.DagsterInstance.get()
 

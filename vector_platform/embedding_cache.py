@@ -65,5 +65,28 @@ def lookup(store: ObjectStore, model_key: str, hashes: Iterable[str]) -> dict[st
     return found
 
 
+def compact(store: ObjectStore, model_key: str, max_files: int = 64) -> int:
+    """Merge the model's cache into one file once it has more than `max_files` (0 if left alone).
+
+    Write before delete: the merged file is written first; only the files it was built from are
+    deleted afterwards, so a concurrent writer's new file and a crash at any point lose nothing.
+    """
+    keys = [k for k in store.list(_prefix(model_key)) if k.endswith(".parquet")]
+    if len(keys) <= max_files:
+        return 0
+    tables = [pq.read_table(io.BytesIO(store.get_bytes(k))) for k in keys]
+    merged = pa.concat_tables(tables)
+    hashes = merged.column("content_hash").to_pylist()
+    last = {h: i for i, h in enumerate(hashes)}  # a later file wins, as in lookup
+    keep = sorted(last.values())
+    merged = merged.take(pa.array(keep))
+    buf = io.BytesIO()
+    pq.write_table(merged, buf, compression="zstd")
+    store.put_bytes(f"{_prefix(model_key)}/{uuid.uuid4().hex}.parquet", buf.getvalue())
+    for key in keys:
+        store.delete(key)
+    return len(keys)
+
+
 def cached_count(store: ObjectStore, model_key: str) -> int:
     return sum(pq.read_metadata(io.BytesIO(store.get_bytes(k))).num_rows for k in store.list(_prefix(model_key)))

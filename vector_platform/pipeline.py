@@ -151,6 +151,16 @@ def chunk_documents(
                 )
             made += len(chunks)
             progress("chunks", i + 1, len(todo))
+        with conn.transaction():
+            superseded = conn.execute(
+                """
+                UPDATE vector_platform.dead_letters dl SET resolved_at = %s,
+                    resolution = 'chunk no longer exists (its document changed or was deleted)'
+                WHERE dl.collection = %s AND dl.stage = 'embed' AND dl.resolved_at IS NULL
+                  AND NOT EXISTS (SELECT 1 FROM vector_platform.chunks c WHERE c.chunk_id::text = dl.ref)
+                """,
+                (clock.now(), collection),
+            ).rowcount
         total, tokens_max = conn.execute(
             "SELECT count(*), coalesce(max(token_count), 0) FROM vector_platform.chunks WHERE collection = %s",
             (collection,),
@@ -159,6 +169,7 @@ def chunk_documents(
         "documents_chunked": len(todo),
         "chunks_written": made,
         "chunks_dropped_for_deleted_documents": dropped,
+        "dead_letters_superseded": superseded,
         "chunks_total": total,
         "max_chunk_tokens": tokens_max,
         "chunk_capacity_tokens": chunker.capacity,
@@ -176,6 +187,7 @@ class EmbedStats:
     embed_calls: int = 0
     dead_lettered: int = 0
     cache_files_written: int = 0
+    cache_files_compacted: int = 0
     seconds_embedding: float = 0.0
     errors: list[str] = field(default_factory=list)
 
@@ -266,6 +278,7 @@ def embed_chunks(
     if resolved_refs:
         with pool.connection() as conn, conn.transaction():
             catalog.resolve_dead_letters(conn, collection, "embed", resolved_refs, "found in cache", model_key)
+    stats.cache_files_compacted = embedding_cache.compact(store, model_key)
     return stats
 
 

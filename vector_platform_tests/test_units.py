@@ -146,3 +146,24 @@ def test_object_store_and_embedding_cache_round_trip(kind, tmp_path, request):
     assert set(found) == {"h2", "h4"}
     np.testing.assert_array_equal(found["h2"], vectors[1])
     assert embedding_cache.cached_count(store, "m") == 4
+
+
+def test_cache_compaction_merges_files_and_keeps_every_vector(tmp_path):
+    store = ObjectStore.from_url((tmp_path / "store").as_uri())
+    rng = np.random.default_rng(1)
+    written = {}
+    for part in range(5):
+        vecs = rng.standard_normal((3, 4)).astype(np.float32)
+        hashes = [f"h{part}{i}" for i in range(3)]
+        embedding_cache.write(store, "m", hashes, vecs)
+        written.update(zip(hashes, vecs))
+    newer = np.ones((1, 4), np.float32)
+    embedding_cache.write(store, "m", ["h00"], newer)  # a later file wins
+    written["h00"] = newer[0]
+    assert embedding_cache.compact(store, "m", max_files=10) == 0
+    assert embedding_cache.compact(store, "m", max_files=2) == 6
+    assert len(store.list("embedding_cache/m")) == 1
+    found = embedding_cache.lookup(store, "m", written)
+    assert set(found) == set(written)
+    for h, v in written.items():
+        np.testing.assert_array_equal(found[h], v)
