@@ -1,6 +1,7 @@
 """The embedding cache: vectors keyed by (model, chunk content hash), as Parquet files.
 
-Layout: `embedding_cache/<model_key>/<uuid>.parquet`, columns `content_hash` (string) and
+Layout: `embedding_cache/<model_key>/<write time ns>-<uuid>.parquet` (names sort in write
+order, so for a content hash cached twice the later file wins), columns `content_hash` (string) and
 `embedding` (fixed-size list of float32). Files are only ever added, one per embedded batch,
 so a run killed mid-way keeps every finished batch and a re-run embeds only what is missing.
 Re-ingesting a collection, or building another collection's table with the same model,
@@ -10,6 +11,7 @@ reads vectors from here instead of calling the model again.
 from __future__ import annotations
 
 import io
+import time
 import uuid
 from typing import Iterable
 
@@ -38,9 +40,13 @@ def write(store: ObjectStore, model_key: str, hashes: list[str], vectors: np.nda
     )
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    key = f"{_prefix(model_key)}/{uuid.uuid4().hex}.parquet"
+    key = _new_key(model_key, time.time_ns())
     store.put_bytes(key, buf.getvalue())
     return key
+
+
+def _new_key(model_key: str, stamp: int) -> str:
+    return f"{_prefix(model_key)}/{stamp:020d}-{uuid.uuid4().hex}.parquet"
 
 
 def lookup(store: ObjectStore, model_key: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
@@ -82,7 +88,9 @@ def compact(store: ObjectStore, model_key: str, max_files: int = 64) -> int:
     merged = merged.take(pa.array(keep))
     buf = io.BytesIO()
     pq.write_table(merged, buf, compression="zstd")
-    store.put_bytes(f"{_prefix(model_key)}/{uuid.uuid4().hex}.parquet", buf.getvalue())
+    # Named after its newest input: a file another run writes meanwhile still sorts after it.
+    newest = int(keys[-1].rsplit("/", 1)[1].split("-", 1)[0])
+    store.put_bytes(_new_key(model_key, newest), buf.getvalue())
     for key in keys:
         store.delete(key)
     return len(keys)
