@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import dagster as dg
 from psycopg import sql
 
-from vector_platform import catalog, db, embedding_cache, vector_sql
+from vector_platform import catalog, db, vector_sql
 from vector_platform.defs.partitions import collection_partitions, model_partitions
 from vector_platform.models import DEFAULT_MODEL_KEY, ModelSpec
 from vector_platform.resources import EmbedderResource, ObjectStoreResource, PostgresResource, default_resources

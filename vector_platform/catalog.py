@@ -7,12 +7,10 @@ serving view per collection in `vp_serving` (see `vector_sql`).
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 import psycopg
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from vector_platform import clock
@@ -365,12 +363,3 @@ def open_dead_letters(conn: psycopg.Connection, collection: str | None = None) -
     cols = [d.name for d in cur.description]
     return [dict(zip(cols, row)) for row in cur]
 
-
-def utc(ts: dt.datetime | None) -> dt.datetime | None:
-    if ts is not None and ts.tzinfo is None:
-        return ts.replace(tzinfo=dt.timezone.utc)
-    return ts
-
-
-def ident(*parts: str) -> sql.Identifier:
-    return sql.Identifier(*parts)

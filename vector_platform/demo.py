@@ -11,7 +11,6 @@ import inspect
 import json
 import sys
 import warnings
-from pathlib import Path
 
 from vector_platform.settings import vp_home
 

@@ -6,9 +6,8 @@ becomes the materialization's metadata. Every step is idempotent and converges a
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -23,7 +22,6 @@ from vector_platform.object_store import ObjectStore
 from vector_platform.sources import Document, Rejection, read_source
 from vector_platform.validation import check_matrix, gate
 
-log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 
@@ -189,11 +187,9 @@ class EmbedStats:
     cache_files_written: int = 0
     cache_files_compacted: int = 0
     seconds_embedding: float = 0.0
-    errors: list[str] = field(default_factory=list)
 
     def as_metadata(self) -> dict[str, Any]:
         data = dict(self.__dict__)
-        data.pop("errors")
         data["chunks_per_second"] = round(self.embedded / self.seconds_embedding, 1) if self.seconds_embedding else 0.0
         return data
 
@@ -266,7 +262,7 @@ def embed_chunks(
             good_vectors = result.vectors
         if embedding_cache.write(store, model_key, good_hashes, good_vectors):
             stats.cache_files_written += 1
-        stats.embedded += sum(len(batch[i][2]) for i in range(len(batch)) if batch[i][0] in set(good_hashes))
+        stats.embedded += sum(len(needed[h][1]) for h in good_hashes)
         with pool.connection() as conn, conn.transaction():
             for i, reason in result_rejects:
                 for cid in batch[i][2]:

@@ -8,7 +8,6 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import psycopg
-from psycopg import sql
 
 from vector_platform import catalog, embedding_cache
 from vector_platform.definitions import build_definitions

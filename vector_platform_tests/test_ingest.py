@@ -1,9 +1,7 @@
 """Ingest through the Dagster assets with a fake embedder: idempotence, edits, deletes, bad input."""
 
-import json
 
 import psycopg
-import pytest
 from psycopg import sql
 
 from vector_platform import catalog

@@ -6,7 +6,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from vector_platform import catalog, vector_sql
+from vector_platform import vector_sql
 from vector_platform.models import MINILM
 
 from .conftest import build_platform, write_jsonl
