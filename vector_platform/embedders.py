@@ -83,10 +83,11 @@ class LocalEmbedder:
         return Tokenizer.from_file(str(self._path() / "tokenizer.json"))
 
 
-def make_embedder(spec: ModelSpec, **options: Any) -> Embedder:
+def make_embedder(spec: ModelSpec, device: str = "cpu", api_key: str | None = None) -> Embedder:
     if spec.provider == "local":
-        return LocalEmbedder(spec, **options)
-    raise NotImplementedError(
-        f"model {spec.key!r} uses provider {spec.provider!r}, which this version cannot call yet "
-        "(OpenAI-compatible embedding is tracked in issue 3)"
-    )
+        return LocalEmbedder(spec, device=device)
+    if spec.provider == "openai":
+        from vector_platform.api_embedder import ApiEmbedder
+
+        return ApiEmbedder(spec, api_key=api_key)
+    raise ValueError(f"model {spec.key!r}: unknown provider {spec.provider!r}")

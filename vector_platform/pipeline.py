@@ -187,9 +187,12 @@ class EmbedStats:
     cache_files_written: int = 0
     cache_files_compacted: int = 0
     seconds_embedding: float = 0.0
+    api: dict[str, Any] | None = None  # requests, retries, 429s, seconds throttled... (API embedders)
 
     def as_metadata(self) -> dict[str, Any]:
         data = dict(self.__dict__)
+        api = data.pop("api") or {}
+        data.update({f"api_{k}": v for k, v in api.items()})
         data["chunks_per_second"] = round(self.embedded / self.seconds_embedding, 1) if self.seconds_embedding else 0.0
         return data
 
@@ -210,6 +213,7 @@ def embed_chunks(
     """
     spec = embedder.spec
     stats = EmbedStats()
+    api_before = embedder.stats.as_dict() if hasattr(embedder, "stats") else None
     with pool.connection() as conn:
         table = catalog.vector_table_name(conn, collection, model_key)
         in_table = vector_sql.table_exists(conn, table)
@@ -275,6 +279,9 @@ def embed_chunks(
         with pool.connection() as conn, conn.transaction():
             catalog.resolve_dead_letters(conn, collection, "embed", resolved_refs, "found in cache", model_key)
     stats.cache_files_compacted = embedding_cache.compact(store, model_key)
+    if api_before is not None:
+        after = embedder.stats.as_dict()
+        stats.api = {k: round(after[k] - api_before[k], 3) for k in after}
     return stats
 
 

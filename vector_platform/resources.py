@@ -60,14 +60,26 @@ class EmbedderResource(dg.ConfigurableResource):
     """Hands out the embedder for a model spec (the local model by default), once per process."""
 
     device: str = Field(default="cpu", description="torch device for local models.")
-    batch_size: int = Field(default=64, description="Texts per embedding call (and per cache file).")
+    batch_size: int = Field(default=64, description="Texts per local-model call (and per cache file).")
+    openai_api_key: Optional[str] = Field(
+        default=None,
+        description="Key for OpenAI-compatible models (a secret: bind it with EnvVar('OPENAI_API_KEY')); "
+        "a model can name another variable with options.api_key_env.",
+    )
 
     def for_model(self, spec: ModelSpec) -> Embedder:
-        key = (spec.key, spec.model_name, self.device)
+        key = (spec.key, spec.model_name, tuple(sorted(map(str, spec.options.items()))), self.device)
         with _embedders_lock:
             if key not in _embedders:
-                _embedders[key] = make_embedder(spec, device=self.device)
+                api_key = self.openai_api_key
+                if isinstance(api_key, dg.EnvVar):
+                    api_key = api_key.get_value()
+                _embedders[key] = make_embedder(spec, device=self.device, api_key=api_key)
             return _embedders[key]
+
+    def batch_size_for(self, embedder: Embedder) -> int:
+        """Inputs per pipeline batch: an API embedder packs and parallelises many requests per batch."""
+        return getattr(embedder, "pipeline_batch", None) or self.batch_size
 
     def chunker(self, spec: ModelSpec, max_tokens: int, overlap: int) -> Chunker:
         return Chunker(self.for_model(spec).tokenizer(), max_tokens, overlap)
@@ -78,5 +90,7 @@ def default_resources() -> dict[str, dg.ConfigurableResource]:
     return {
         "postgres": PostgresResource(dsn=dsn),
         "object_store": ObjectStoreResource(),
-        "embedder": EmbedderResource(),
+        "embedder": EmbedderResource(
+            openai_api_key=dg.EnvVar("OPENAI_API_KEY") if os.environ.get("OPENAI_API_KEY") else None
+        ),
     }

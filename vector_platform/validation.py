@@ -27,6 +27,10 @@ def gate(vectors: Sequence[Any] | np.ndarray, dims: int, normalise: bool) -> Gat
     rows: list[np.ndarray] = []
     rejected: list[tuple[int, str]] = []
     for i, raw in enumerate(vectors):
+        reason = getattr(raw, "reason", None)  # the embedder already refused this input (api_embedder.InputRejected)
+        if isinstance(reason, str):
+            rejected.append((i, reason))
+            continue
         try:
             vec = np.asarray(raw, dtype=np.float32)
         except (TypeError, ValueError) as err:

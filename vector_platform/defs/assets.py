@@ -94,14 +94,9 @@ def embeddings(
     pool = postgres.pool()
     _, spec = _attached_model(pool, collection, model_key)
     store = object_store.store()
+    model = embedder.for_model(spec)
     stats = pipeline.embed_chunks(
-        pool,
-        store,
-        embedder.for_model(spec),
-        collection,
-        model_key,
-        batch_size=embedder.batch_size,
-        progress=reporter(context.log),
+        pool, store, model, collection, model_key, batch_size=embedder.batch_size_for(model), progress=reporter(context.log)
     )
     return dg.MaterializeResult(
         metadata={"dagster/row_count": stats.chunks, "cache": store.uri(f"embedding_cache/{model_key}"), **stats.as_metadata()}
