@@ -28,6 +28,8 @@ setup(
         "semantic-text-splitter>=0.20",
         # HTML -> readable text without writing a parser.
         "html2text>=2024.2.26",
+        # OpenAI BPE (cl100k/o200k) counted offline: tiktoken downloads its tables at run time.
+        "bpe-openai>=0.1.4",
         "rich>=13",
     ],
     extras_require={

@@ -1,0 +1,132 @@
+"""The OpenAI-compatible embedder against a fault-injecting server over real HTTP."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from vector_platform.api_embedder import ApiEmbedder, ApiLimits, FatalApiError, InputRejected, pack
+from vector_platform.models import ModelSpec
+
+from .conftest import SCIFACT
+from .fault_server import FaultServer
+
+SPEC = ModelSpec("api_minilm", "openai", "all-minilm-l6-v2", 384, max_tokens=8191)
+
+
+@pytest.fixture(scope="module")
+def scifact_texts():
+    """2,000 real abstracts and their real all-MiniLM-L6-v2 vectors (what the server answers)."""
+    ids = json.loads((SCIFACT / "minilm_ids.json").read_text())["corpus_ids"]
+    vectors = np.load(SCIFACT / "corpus_minilm.npy")
+    by_id = dict(zip(ids, vectors))
+    texts, known = [], {}
+    with (SCIFACT / "corpus.jsonl").open() as f:
+        for line in f:
+            doc = json.loads(line)
+            text = f"{doc['title']}\n\n{doc['text']}"
+            texts.append(text)
+            known[text] = by_id[doc["_id"]]
+            if len(texts) == 2000:
+                break
+    return texts, known
+
+
+@pytest.fixture
+def server(scifact_texts):
+    server = FaultServer(known=scifact_texts[1]).start()
+    yield server
+    server.stop()
+
+
+def _embedder(server, **limits):
+    defaults = dict(max_inputs_per_request=100, max_in_flight=4, timeout_s=1.0, backoff_base_s=0.05, backoff_max_s=0.5,
+                    breaker_cooldown_s=0.5, give_up_after_s=120)
+    defaults.update(limits)
+    return ApiEmbedder(SPEC, api_key="test", base_url=server.base_url, limits=ApiLimits(**defaults))
+
+
+def test_packing_respects_input_and_token_limits():
+    batches = pack([10, 10, 10, 50, 5, 5, 5], max_inputs=3, max_tokens=40)
+    assert batches == [[0, 1, 2], [3], [4, 5, 6]]
+    assert pack([], 3, 40) == []
+
+
+def test_every_input_gets_exactly_one_vector_under_429_5xx_and_timeouts(server, scifact_texts):
+    texts, known = scifact_texts
+    clean = _embedder(server, max_inputs_per_request=25).embed(texts)
+    fault_free_requests = server.counters.requests
+    assert all(np.allclose(v, known[t]) for v, t in zip(clean, texts))
+
+    server.counters.reset()
+    server.faults.rate_429, server.faults.rate_5xx, server.faults.rate_timeout = 0.30, 0.05, 0.02
+    embedder = _embedder(server, max_inputs_per_request=25)
+    vectors = embedder.embed(texts)
+    assert not [v for v in vectors if isinstance(v, InputRejected)]
+    assert all(np.allclose(v, known[t]) for v, t in zip(vectors, texts))
+    assert set(server.counters.texts.values()) == {1}  # each input answered once: nothing re-sent after success
+    assert len(server.counters.texts) == len(texts)
+    stats = embedder.stats
+    faults = server.counters.faults
+    assert faults["429"] > 0
+    # Every fault the server injected was seen, classified and retried by the client.
+    assert (stats.throttled_429, stats.server_errors, stats.timeouts) == (faults["429"], faults["5xx"], faults["timeout"])
+    assert stats.retries == sum(faults.values())
+    # Retried inputs stay batched: the successful requests are exactly the fault-free ones.
+    assert stats.successful_requests == fault_free_requests == 80
+    # With a fault on 37 % of requests, no client can send fewer than 1 / (1 - 0.37) = 1.59x the
+    # fault-free requests; batched retries stay close to that (per-input retries would be ~40x).
+    injected = sum(server.counters.faults.values()) / server.counters.requests
+    assert server.counters.requests <= 1.25 * fault_free_requests / (1 - injected)
+    print(f"fault-free {fault_free_requests} requests; under faults {server.counters.requests} "
+          f"({server.counters.requests / fault_free_requests:.2f}x, injected fault rate {injected:.2f}), {stats.as_dict()}")
+
+
+def test_one_poison_input_is_isolated_by_splitting(server, scifact_texts):
+    texts = list(scifact_texts[0][:1000])
+    texts[637] = "POISON " + texts[637]
+    server.faults.poison_marker = "POISON"
+    embedder = _embedder(server, max_inputs_per_request=256)
+    vectors = embedder.embed(texts)
+    rejected = [i for i, v in enumerate(vectors) if isinstance(v, InputRejected)]
+    assert rejected == [637]
+    assert "forbidden token" in vectors[637].reason and "400" in vectors[637].reason
+    assert sum(isinstance(v, np.ndarray) for v in vectors) == 999
+    assert embedder.stats.splits <= 2 * 8  # a binary search, not one request per input
+
+
+def test_malformed_responses_are_retried_and_a_bad_vector_is_never_accepted(server, scifact_texts):
+    texts = scifact_texts[0][:600]
+    server.faults.rate_truncated, server.faults.rate_drop = 0.1, 0.1
+    server.faults.rate_wrong_dims, server.faults.rate_nan = 0.1, 0.1
+    embedder = _embedder(server, max_inputs_per_request=20)
+    vectors = embedder.embed(texts)
+    assert all(isinstance(v, np.ndarray) and v.shape == (384,) and np.isfinite(v).all() for v in vectors)
+    faults = server.counters.faults
+    assert faults["truncated"] + faults["wrong_dims"] + faults["nan"] > 0 and faults["drop"] > 0
+    assert embedder.stats.bad_responses + embedder.stats.connection_errors == sum(faults.values())
+    assert embedder.stats.successful_requests == 30
+
+
+def test_server_down_for_a_while_opens_the_breaker_and_the_run_completes(server, scifact_texts):
+    texts = scifact_texts[0][:400]
+    server.faults.down_until = time.monotonic() + 5
+    embedder = _embedder(server)
+    started = time.monotonic()
+    vectors = embedder.embed(texts)
+    assert all(isinstance(v, np.ndarray) for v in vectors)
+    assert time.monotonic() - started >= 5
+    assert embedder.stats.breaker_opens >= 1
+    # While open the breaker holds requests back: a handful of probes, not a storm.
+    assert server.counters.faults["down"] < 30
+
+
+def test_per_input_token_limit_and_fatal_auth_errors(server):
+    embedder = _embedder(server, max_tokens_per_input=50)
+    out = embedder.embed(["short text", "word " * 200, "   "])
+    assert isinstance(out[0], np.ndarray)
+    assert "over the limit of 50" in out[1].reason and out[2].reason == "empty input"
+    bad = ApiEmbedder(SPEC, api_key="test", base_url=server.base_url.replace("/v1", "/nowhere"), limits=ApiLimits(timeout_s=2))
+    with pytest.raises(FatalApiError, match="404"):
+        bad.embed(["hello"])
