@@ -144,7 +144,7 @@ class Platform:
                 evaluation = event.event_specific_data
                 summary.checks[evaluation.check_name] = evaluation.passed
             elif event.event_type_value == "STEP_FAILURE" and summary.error is None:
-                summary.error = event.event_specific_data.error.message.strip()
+                summary.error = _root_cause(event.event_specific_data.error)
         return summary
 
     def ingest(self, name: str) -> list[RunSummary]:
@@ -161,6 +161,28 @@ class Platform:
             key = dg.MultiPartitionKey({"collection": name, "model": model_key})
             runs.append(self._run("embed_and_index_job", key))
         if runs[-1].success:
+            runs.append(self._run("serving_view_job", name))
+        return runs
+
+    def replay_dead_letters(self, name: str) -> list[RunSummary]:
+        """Run dead_letter_replay_job for each model of `name` with open embedding dead letters."""
+        coll = self.collection(name)
+        self._register_partitions(coll)
+        with self.pool().connection() as conn:
+            models = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT DISTINCT model_key FROM vector_platform.dead_letters "
+                    "WHERE collection = %s AND stage = 'embed' AND resolved_at IS NULL ORDER BY 1",
+                    (name,),
+                )
+            ]
+        runs = [
+            self._run("dead_letter_replay_job", dg.MultiPartitionKey({"collection": name, "model": m}))
+            for m in models
+            if m in coll.models
+        ]
+        if runs and all(r.success for r in runs):
             runs.append(self._run("serving_view_job", name))
         return runs
 
@@ -194,6 +216,13 @@ class Platform:
                 "embedding_cache_bytes": {m: store.size(f"embedding_cache/{m}") for m in models},
             },
         }
+
+
+def _root_cause(error) -> str:
+    """The innermost error's message: what went wrong, not Dagster's wrapper around it."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
 
 
 def _collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:

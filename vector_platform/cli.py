@@ -76,13 +76,17 @@ def cmd_ingest(args) -> int:
             runs = vp.ingest(args.name)
         finally:
             progress_hooks.listeners.remove(show)
+    return _report_runs(runs)
+
+
+def _report_runs(runs) -> int:
     failed = False
     for run in runs:
         state = "ok" if run.success else "FAILED"
         print(f"{run.job} [{run.partition}] {state} (run {run.run_id[:8]})")
         for asset, meta in run.metadata.items():
             shown = {k: v for k, v in meta.items() if not k.startswith("dagster/") and not isinstance(v, (dict, list))}
-            print(f"  {asset}: " + ", ".join(f"{k}={v}" for k, v in list(shown.items())[:8]))
+            print(f"  {asset}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
         for check, passed in run.checks.items():
             print(f"  check {check}: {'passed' if passed else 'FAILED'}")
         if not run.success:
@@ -142,7 +146,53 @@ def cmd_dead_letters(args) -> int:
         _print_json({"dead_letters": rows})
     else:
         for r in rows:
-            print(f"{r['collection']}/{r['model_key'] or '-'} {r['stage']} {r['ref']}: {r['error']}")
+            print(f"{r['collection']}/{r['model_key'] or '-'} {r['stage']} {r['ref']} (attempts {r['attempts']}): {r['error']}")
+    return 0
+
+
+def cmd_dead_letters_replay(args) -> int:
+    vp = _platform()
+    runs = vp.replay_dead_letters(args.name)
+    if not runs:
+        print(f"{args.name}: no open embedding dead letters")
+        return 0
+    return _report_runs(runs)
+
+
+def cmd_models_add(args) -> int:
+    from vector_platform.models import ModelSpec
+
+    options = {}
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    if args.base_url:
+        options["base_url"] = args.base_url
+    if args.dimensions_param:
+        options["dimensions"] = args.dimensions_param
+    spec = ModelSpec(
+        key=args.key, provider=args.provider, model_name=args.model_name, dims=args.dims,
+        distance=args.distance, storage_type=args.storage_type, max_tokens=args.max_tokens, options=options,
+    )
+    _platform().add_model(spec)
+    print(f"model {spec.key}: {spec.provider} {spec.model_name}, {spec.dims} d, {spec.distance}, {spec.storage_type}")
+    return 0
+
+
+def cmd_models_list(args) -> int:
+    from vector_platform import catalog
+
+    vp = _platform()
+    with vp.pool().connection() as conn:
+        specs = [catalog.get_model(conn, key) for key in catalog.list_model_keys(conn)]
+    if args.json:
+        _print_json({"models": [s.to_row() for s in specs]})
+    else:
+        for s in specs:
+            print(f"{s.key:<20} {s.provider:<7} {s.dims:>5} d {s.distance:<13} {s.model_name}")
     return 0
 
 
@@ -201,10 +251,32 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
-    dead = sub.add_parser("dead-letters", help="open dead letters")
+    dead = sub.add_parser("dead-letters", help="list open dead letters, or replay them")
     dead.add_argument("--collection")
     dead.add_argument("--json", action="store_true")
     dead.set_defaults(func=cmd_dead_letters)
+    dead_sub = dead.add_subparsers(dest="action")
+    replay = dead_sub.add_parser("replay", help="retry a collection's open embedding dead letters (runs dead_letter_replay_job)")
+    replay.add_argument("name")
+    replay.set_defaults(func=cmd_dead_letters_replay)
+
+    models = sub.add_parser("models", help="register and list embedding models").add_subparsers(dest="action", required=True)
+    madd = models.add_parser("add", help="register a model version (an OpenAI-compatible API or a bundled local model)")
+    madd.add_argument("key")
+    madd.add_argument("--provider", choices=["local", "openai"], default="openai")
+    madd.add_argument("--model-name", required=True, help="the API's model name (or the local model's)")
+    madd.add_argument("--dims", type=int, required=True)
+    madd.add_argument("--distance", default="cosine", choices=["cosine", "l2", "inner_product"])
+    madd.add_argument("--storage-type", default="vector", choices=["vector", "halfvec"])
+    madd.add_argument("--max-tokens", type=int, default=8191)
+    madd.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default $OPENAI_BASE_URL)")
+    madd.add_argument("--dimensions-param", type=int, help="send `dimensions` to the API (models that shorten vectors)")
+    madd.add_argument("--option", action="append", help="KEY=VALUE model option (limits: max_inputs_per_request, "
+                      "max_tokens_per_request, max_in_flight, requests_per_minute, tokens_per_minute, timeout_s, api_key_env…)")
+    madd.set_defaults(func=cmd_models_add)
+    mlist = models.add_parser("list", help="registered models")
+    mlist.add_argument("--json", action="store_true")
+    mlist.set_defaults(func=cmd_models_list)
 
     demo = sub.add_parser("demo", help="ingest the Python standard library's docstrings and search them")
     demo.add_argument("--limit", type=int, default=400, help="documents in the demo corpus")

@@ -137,15 +137,20 @@ class FakeEmbedder:
 
     def tokenizer(self):
         from vector_platform.embedders import LocalEmbedder
+        from vector_platform.models import MINILM
 
-        return LocalEmbedder(self.spec).tokenizer()
+        return LocalEmbedder(MINILM).tokenizer()
 
 
 FAKES: dict[str, FakeEmbedder] = {}
 
 
 class FakeEmbedderResource(EmbedderResource):
+    """Fakes the local model; OpenAI-compatible models go to their (test) server for real."""
+
     def for_model(self, spec: ModelSpec):
+        if spec.provider == "openai":
+            return super().for_model(spec)
         if spec.key not in FAKES:
             FAKES[spec.key] = FakeEmbedder(spec)
         return FAKES[spec.key]
