@@ -22,6 +22,7 @@ gate turns rejections into dead letters.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import random
 import time
@@ -241,6 +242,9 @@ class ApiEmbedder:
         self._api_key = api_key or os.environ.get(options.get("api_key_env", "OPENAI_API_KEY")) or "unused"
         self.limits = limits or ApiLimits.from_options(options)
         self.dimensions = options.get("dimensions")
+        # base64 (what the OpenAI API and SDK default to) is decoded by numpy in one go; some
+        # servers only speak "float" (a JSON list per vector), which costs far more CPU to parse.
+        self.encoding_format = options.get("encoding_format", "base64")
         self.count_tokens = count_tokens_function(options.get("encoding", "cl100k_base"))
         self.stats = ApiStats()
         # Inputs per pipeline batch: one cache file each, so a killed run resumes from there.
@@ -329,7 +333,7 @@ class ApiEmbedder:
         error: str | None = None
         delay: float | None = None
         try:
-            kwargs = {"model": self.spec.model_name, "input": [texts[i] for i in batch], "encoding_format": "float"}
+            kwargs = {"model": self.spec.model_name, "input": [texts[i] for i in batch], "encoding_format": self.encoding_format}
             if self.dimensions:
                 kwargs["dimensions"] = self.dimensions
             raw = await client.embeddings.with_raw_response.create(**kwargs)
@@ -404,7 +408,10 @@ class ApiEmbedder:
         dims = self.dimensions or self.spec.dims
         vectors = []
         for d in data:
-            vec = np.asarray(d.embedding, dtype=np.float32)
+            if isinstance(d.embedding, str):
+                vec = np.frombuffer(base64.b64decode(d.embedding), dtype="<f4")
+            else:
+                vec = np.asarray(d.embedding, dtype=np.float32)
             if vec.shape != (dims,):
                 raise _BadResponse(f"vector of {vec.shape[0] if vec.ndim else 0} dims, expected {dims}")
             if not np.isfinite(vec).all():

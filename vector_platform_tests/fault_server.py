@@ -11,6 +11,7 @@ and counts requests and inputs so tests can assert on them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import socket
@@ -106,6 +107,7 @@ class FaultServer:
     async def _embeddings(self, request: Request) -> Response:
         body = await request.json()
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        encoding = body.get("encoding_format") or "float"
         f = self.faults
         with self._lock:
             self.counters.requests += 1
@@ -135,23 +137,23 @@ class FaultServer:
             ("truncated", f.rate_truncated), ("wrong_dims", f.rate_wrong_dims), ("nan", f.rate_nan),
         ):
             if roll < rate:
-                return await self._inject(name, inputs)
+                return await self._inject(name, inputs, encoding)
             roll -= rate
-        return self._answer(inputs)
+        return self._answer(inputs, encoding=encoding)
 
     def _fault(self, name: str, response: Response) -> Response:
         with self._lock:
             self.counters.faults[name] += 1
         return response
 
-    async def _inject(self, name: str, inputs: list[str]) -> Response:
+    async def _inject(self, name: str, inputs: list[str], encoding: str) -> Response:
         f = self.faults
         if name == "429":
             return self._fault(name, JSONResponse({"error": {"message": "Rate limit reached"}}, 429, {"retry-after-ms": str(f.retry_after_ms)}))
         if name == "5xx":
             return self._fault(name, JSONResponse({"error": {"message": "upstream error"}}, status_code=self.random.choice([500, 503])))
         if name == "timeout":
-            response = self._fault(name, self._answer(inputs, count=False))  # counted now, sent too late
+            response = self._fault(name, self._answer(inputs, count=False, encoding=encoding))  # counted now, sent too late
             await asyncio.sleep(f.stall_s)
             return response
         if name == "drop":  # promise more bytes than we send: the client sees the connection cut
@@ -164,16 +166,19 @@ class FaultServer:
         else:
             vectors[0] = vectors[0].copy()
             vectors[0][0] = np.nan
-        return self._fault(name, Response(self._payload(vectors), media_type="application/json"))
+        return self._fault(name, Response(self._payload(vectors, encoding), media_type="application/json"))
 
-    def _payload(self, vectors) -> bytes:
-        data = [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vectors)]
-        # allow_nan: a NaN goes out as the bare token NaN, as broken servers send it
+    def _payload(self, vectors, encoding: str = "float") -> bytes:
+        if encoding == "base64":
+            data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(np.asarray(v, "<f4").tobytes()).decode()}
+                    for i, v in enumerate(vectors)]
+        else:  # json.dumps writes a NaN as the bare token NaN, as broken servers send it
+            data = [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vectors)]
         return json.dumps({"object": "list", "data": data, "model": "test", "usage": {"prompt_tokens": 0, "total_tokens": 0}}).encode()
 
-    def _answer(self, inputs: list[str], count: bool = True) -> Response:
+    def _answer(self, inputs: list[str], count: bool = True, encoding: str = "float") -> Response:
         if count:
             with self._lock:
                 self.counters.ok_requests += 1
                 self.counters.texts.update(inputs)
-        return Response(self._payload([self.vector(t) for t in inputs]), media_type="application/json")
+        return Response(self._payload([self.vector(t) for t in inputs], encoding), media_type="application/json")
