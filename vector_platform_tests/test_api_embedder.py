@@ -111,15 +111,36 @@ def test_malformed_responses_are_retried_and_a_bad_vector_is_never_accepted(serv
 
 def test_server_down_for_a_while_opens_the_breaker_and_the_run_completes(server, scifact_texts):
     texts = scifact_texts[0][:400]
-    server.faults.down_until = time.monotonic() + 5
-    embedder = _embedder(server)
+    server.faults.down_until = time.monotonic() + 20
+    embedder = _embedder(server, breaker_max_cooldown_s=4.0)
     started = time.monotonic()
     vectors = embedder.embed(texts)
     assert all(isinstance(v, np.ndarray) for v in vectors)
-    assert time.monotonic() - started >= 5
+    assert 20 <= time.monotonic() - started < 40
     assert embedder.stats.breaker_opens >= 1
     # While open the breaker holds requests back: a handful of probes, not a storm.
     assert server.counters.faults["down"] < 30
+
+
+def test_shared_budget_paces_requests_per_minute_and_tokens_per_minute():
+    import asyncio
+
+    from vector_platform.api_embedder import ApiStats, _Budget
+
+    async def run(budget, n, tokens):
+        started = time.monotonic()
+        for _ in range(n):
+            await budget.acquire(tokens)
+        return time.monotonic() - started
+
+    stats = ApiStats()
+    # 60/minute: a full minute's burst goes at once, then one request a second.
+    assert asyncio.run(run(_Budget(60, None, stats), 60, 1)) < 0.5
+    assert 1.8 <= asyncio.run(run(_Budget(60, None, stats), 62, 1)) < 3.0
+    # 6,000 tokens/minute = 100 a second: 43 x 150 tokens is 450 over the burst, ~4.5 s.
+    token_stats = ApiStats()
+    assert 4.0 <= asyncio.run(run(_Budget(None, 6000, token_stats), 43, 150)) < 6.0
+    assert stats.seconds_throttled > 1.5 and token_stats.seconds_throttled > 4.0
 
 
 def test_per_input_token_limit_and_fatal_auth_errors(server):
