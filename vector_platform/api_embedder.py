@@ -274,7 +274,7 @@ class ApiEmbedder:
             for batch in pack([counts[i] for i in sendable], self.limits.max_inputs_per_request, self.limits.max_tokens_per_request)
         ]
         if batches:
-            asyncio.run(self._run(texts, counts, batches, results))
+            _run_coroutine(self._run(texts, counts, batches, results))
         self.stats.rejected += sum(isinstance(r, InputRejected) for r in results)
         return results  # type: ignore[return-value]
 
@@ -422,3 +422,16 @@ class ApiEmbedder:
 
 class _BadResponse(Exception):
     pass
+
+
+def _run_coroutine(coroutine) -> None:
+    """asyncio.run, also from code that already runs an event loop (a notebook): in a thread then."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(coroutine)
+        return
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, coroutine).result()
