@@ -197,6 +197,41 @@ def unique_name(request) -> str:
     return f"t_{base}_{uuid.uuid4().hex[:6]}"
 
 
+@pytest.fixture(scope="session")
+def scifact_texts():
+    """2,000 real abstracts and their real all-MiniLM-L6-v2 vectors (what the server answers)."""
+    ids = json.loads((SCIFACT / "minilm_ids.json").read_text())["corpus_ids"]
+    vectors = np.load(SCIFACT / "corpus_minilm.npy")
+    by_id = dict(zip(ids, vectors))
+    texts, known = [], {}
+    with (SCIFACT / "corpus.jsonl").open() as f:
+        for line in f:
+            doc = json.loads(line)
+            text = f"{doc['title']}\n\n{doc['text']}"
+            texts.append(text)
+            known[text] = by_id[doc["_id"]]
+            if len(texts) == 2000:
+                break
+    return texts, known
+
+
+def cli_env(pg_dsn, tmp_path):
+    env = dict(os.environ)
+    env.update(
+        VP_PG_DSN=pg_dsn,
+        VP_HOME=str(tmp_path / "home"),
+        VP_OBJECT_STORE=(tmp_path / "objects").as_uri(),
+        DAGSTER_HOME=str(tmp_path / "dagster"),
+        HF_HUB_OFFLINE="1",
+    )
+    (tmp_path / "dagster").mkdir(exist_ok=True)
+    return env
+
+
+def cli(*args):
+    return [str(Path(sys.executable).parent / "vector-platform"), *args]
+
+
 def write_jsonl(path: Path, docs: list[dict]) -> Path:
     path.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
     return path

@@ -1,6 +1,5 @@
 """The OpenAI-compatible embedder against a fault-injecting server over real HTTP."""
 
-import json
 import time
 
 import numpy as np
@@ -9,28 +8,9 @@ import pytest
 from vector_platform.api_embedder import ApiEmbedder, ApiLimits, FatalApiError, InputRejected, pack
 from vector_platform.models import ModelSpec
 
-from .conftest import SCIFACT
 from .fault_server import FaultServer
 
 SPEC = ModelSpec("api_minilm", "openai", "all-minilm-l6-v2", 384, max_tokens=8191)
-
-
-@pytest.fixture(scope="module")
-def scifact_texts():
-    """2,000 real abstracts and their real all-MiniLM-L6-v2 vectors (what the server answers)."""
-    ids = json.loads((SCIFACT / "minilm_ids.json").read_text())["corpus_ids"]
-    vectors = np.load(SCIFACT / "corpus_minilm.npy")
-    by_id = dict(zip(ids, vectors))
-    texts, known = [], {}
-    with (SCIFACT / "corpus.jsonl").open() as f:
-        for line in f:
-            doc = json.loads(line)
-            text = f"{doc['title']}\n\n{doc['text']}"
-            texts.append(text)
-            known[text] = by_id[doc["_id"]]
-            if len(texts) == 2000:
-                break
-    return texts, known
 
 
 @pytest.fixture

@@ -16,14 +16,12 @@ from vector_platform.defs.replay import dead_letter_replay_sensor
 from vector_platform.models import ModelSpec
 from vector_platform.resources import PostgresResource
 
-from .conftest import scifact_docs, write_jsonl
+from .conftest import cli, cli_env, scifact_docs, write_jsonl
 from .fault_server import FaultServer
-from .test_api_embedder import scifact_texts  # noqa: F401 - the module fixture
-from .test_crash import _cli, _cli_env
 
 
 @pytest.fixture
-def server(scifact_texts):  # noqa: F811
+def server(scifact_texts):
     server = FaultServer(known=scifact_texts[1]).start()
     yield server
     server.stop()
@@ -95,17 +93,17 @@ def _run_requests(result, collection):
 
 
 def test_sigkill_during_api_embedding_then_rerun_sends_only_missing_chunks(server, pg_dsn, tmp_path, unique_name):
-    env = _cli_env(pg_dsn, tmp_path)
+    env = cli_env(pg_dsn, tmp_path)
     env["OPENAI_API_KEY"] = "test-key"
     model_key = f"api_{unique_name[-6:]}"
     server.faults.latency_s = 0.15
     source = write_jsonl(tmp_path / "d.jsonl", _docs(1000))
-    subprocess.run(_cli("models", "add", model_key, "--model-name", "all-minilm-l6-v2", "--dims", "384",
+    subprocess.run(cli("models", "add", model_key, "--model-name", "all-minilm-l6-v2", "--dims", "384",
                         "--base-url", server.base_url, "--option", "max_inputs_per_request=20",
                         "--option", "pipeline_batch=100", "--option", "max_in_flight=2"), env=env, check=True)
-    subprocess.run(_cli("collections", "add", unique_name, "--source", str(source), "--model", model_key), env=env, check=True)
+    subprocess.run(cli("collections", "add", unique_name, "--source", str(source), "--model", model_key), env=env, check=True)
 
-    proc = subprocess.Popen(_cli("ingest", unique_name, "--quiet"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cli("ingest", unique_name, "--quiet"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     cache = tmp_path / "objects" / "embedding_cache" / model_key
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -120,7 +118,7 @@ def test_sigkill_during_api_embedding_then_rerun_sends_only_missing_chunks(serve
     assert 300 <= cached < 1000
 
     server.counters.reset()
-    rerun = subprocess.run(_cli("ingest", unique_name, "--quiet"), env=env, capture_output=True, text=True)
+    rerun = subprocess.run(cli("ingest", unique_name, "--quiet"), env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "check no_chunk_lost: passed" in rerun.stdout
     second_run = set(server.counters.texts)

@@ -3,11 +3,11 @@
 import json
 import subprocess
 
-from .test_crash import _cli, _cli_env
+from .conftest import cli, cli_env
 
 
 def test_cli_contract_end_to_end(pg_dsn, tmp_path, unique_name):
-    env = _cli_env(pg_dsn, tmp_path)
+    env = cli_env(pg_dsn, tmp_path)
     docs = tmp_path / "notes"
     docs.mkdir()
     (docs / "postgres.md").write_text("# PostgreSQL\n\nPostgreSQL is a relational database with extensions such as pgvector.")
@@ -16,7 +16,7 @@ def test_cli_contract_end_to_end(pg_dsn, tmp_path, unique_name):
     (docs / "broken.txt").write_bytes(b"\xff\xfe\xfa not utf-8")
 
     def run(*args, check=True):
-        done = subprocess.run(_cli(*args), env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(cli(*args), env=env, capture_output=True, text=True, timeout=600)
         if check:
             assert done.returncode == 0, done.stdout + done.stderr
         return done

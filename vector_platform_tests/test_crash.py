@@ -3,42 +3,23 @@
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
 from vector_platform import catalog
 
-from .conftest import scifact_docs, write_jsonl
-
-
-def _cli_env(pg_dsn, tmp_path):
-    env = dict(os.environ)
-    env.update(
-        VP_PG_DSN=pg_dsn,
-        VP_HOME=str(tmp_path / "home"),
-        VP_OBJECT_STORE=(tmp_path / "objects").as_uri(),
-        DAGSTER_HOME=str(tmp_path / "dagster"),
-        HF_HUB_OFFLINE="1",
-    )
-    (tmp_path / "dagster").mkdir(exist_ok=True)
-    return env
-
-
-def _cli(*args):
-    return [str(Path(sys.executable).parent / "vector-platform"), *args]
+from .conftest import cli, cli_env, scifact_docs, write_jsonl
 
 
 def test_sigkill_during_embeddings_then_rerun_converges(pg_dsn, tmp_path, unique_name):
     docs = [{"id": d["_id"], "title": d["title"], "text": d["text"]} for d in scifact_docs(240)]
     source = write_jsonl(tmp_path / "docs.jsonl", docs)
-    env = _cli_env(pg_dsn, tmp_path)
-    subprocess.run(_cli("collections", "add", unique_name, "--source", str(source)), env=env, check=True)
+    env = cli_env(pg_dsn, tmp_path)
+    subprocess.run(cli("collections", "add", unique_name, "--source", str(source)), env=env, check=True)
 
-    proc = subprocess.Popen(_cli("ingest", unique_name, "--quiet"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cli("ingest", unique_name, "--quiet"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     cache = tmp_path / "objects" / "embedding_cache" / "minilm_l6_v2"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -54,7 +35,7 @@ def test_sigkill_during_embeddings_then_rerun_converges(pg_dsn, tmp_path, unique
         chunks = conn.execute("SELECT count(*) FROM vector_platform.chunks WHERE collection = %s", (unique_name,)).fetchone()[0]
     assert chunks > 240
 
-    rerun = subprocess.run(_cli("ingest", unique_name, "--quiet"), env=env, capture_output=True, text=True)
+    rerun = subprocess.run(cli("ingest", unique_name, "--quiet"), env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     out = rerun.stdout
     assert "check no_chunk_lost: passed" in out and "check embeddings_are_valid: passed" in out
