@@ -250,14 +250,6 @@ class ApiEmbedder:
         # Inputs per pipeline batch: one cache file each, so a killed run resumes from there.
         self.pipeline_batch = int(options.get("pipeline_batch", self.limits.max_inputs_per_request * 2))
 
-    def tokenizer(self):
-        """For chunking: a tokenizers.Tokenizer is what the splitter takes; the API's BPE is
-        close enough to size chunks, and the per-input limit is enforced here exactly."""
-        from vector_platform.embedders import LocalEmbedder
-        from vector_platform.models import MINILM
-
-        return LocalEmbedder(MINILM).tokenizer()
-
     def embed(self, texts: Sequence[str]) -> list[np.ndarray | InputRejected]:
         results: list[np.ndarray | InputRejected | None] = [None] * len(texts)
         counts = []

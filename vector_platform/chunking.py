@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 from semantic_text_splitter import TextSplitter
 from tokenizers import Tokenizer
@@ -34,6 +35,12 @@ def chunk_id(collection: str, doc_id: str, text: str) -> uuid.UUID:
 
 
 class Chunker:
+    """Splits text into chunks that fit a model's input, counting tokens the model's way.
+
+    Build it from a Hugging Face tokenizer (local models; special tokens are reserved) or from
+    a token-counting function (`from_token_counter`: API models counted with their BPE).
+    """
+
     def __init__(self, tokenizer: Tokenizer, max_tokens: int, overlap: int = 32):
         tokenizer = Tokenizer.from_str(tokenizer.to_str())  # private copy: we change its settings
         # Some tokenizer.json files ship with truncation/padding on, which would hide long text.
@@ -41,21 +48,33 @@ class Chunker:
         tokenizer.no_padding()
         self.tokenizer = tokenizer
         specials = len(tokenizer.encode("").ids)
-        self.capacity = max_tokens - specials
-        if self.capacity < 8:
-            raise ValueError(f"max_tokens {max_tokens} leaves no room for text")
-        self.overlap = min(overlap, self.capacity // 2)
+        self._setup(max_tokens - specials, overlap)
         self._splitter = TextSplitter.from_huggingface_tokenizer(tokenizer, capacity=self.capacity, overlap=self.overlap)
+        self._count_many = lambda pieces: [len(e.ids) for e in tokenizer.encode_batch(pieces, add_special_tokens=True)]
+
+    @classmethod
+    def from_token_counter(cls, count_tokens: Callable[[str], int], max_tokens: int, overlap: int = 32) -> "Chunker":
+        chunker = cls.__new__(cls)
+        chunker.tokenizer = None
+        chunker._setup(max_tokens, overlap)
+        chunker._splitter = TextSplitter.from_callback(count_tokens, chunker.capacity, chunker.overlap)
+        chunker._count_many = lambda pieces: [count_tokens(p) for p in pieces]
+        return chunker
+
+    def _setup(self, capacity: int, overlap: int) -> None:
+        if capacity < 8:
+            raise ValueError(f"a chunk capacity of {capacity} tokens leaves no room for text")
+        self.capacity = capacity
+        self.overlap = min(overlap, capacity // 2)
 
     def split(self, collection: str, doc_id: str, text: str) -> list[Chunk]:
         chunks: list[Chunk] = []
         seen: set[uuid.UUID] = set()
         pieces = [p for p in self._splitter.chunks(text) if p.strip()]
-        encodings = self.tokenizer.encode_batch(pieces, add_special_tokens=True) if pieces else []
-        for piece, encoding in zip(pieces, encodings):
+        for piece, tokens in zip(pieces, self._count_many(pieces) if pieces else []):
             cid = chunk_id(collection, doc_id, piece)
             if cid in seen:  # the same passage twice in one document is one vector
                 continue
             seen.add(cid)
-            chunks.append(Chunk(cid, len(chunks), piece, content_hash(piece), len(encoding.ids)))
+            chunks.append(Chunk(cid, len(chunks), piece, content_hash(piece), tokens))
         return chunks

@@ -23,7 +23,9 @@ class Embedder(Protocol):
         """One vector per text (a 2-D array or a list of 1-D arrays)."""
 
     def tokenizer(self) -> Tokenizer:
-        """The tokenizer that counts this model's input tokens, loaded offline."""
+        """The tokenizer that counts this model's input tokens, loaded offline.
+
+        API embedders offer `count_tokens(text) -> int` instead; chunking uses whichever exists."""
 
 
 def _minilm_path():

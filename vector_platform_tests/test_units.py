@@ -112,6 +112,17 @@ def test_chunker_counts_tokens_not_characters(chunker):
     assert len(chunks) == 2
 
 
+def test_api_models_are_chunked_by_their_own_bpe():
+    from vector_platform.api_embedder import count_tokens_function
+
+    count = count_tokens_function("cl100k_base")
+    chunker = Chunker.from_token_counter(count, max_tokens=100, overlap=10)
+    text = "\n\n".join(f"Paragraph {i}. " + "Enzymes lower the activation energy of reactions. " * 6 for i in range(10))
+    chunks = chunker.split("c", "d", text)
+    assert len(chunks) > 5
+    assert all(c.token_count == count(c.text) <= 100 for c in chunks)
+
+
 def test_gate_rejects_each_bad_vector_with_its_reason_and_normalises_the_rest():
     good = np.ones(4, np.float32) * 2
     result = gate([good, np.ones(3), [1, np.nan, 0, 0], np.zeros(4), "abc", [0, 3, 4, 0]], dims=4, normalise=True)
