@@ -17,7 +17,6 @@ Prints chunks/s of both and their ratio per scenario, then as its last lines
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -30,24 +29,9 @@ sys.path.insert(0, str(ROOT))
 from vector_platform.api_embedder import ApiEmbedder, ApiLimits, count_tokens_function  # noqa: E402
 from vector_platform.models import ModelSpec  # noqa: E402
 from vector_platform_tests.fault_server import FaultServer  # noqa: E402
+from vector_platform_tests.scifact import texts_and_vectors  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "scifact"
 SPEC = ModelSpec("bench_api", "openai", "all-minilm-l6-v2", 384, max_tokens=8191)
-
-
-def load_texts(n: int) -> tuple[list[str], dict[str, np.ndarray]]:
-    ids = json.loads((DATA / "minilm_ids.json").read_text())["corpus_ids"]
-    by_id = dict(zip(ids, np.load(DATA / "corpus_minilm.npy")))
-    texts, known = [], {}
-    with (DATA / "corpus.jsonl").open() as f:
-        for line in f:
-            doc = json.loads(line)
-            text = f"{doc['title']}\n\n{doc['text']}"
-            texts.append(text)
-            known[text] = by_id[doc["_id"]]
-            if len(texts) == n:
-                break
-    return texts, known
 
 
 def naive(server: FaultServer, texts: list[str], batch: int) -> tuple[float, int]:
@@ -90,7 +74,7 @@ def main() -> None:
     parser.add_argument("--max-tokens-per-request", type=int, default=300_000)
     args = parser.parse_args()
 
-    texts, known = load_texts(args.texts)
+    texts, known = texts_and_vectors(args.texts)
     count = count_tokens_function("cl100k_base")
     mean_tokens = sum(count(t) for t in texts) / len(texts)
     # What one request may carry: the input limit, or fewer when the token budget binds first.

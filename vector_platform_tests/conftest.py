@@ -24,10 +24,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from vector_platform.api import Platform  # noqa: E402
 from vector_platform.models import ModelSpec  # noqa: E402
 from vector_platform.resources import EmbedderResource, ObjectStoreResource, PostgresResource  # noqa: E402
+from vector_platform_tests.scifact import SCIFACT, texts_and_vectors  # noqa: E402
 
-# ../shared sits beside the project root, in every checkout and in CI.
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-SCIFACT = SHARED / "scifact"
 
 
 @pytest.fixture(scope="session")
@@ -199,20 +197,8 @@ def unique_name(request) -> str:
 
 @pytest.fixture(scope="session")
 def scifact_texts():
-    """2,000 real abstracts and their real all-MiniLM-L6-v2 vectors (what the server answers)."""
-    ids = json.loads((SCIFACT / "minilm_ids.json").read_text())["corpus_ids"]
-    vectors = np.load(SCIFACT / "corpus_minilm.npy")
-    by_id = dict(zip(ids, vectors))
-    texts, known = [], {}
-    with (SCIFACT / "corpus.jsonl").open() as f:
-        for line in f:
-            doc = json.loads(line)
-            text = f"{doc['title']}\n\n{doc['text']}"
-            texts.append(text)
-            known[text] = by_id[doc["_id"]]
-            if len(texts) == 2000:
-                break
-    return texts, known
+    """2,000 real abstracts and their real all-MiniLM-L6-v2 vectors (what the fault server answers)."""
+    return texts_and_vectors(2000)
 
 
 def cli_env(pg_dsn, tmp_path):
