@@ -105,6 +105,8 @@ class _Job:
 class FatalApiError(RuntimeError):
     """Misconfiguration (401, 403, 404): retrying cannot help, so the step fails loudly."""
 
+    fatal = True  # embed_chunks lets it through instead of dead-lettering every input
+
 
 def count_tokens_function(encoding_name: str):
     import bpe_openai

@@ -252,6 +252,8 @@ def embed_chunks(
             if len(raw) != len(texts):
                 raise ValueError(f"embedder returned {len(raw)} vectors for {len(texts)} inputs")
         except Exception as err:  # noqa: BLE001 - the batch is dead-lettered with the reason, the run goes on
+            if getattr(err, "fatal", False):  # misconfiguration: no input is at fault, fail the step
+                raise
             raw = None
             batch_error = f"{type(err).__name__}: {err}"
         stats.seconds_embedding += time.perf_counter() - began

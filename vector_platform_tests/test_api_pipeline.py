@@ -86,6 +86,20 @@ def test_poison_input_is_one_dead_letter_and_replay_resolves_it(make_platform, s
     assert {c["name"]: c for c in vp.status()["collections"]}[unique_name]["vectors"] == 1000
 
 
+def test_a_misconfigured_api_fails_the_step_and_dead_letters_nothing(make_platform, server, tmp_path, unique_name, pg_dsn):
+    vp = make_platform()
+    model_key = f"bad_{unique_name[-6:]}"
+    spec = _spec(server, model_key)
+    vp.add_model(ModelSpec(model_key, "openai", spec.model_name, 384, max_tokens=8191,
+                           options={**spec.options, "base_url": server.base_url.replace("/v1", "/wrong")}))
+    vp.add_collection(unique_name, write_jsonl(tmp_path / "d.jsonl", _docs(20)), model=model_key)
+    runs = vp.ingest(unique_name)
+    assert runs[0].success and not runs[1].success
+    assert "404" in runs[1].error and "embedding API refused" in runs[1].error
+    with psycopg.connect(pg_dsn) as conn:
+        assert catalog.open_dead_letters(conn, unique_name) == []
+
+
 def _run_requests(result, collection):
     if isinstance(result, dg.SkipReason) or result is None:
         return []
