@@ -249,6 +249,11 @@ class ApiEmbedder:
         self.encoding_format = options.get("encoding_format", "base64")
         self.count_tokens = count_tokens_function(options.get("encoding", "cl100k_base"))
         self.stats = ApiStats()
+        # After a batch gave up, later calls fail fast for a while instead of each waiting
+        # give_up_after_s: their inputs become dead letters at once, and the replay sensor
+        # brings them back once the API answers again.
+        self.unavailable_until = 0.0
+        self.unavailable_reason = ""
         # Inputs per pipeline batch: one cache file each, so a killed run resumes from there.
         self.pipeline_batch = int(options.get("pipeline_batch", self.limits.max_inputs_per_request * 2))
 
@@ -263,6 +268,10 @@ class ApiEmbedder:
             elif n > self.limits.max_tokens_per_input:
                 results[i] = InputRejected(f"input has {n} tokens, over the limit of {self.limits.max_tokens_per_input}")
         sendable = [i for i, r in enumerate(results) if r is None]
+        if sendable and time.monotonic() < self.unavailable_until:
+            for i in sendable:
+                results[i] = InputRejected(f"API unavailable, not tried: {self.unavailable_reason}")
+            sendable = []
         batches = [
             [sendable[j] for j in batch]
             for batch in pack([counts[i] for i in sendable], self.limits.max_inputs_per_request, self.limits.max_tokens_per_request)
@@ -379,8 +388,10 @@ class ApiEmbedder:
                 return self._split(job)
         # A transient failure: the same batch goes back, whole, after a backoff.
         if time.monotonic() - job.started > self.limits.give_up_after_s:
+            reason = f"gave up after {job.attempt + 1} attempts; last error: {error}"
             for i in batch:
-                results[i] = InputRejected(f"gave up after {job.attempt + 1} attempts; last error: {error}")
+                results[i] = InputRejected(reason)
+            self.unavailable_until, self.unavailable_reason = time.monotonic() + self.limits.give_up_after_s, reason
             return []
         self.stats.retries += 1
         await asyncio.sleep(delay if delay is not None else self._backoff(job.attempt))

@@ -102,6 +102,18 @@ def test_server_down_for_a_while_opens_the_breaker_and_the_run_completes(server,
     assert server.counters.faults["down"] < 30
 
 
+def test_an_api_that_stays_down_is_given_up_on_and_later_calls_fail_fast(server, scifact_texts):
+    server.faults.down_until = time.monotonic() + 3600
+    embedder = _embedder(server, give_up_after_s=2.0, breaker_max_cooldown_s=0.5)
+    first = embedder.embed(scifact_texts[0][:50])
+    assert all(isinstance(v, InputRejected) and "gave up" in v.reason and "503" in v.reason for v in first)
+    requests = server.counters.requests
+    started = time.monotonic()
+    second = embedder.embed(scifact_texts[0][50:100])
+    assert time.monotonic() - started < 0.5 and server.counters.requests == requests
+    assert all("API unavailable, not tried" in v.reason for v in second)
+
+
 def test_shared_budget_paces_requests_per_minute_and_tokens_per_minute():
     import asyncio
 
