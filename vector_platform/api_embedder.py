@@ -86,10 +86,19 @@ class ApiStats:
     splits: int = 0
     rejected: int = 0
     breaker_opens: int = 0
-    seconds_throttled: float = 0.0
+    seconds_throttled: float = 0.0  # wall-clock time during which sending waited (not summed per worker)
+    _throttled_until: float = field(default=0.0, repr=False)
+
+    def throttle(self, seconds: float) -> None:
+        """Count a wait of `seconds` starting now, overlapping waits of other workers once."""
+        start = time.monotonic()
+        end = start + seconds
+        if end > self._throttled_until:
+            self.seconds_throttled += end - max(start, self._throttled_until)
+            self._throttled_until = end
 
     def as_dict(self) -> dict[str, Any]:
-        data = dict(self.__dict__)
+        data = {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
         data["seconds_throttled"] = round(self.seconds_throttled, 3)
         return data
 
@@ -165,7 +174,7 @@ class _Budget:
                         if self.tpm:
                             self.token_tokens -= cost
                         return
-            self.stats.seconds_throttled += wait
+            self.stats.throttle(wait)
             await asyncio.sleep(wait)
 
 
@@ -187,7 +196,7 @@ class _Breaker:
                 return False
             if now < self.open_until:
                 wait = self.open_until - now
-                self.stats.seconds_throttled += wait
+                self.stats.throttle(wait)
                 await asyncio.sleep(wait)
                 continue
             if not self.probing:
