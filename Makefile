@@ -32,5 +32,7 @@ dev: install
 bench: install
 	$(BIN)/python bench/ingest.py
 
+# Stop the embedded server before deleting the folder it runs from.
 clean:
+	if [ -x $(BIN)/vector-platform ]; then $(BIN)/vector-platform db stop; fi
 	rm -rf $(VENV) .vp

@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="The whole life of vector collections on PostgreSQL + pgvector, orchestrated by Dagster.",
     packages=find_packages(exclude=["vector_platform_tests", "bench"]),
-    package_data={"vector_platform": ["dg.toml"]},
+    package_data={"vector_platform": ["dg.toml", "catalog/migrations/*.sql"]},
     python_requires=">=3.10",
     install_requires=[
         "dagster~=1.13.0",

@@ -26,7 +26,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from vector_platform.api_embedder import ApiEmbedder, ApiLimits, count_tokens_function  # noqa: E402
+from vector_platform.ingest.api_embedder import ApiEmbedder, ApiLimits, count_tokens_function  # noqa: E402
 from vector_platform.models import ModelSpec  # noqa: E402
 from vector_platform_tests.fault_server import FaultServer  # noqa: E402
 from vector_platform_tests.scifact import texts_and_vectors  # noqa: E402

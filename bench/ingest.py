@@ -27,7 +27,8 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vector_platform import vector_sql  # noqa: E402
+from vector_platform import tables  # noqa: E402
+from vector_platform.search import active  # noqa: E402
 from vector_platform.metrics import percentile, recall_at_k  # noqa: E402
 from vector_platform.models import MINILM  # noqa: E402
 
@@ -58,28 +59,28 @@ def bare_copy(conn, table: str, rows, vectors) -> float:
     """The baseline: one binary COPY straight into the table, nothing else."""
     started = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur:
-        with cur.copy(sql.SQL("COPY {} (chunk_id, doc_id, seq, content_hash, text, metadata, source_ts, embedding) FROM STDIN WITH (FORMAT BINARY)").format(vector_sql.table_id(table))) as copy:
-            copy.set_types(vector_sql.COPY_TYPES)
+        with cur.copy(sql.SQL("COPY {} (chunk_id, doc_id, seq, content_hash, text, metadata, source_ts, embedding) FROM STDIN WITH (FORMAT BINARY)").format(tables.table_id(table))) as copy:
+            copy.set_types(tables.COPY_TYPES)
             for row, vec in zip(rows, vectors):
                 copy.write_row((*row[:5], Jsonb(row[5]), row[6], vec))
     return time.perf_counter() - started
 
 
 def platform_load(conn, table: str, rows, vectors, batch_rows: int = 20_000) -> float:
-    """The vector_table asset's write path (pipeline.load_vectors): rows missing from the table,
+    """The vector_table asset's write path (steps.load_vectors): rows missing from the table,
     bulk-encoded binary COPY in 20k-row transactions, staged upsert on conflict."""
     started = time.perf_counter()
     for start in range(0, len(rows), batch_rows):
         with conn.transaction():
-            vector_sql.copy_upsert(
+            tables.copy_upsert(
                 conn, table, MINILM, rows[start : start + batch_rows], vectors[start : start + batch_rows], assume_new=True
             )
     return time.perf_counter() - started
 
 
 def fresh_table(conn, name: str) -> str:
-    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(vector_sql.table_id(name)))
-    vector_sql.create_table(conn, name, MINILM)
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(tables.table_id(name)))
+    tables.create_table(conn, name, MINILM)
     conn.commit()
     return name
 
@@ -122,22 +123,22 @@ def main() -> None:
         print(f"platform vector_table path: {ours_rps:,.0f} rows/s (median of {len(ours)})")
         print(f"bare binary COPY:           {bare_rps:,.0f} rows/s (median of {len(bare)})")
 
-        count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(vector_sql.table_id("bench_ours"))).fetchone()[0]
+        count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(tables.table_id("bench_ours"))).fetchone()[0]
         assert count == len(rows), f"platform path wrote {count} rows, expected {len(rows)}"
         conn.commit()
         conn.autocommit = True
-        report = vector_sql.ensure_hnsw(conn, "bench_ours", MINILM, m=16, ef_construction=64)
+        report = tables.ensure_hnsw(conn, "bench_ours", MINILM, m=16, ef_construction=64)
         print(f"HNSW build (m=16, ef_construction=64): {report.seconds:.1f} s, {report.bytes / 2**20:.0f} MiB, maintenance_work_mem {report.maintenance_work_mem_mb} MB")
         conn.autocommit = False
 
         queries = np.load(DATA / "queries_minilm.npy")[: args.queries]
-        relation = vector_sql.table_id("bench_ours")
-        truth = [[r[0] for r in vector_sql.nearest(conn, relation, MINILM, q, 10, exact=True, columns=sql.SQL("chunk_id"))] for q in queries]
+        relation = tables.table_id("bench_ours")
+        truth = [[r[0] for r in active.nearest(conn, relation, MINILM, q, 10, exact=True, columns=sql.SQL("chunk_id"))] for q in queries]
         for ef in (40, 100):
             recalls, latency = [], []
             for q, t in zip(queries, truth):
                 began = time.perf_counter()
-                found = [r[0] for r in vector_sql.nearest(conn, relation, MINILM, q, 10, exact=False, ef_search=ef, columns=sql.SQL("chunk_id"))]
+                found = [r[0] for r in active.nearest(conn, relation, MINILM, q, 10, exact=False, ef_search=ef, columns=sql.SQL("chunk_id"))]
                 latency.append((time.perf_counter() - began) * 1000)
                 recalls.append(recall_at_k(found, t, 10))
             print(f"recall@10 ef_search={ef}: {np.mean(recalls):.4f} (p50 {percentile(latency, 50):.2f} ms, p95 {percentile(latency, 95):.2f} ms, {len(queries)} queries)")

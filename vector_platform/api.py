@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import dagster as dg
-from psycopg import sql
 
-from vector_platform import catalog, db, vector_sql
+from vector_platform import catalog, db, runs, tables
+from vector_platform.catalog import cache_index
+from vector_platform.catalog import documents as docs_sql
 from vector_platform.defs.partitions import collection_partitions, model_partitions
-from vector_platform.models import DEFAULT_MODEL_KEY, ModelSpec
-from vector_platform.resources import EmbedderResource, ObjectStoreResource, PostgresResource, default_resources
+from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource, default_resources
+from vector_platform.models import ModelSpec
+from vector_platform.runs import RunSummary
 from vector_platform.search import SearchResult, search
 from vector_platform.settings import CollectionSettings, vp_home
 
@@ -50,17 +51,6 @@ def prepare_instance_env() -> None:
         os.environ["VP_DAGSTER_PG_URL"] = db.dagster_storage_url(vp_home())
 
 
-@dataclass
-class RunSummary:
-    job: str
-    partition: str
-    run_id: str
-    success: bool
-    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
-    checks: dict[str, bool] = field(default_factory=dict)
-    error: str | None = None
-
-
 class Platform:
     """One handle on the database, the object store, the embedder and the Dagster instance."""
 
@@ -74,6 +64,7 @@ class Platform:
         self.resources = resources or default_resources()
         self.defs = build_definitions(self.resources)
         self._instance = instance
+        self._run_mode: str | None = None
 
     @property
     def instance(self) -> dg.DagsterInstance:
@@ -99,20 +90,34 @@ class Platform:
     # ------------------------------------------------------------ catalog
 
     def add_model(self, spec: ModelSpec) -> None:
+        """Register a model version; a key already registered with another fingerprint is refused."""
         with self.pool().connection() as conn:
-            catalog.upsert_model(conn, spec)
+            catalog.register_model(conn, spec)
         self.instance.add_dynamic_partitions(model_partitions.name, [spec.key])
 
     def add_collection(
-        self, name: str, source: str | Path, model: str = DEFAULT_MODEL_KEY, **settings: Any
+        self, name: str, source: str | Path | None = None, model: str | None = None, **settings: Any
     ) -> catalog.Collection:
-        source_path = Path(source).expanduser()
-        if not source_path.exists():
-            raise FileNotFoundError(f"source {str(source)!r} does not exist")
+        """Declare a collection, or change only what is given of an existing one.
+
+        New collections need a `source`; `model` defaults to the built-in local model.
+        """
+        source_text = None
+        if source is not None:
+            source_path = Path(source).expanduser()
+            if not source_path.exists():
+                raise FileNotFoundError(f"source {str(source)!r} does not exist")
+            source_text = str(source_path.resolve())
         with self.pool().connection() as conn:
-            coll = catalog.add_collection(conn, name, str(source_path.resolve()), model, CollectionSettings(**settings))
+            coll = catalog.add_collection(conn, name, source_text, model, settings)
         self._register_partitions(coll)
         return coll
+
+    def set_settings(self, name: str, **changes: Any) -> tuple[CollectionSettings, CollectionSettings]:
+        """Change some settings of a collection; returns (before, after). Chunking changes re-chunk
+        on the next ingest; HNSW changes rebuild the index concurrently on the next ingest."""
+        with self.pool().connection() as conn:
+            return catalog.update_settings(conn, name, **changes)
 
     def _register_partitions(self, coll: catalog.Collection) -> None:
         for definition, keys in ((collection_partitions, [coll.name]), (model_partitions, list(coll.models))):
@@ -127,34 +132,28 @@ class Platform:
 
     # ------------------------------------------------------------ runs
 
-    def _run(self, job_name: str, partition_key: str) -> RunSummary:
-        job = self.defs.resolve_job_def(job_name)
-        result = job.execute_in_process(
-            partition_key=partition_key,
-            instance=self.instance,
-            raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-        )
-        summary = RunSummary(job_name, partition_key, result.run_id, result.success)
-        for event in result.all_events:
-            if event.event_type_value == "ASSET_MATERIALIZATION":
-                mat = event.event_specific_data.materialization
-                summary.metadata[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
-            elif event.event_type_value == "ASSET_CHECK_EVALUATION":
-                evaluation = event.event_specific_data
-                summary.checks[evaluation.check_name] = evaluation.passed
-            elif event.event_type_value == "STEP_FAILURE" and summary.error is None:
-                summary.error = _root_cause(event.event_specific_data.error)
-        return summary
+    @property
+    def run_mode(self) -> str:
+        """`in_process` or `instance` (see `vector_platform.runs`), decided once per Platform."""
+        if self._run_mode is None:
+            self._run_mode = runs.resolve_mode(self.instance)
+        return self._run_mode
 
-    def ingest(self, name: str) -> list[RunSummary]:
+    def _run(self, job_name: str, partition_key, run_config: dict | None = None) -> RunSummary:
+        if self.run_mode == "instance":
+            return runs.run_through_instance(self.instance, job_name, partition_key, run_config or {})
+        return runs.run_in_process(self.defs, self.instance, job_name, partition_key, run_config or {})
+
+    def ingest(self, name: str, allow_deletes: bool = False) -> list[RunSummary]:
         """source_documents + chunks, then embeddings..hnsw_index per model, then serving_view.
 
-        Stops at the first failed run (a failed blocking check fails its run).
+        Stops at the first failed run (a failed blocking check fails its run). A source that
+        reads as missing, empty or deleting most documents is refused unless `allow_deletes`.
         """
         coll = self.collection(name)
         self._register_partitions(coll)
-        runs = [self._run("ingest_documents_job", name)]
+        config = {"ops": {"source_documents": {"config": {"allow_deletes": allow_deletes}}}}
+        runs = [self._run("ingest_documents_job", name, config)]
         for model_key in coll.models:
             if not runs[-1].success:
                 return runs
@@ -169,14 +168,7 @@ class Platform:
         coll = self.collection(name)
         self._register_partitions(coll)
         with self.pool().connection() as conn:
-            models = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT DISTINCT model_key FROM vector_platform.dead_letters "
-                    "WHERE collection = %s AND stage = 'embed' AND resolved_at IS NULL ORDER BY 1",
-                    (name,),
-                )
-            ]
+            models = catalog.dead_letters.models_with_open_embed_letters(conn, name)
         runs = [
             self._run("dead_letter_replay_job", dg.MultiPartitionKey({"collection": name, "model": m}))
             for m in models
@@ -208,50 +200,37 @@ class Platform:
         with self.pool().connection() as conn:
             for coll in catalog.list_collections(conn):
                 out.append(_collection_status(conn, coll, store))
-            models = catalog.list_model_keys(conn)
+            specs = [catalog.get_model(conn, key) for key in catalog.list_model_keys(conn)]
+            cache = {s.key: {"fingerprint": s.fingerprint, "vectors": cache_index.count(conn, store.url, s.fingerprint),
+                             "bytes": cache_index.total_bytes(conn, store.url, s.fingerprint)} for s in specs}
         return {
             "collections": out,
-            "object_store": {
-                "url": store.url,
-                "embedding_cache_bytes": {m: store.size(f"embedding_cache/{m}") for m in models},
-            },
+            "database": self.database_status(),
+            "object_store": {"url": store.url, "embedding_cache": cache},
         }
 
-
-def _root_cause(error) -> str:
-    """The innermost error's message: what went wrong, not Dagster's wrapper around it."""
-    while error.cause is not None:
-        error = error.cause
-    return error.message.strip()
+    def database_status(self) -> dict[str, Any]:
+        if self.postgres.dsn:
+            return {"embedded": False}
+        return {"embedded": True, **db.embedded_status(Path(self.postgres.home) if self.postgres.home else vp_home())}
 
 
 def _collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
-    documents, deleted = conn.execute(
-        "SELECT count(*) FILTER (WHERE deleted_at IS NULL), count(*) FILTER (WHERE deleted_at IS NOT NULL) "
-        "FROM vector_platform.documents WHERE collection = %s",
-        (coll.name,),
-    ).fetchone()
-    chunks, catalog_bytes = conn.execute(
-        "SELECT count(*), coalesce(sum(pg_column_size(c.*)), 0) FROM vector_platform.chunks c WHERE collection = %s",
-        (coll.name,),
-    ).fetchone()
-    catalog_bytes += conn.execute(
-        "SELECT coalesce(sum(pg_column_size(d.*)), 0) FROM vector_platform.documents d WHERE collection = %s",
-        (coll.name,),
-    ).fetchone()[0]
-    dead = conn.execute(
-        "SELECT count(*) FROM vector_platform.dead_letters WHERE collection = %s AND resolved_at IS NULL", (coll.name,)
-    ).fetchone()[0]
-    tables, vectors, table_bytes = {}, 0, 0
+    counts = docs_sql.collection_counts(conn, coll.name)
+    dead = catalog.count_open(conn, coll.name)
+    table_info, vectors, table_bytes = {}, 0, 0
     for model_key in coll.models:
         table = catalog.vector_table_name(conn, coll.name, model_key)
-        if vector_sql.table_exists(conn, table):
-            rows, size = conn.execute(
-                sql.SQL("SELECT count(*), pg_total_relation_size(%s::regclass) FROM {}").format(vector_sql.table_id(table)),
-                (f'{catalog.VECTORS}."{table}"',),
-            ).fetchone()
-            index = vector_sql.current_index(conn, table)
-            tables[model_key] = {"table": f"{catalog.VECTORS}.{table}", "rows": rows, "bytes": size, "hnsw_index": index["name"] if index else None}
+        if tables.table_exists(conn, table):
+            rows, size = tables.table_stats(conn, table)
+            index = tables.current_index(conn, table)
+            table_info[model_key] = {
+                "table": f"{catalog.VECTORS}.{table}",
+                "rows": rows,
+                "bytes": size,
+                "hnsw_index": index["name"] if index else None,
+                "fingerprint": catalog.table_fingerprint(conn, coll.name, model_key),
+            }
             table_bytes += size
             if model_key == coll.serving_model:
                 vectors = rows
@@ -261,13 +240,13 @@ def _collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
         "source": coll.source,
         "serving_model": coll.serving_model,
         "models": list(coll.models),
-        "documents": documents,
-        "documents_deleted": deleted,
-        "chunks": chunks,
+        "documents": counts["documents"],
+        "documents_deleted": counts["documents_deleted"],
+        "chunks": counts["chunks"],
         "vectors": vectors,
         "dead_letters": dead,
-        "bytes_postgres": int(table_bytes + catalog_bytes),
+        "bytes_postgres": int(table_bytes + counts["catalog_bytes"]),
         "bytes_object_store": store.size(f"collections/{coll.name}"),
-        "tables": tables,
+        "tables": table_info,
         "settings": coll.settings.to_json(),
     }

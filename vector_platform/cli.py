@@ -22,18 +22,50 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, default=str, ensure_ascii=False))
 
 
+SETTING_FLAGS = {
+    "hnsw_m": int,
+    "hnsw_ef_construction": int,
+    "hnsw_ef_search": int,
+    "chunk_max_tokens": int,
+    "chunk_overlap_tokens": int,
+    "max_delete_fraction": float,
+    "recall_target": float,
+}
+
+
+def _given_settings(args) -> dict[str, Any]:
+    """Only the settings the user typed: everything else keeps its current value."""
+    return {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name, None) is not None}
+
+
 def cmd_collections_add(args) -> int:
     vp = _platform()
-    settings = {}
-    if args.hnsw_m is not None:
-        settings["hnsw_m"] = args.hnsw_m
-    if args.hnsw_ef_construction is not None:
-        settings["hnsw_ef_construction"] = args.hnsw_ef_construction
-    if args.hnsw_ef_search is not None:
-        settings["hnsw_ef_search"] = args.hnsw_ef_search
-    coll = vp.add_collection(args.name, args.source, model=args.model, **settings)
+    coll = vp.add_collection(args.name, args.source, model=args.model, **_given_settings(args))
     print(f"collection {coll.name}: source {coll.source}, models {', '.join(coll.models)}, tier {coll.tier}")
     return 0
+
+
+def cmd_collections_set(args) -> int:
+    changes = _given_settings(args)
+    if not changes:
+        print("error: give at least one setting to change (see --help)", file=sys.stderr)
+        return 2
+    before, after = _platform().set_settings(args.name, **changes)
+    for name in changes:
+        old, new = getattr(before, name), getattr(after, name)
+        print(f"{args.name}: {name} {old} -> {new}" if old != new else f"{args.name}: {name} unchanged ({new})")
+    if any(getattr(before, f) != getattr(after, f) for f in before.CHUNKING):
+        print("chunking changed: the next ingest re-chunks every document (only changed chunk text is embedded again)")
+    if (before.hnsw_m, before.hnsw_ef_construction) != (after.hnsw_m, after.hnsw_ef_construction):
+        print("HNSW parameters changed: the next ingest rebuilds the index concurrently (the old one serves meanwhile)")
+    return 0
+
+
+def _add_setting_flags(parser) -> None:
+    for name, kind in SETTING_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=kind, dest=name)
+    parser.add_argument("--ef-search", type=int, dest="hnsw_ef_search", help="alias of --hnsw-ef-search")
 
 
 def cmd_collections_list(args) -> int:
@@ -73,7 +105,7 @@ def cmd_ingest(args) -> int:
 
         progress_hooks.listeners.append(show)
         try:
-            runs = vp.ingest(args.name)
+            runs = vp.ingest(args.name, allow_deletes=args.allow_deletes)
         finally:
             progress_hooks.listeners.remove(show)
     return _report_runs(runs)
@@ -83,7 +115,7 @@ def _report_runs(runs) -> int:
     failed = False
     for run in runs:
         state = "ok" if run.success else "FAILED"
-        print(f"{run.job} [{run.partition}] {state} (run {run.run_id[:8]})")
+        print(f"{run.job} [{run.partition}] {state} (run {run.run_id[:8]}, {run.mode.replace('_', '-')})")
         for asset, meta in run.metadata.items():
             shown = {k: v for k, v in meta.items() if not k.startswith("dagster/") and not isinstance(v, (dict, list))}
             print(f"  {asset}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
@@ -92,6 +124,8 @@ def _report_runs(runs) -> int:
         if not run.success:
             failed = True
             print(f"  error: {run.error}", file=sys.stderr)
+            if run.error and "--allow-deletes" in run.error:
+                print("  (nothing was changed)", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -128,6 +162,12 @@ def cmd_status(args) -> int:
     if args.json:
         _print_json(status)
         return 0
+    database = status["database"]
+    if database.get("embedded"):
+        where = f"pid {database['pid']}, socket {database['socket_dir']}" if database["running"] else "not running"
+        print(f"database: embedded PostgreSQL ({where}), data {database['data_dir']}")
+    else:
+        print("database: VP_PG_DSN")
     for c in status["collections"]:
         print(
             f"{c['name']:<20} tier={c['tier']:<8} docs={c['documents']:<7} chunks={c['chunks']:<7} "
@@ -157,6 +197,31 @@ def cmd_dead_letters_replay(args) -> int:
         print(f"{args.name}: no open embedding dead letters")
         return 0
     return _report_runs(runs)
+
+
+def cmd_db(args) -> int:
+    from vector_platform import db
+    from vector_platform.settings import vp_home
+
+    home = vp_home()
+    if os.environ.get("VP_PG_DSN"):
+        print("VP_PG_DSN is set: the platform uses that server, not an embedded one", file=sys.stderr)
+    if args.action == "start":
+        db.embedded_server(home)
+        status = db.embedded_status(home)
+        print(f"embedded PostgreSQL running: pid {status['pid']}, socket {status['socket_dir']}, data {status['data_dir']}")
+    elif args.action == "stop":
+        stopped = db.stop_embedded(home)
+        print("embedded PostgreSQL stopped" if stopped else f"embedded PostgreSQL was not running ({home / 'pg'})")
+    else:
+        status = db.embedded_status(home)
+        if args.json:
+            _print_json(status)
+        elif status["running"]:
+            print(f"running: pid {status['pid']}, socket {status['socket_dir']}, data {status['data_dir']}")
+        else:
+            print(f"not running (data {status['data_dir']}{'' if status['initialised'] else ', not created yet'})")
+    return 0
 
 
 def cmd_models_add(args) -> int:
@@ -221,14 +286,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     coll = sub.add_parser("collections", help="declare and list collections").add_subparsers(dest="action", required=True)
-    add = coll.add_parser("add", help="declare a collection (folder or JSONL source)")
+    add = coll.add_parser(
+        "add", help="declare a collection (folder or JSONL source); on an existing one, change only what is given"
+    )
     add.add_argument("name")
-    add.add_argument("--source", required=True)
-    add.add_argument("--model", default="minilm_l6_v2")
-    add.add_argument("--hnsw-m", type=int)
-    add.add_argument("--hnsw-ef-construction", type=int)
-    add.add_argument("--hnsw-ef-search", type=int)
+    add.add_argument("--source", help="required for a new collection")
+    add.add_argument("--model", help="model key (default minilm_l6_v2 for a new collection; attaches it to an existing one)")
+    _add_setting_flags(add)
     add.set_defaults(func=cmd_collections_add)
+    cset = coll.add_parser("set", help="change some settings of a collection")
+    cset.add_argument("name")
+    _add_setting_flags(cset)
+    cset.set_defaults(func=cmd_collections_set)
     lst = coll.add_parser("list", help="list collections")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_collections_list)
@@ -236,12 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="materialize a collection's assets through Dagster")
     ingest.add_argument("name")
     ingest.add_argument("--quiet", action="store_true", help="no progress bars")
+    ingest.add_argument(
+        "--allow-deletes", action="store_true",
+        help="apply the source even if it reads as empty or deletes more than max_delete_fraction of the documents",
+    )
     ingest.set_defaults(func=cmd_ingest)
 
     search = sub.add_parser("search", help="search one or more collections")
     search.add_argument("query", nargs="?")
     search.add_argument("--collection", action="append", required=True)
-    search.add_argument("-k", type=int, default=10)
+    search.add_argument("-k", type=int, default=10, help="hits to return, 1..1000")
     search.add_argument("--exact", action="store_true", help="exact search, bypassing the HNSW index")
     search.add_argument("--queries", help="a file with one query per line (the model loads once)")
     search.add_argument("--json", action="store_true", help="one JSON object per query per line")
@@ -277,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     mlist = models.add_parser("list", help="registered models")
     mlist.add_argument("--json", action="store_true")
     mlist.set_defaults(func=cmd_models_list)
+
+    dbp = sub.add_parser("db", help="the embedded PostgreSQL server under $VP_HOME/pg")
+    dbp.add_argument("action", choices=["start", "stop", "status"])
+    dbp.add_argument("--json", action="store_true")
+    dbp.set_defaults(func=cmd_db)
 
     demo = sub.add_parser("demo", help="ingest the Python standard library's docstrings and search them")
     demo.add_argument("--limit", type=int, default=400, help="documents in the demo corpus")

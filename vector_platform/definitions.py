@@ -7,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from vector_platform.resources import default_resources
+from vector_platform.defs.resources import default_resources
 
 
 def build_definitions(resources: dict | None = None) -> dg.Definitions:

@@ -1,11 +1,16 @@
-"""The model registry: one `ModelSpec` per embedding model version.
+"""The model registry: one `ModelSpec` per embedding model version, identified by a fingerprint.
 
-A model key is the second partition dimension. Built-in specs are registered in the
-catalog on first use; users add more with `vector-platform models add` or the Python API.
+A model key is the second partition dimension and names one model for ever: the fields that
+change what vectors come out (provider, model name, revision, dimensions, distance, storage
+type, normalisation, max input tokens, the chunker, and every option not known to be merely
+operational) form a fingerprint, stored with the model, on each vector table and as the
+embedding cache's key. Registering a key again with another fingerprint is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,6 +19,25 @@ from vector_platform.names import validate_name
 DISTANCES = {"cosine", "l2", "inner_product"}
 STORAGE_TYPES = {"vector", "halfvec"}
 PROVIDERS = {"local", "openai"}
+
+# Bump when chunk boundaries for the same text and settings would change.
+CHUNKER_VERSION = "semantic-text-splitter/1"
+
+# Options that change how vectors are fetched, never which vectors come back. Any other
+# option (`dimensions`, `revision`, `encoding`, a prompt prefix…) is part of the identity.
+OPERATIONAL_OPTIONS = frozenset(
+    {
+        "base_url", "api_key_env", "encoding_format", "pipeline_batch",
+        "max_inputs_per_request", "max_tokens_per_request", "max_tokens_per_input", "max_in_flight",
+        "requests_per_minute", "tokens_per_minute", "timeout_s", "backoff_base_s", "backoff_max_s",
+        "give_up_after_s", "breaker_window", "breaker_min_requests", "breaker_failure_rate",
+        "breaker_cooldown_s", "breaker_max_cooldown_s",
+    }
+)
+
+
+class ModelConflict(ValueError):
+    """A model key registered again with a different identity."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +69,32 @@ class ModelSpec:
     def normalise(self) -> bool:
         """Cosine and inner-product models are stored unit-length (so <=> and <#> agree)."""
         return self.distance in ("cosine", "inner_product")
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """Everything that decides which vector a text gets (and how it is compared)."""
+        return {
+            "provider": self.provider,
+            "model_name": self.model_name,
+            "revision": self.options.get("revision"),
+            "dims": self.dims,
+            "distance": self.distance,
+            "storage_type": self.storage_type,
+            "normalised": self.normalise,
+            "max_tokens": self.max_tokens,
+            "chunker": CHUNKER_VERSION,
+            "options": {k: v for k, v in sorted(self.options.items()) if k not in OPERATIONAL_OPTIONS and k != "revision"},
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        canonical = json.dumps(self.identity, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def differences(self, other: "ModelSpec") -> list[str]:
+        """Identity fields where `other` differs, as 'field: mine -> theirs'."""
+        mine, theirs = self.identity, other.identity
+        return [f"{k}: {mine[k]!r} -> {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
 
     def to_row(self) -> dict[str, Any]:
         return asdict(self)

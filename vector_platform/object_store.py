@@ -61,6 +61,10 @@ class ObjectStore:
             with self.fs.open_output_stream(target) as out:
                 out.write(data)
 
+    def open_input(self, key: str):
+        """A random-access file (ranged reads on S3): Parquet readers fetch only what they need."""
+        return self.fs.open_input_file(self.path(key))
+
     def get_bytes(self, key: str) -> bytes:
         with self.fs.open_input_stream(self.path(key)) as src:
             return src.read()
@@ -78,5 +82,9 @@ class ObjectStore:
         selector = pafs.FileSelector(self.path(prefix.rstrip("/")), recursive=True, allow_not_found=True)
         return sum(i.size or 0 for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
 
-    def delete(self, key: str) -> None:
-        self.fs.delete_file(self.path(key))
+    def delete(self, key: str, missing_ok: bool = False) -> None:
+        try:
+            self.fs.delete_file(self.path(key))
+        except FileNotFoundError:
+            if not missing_ok:
+                raise

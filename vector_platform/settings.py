@@ -34,6 +34,8 @@ class CollectionSettings:
     hnsw_ef_search: int = 100
     recall_target: float = 0.95
     max_document_bytes: int = 20 * 1024 * 1024
+    # An ingest that would soft-delete more than this share of the live documents is refused.
+    max_delete_fraction: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -48,6 +50,25 @@ class CollectionSettings:
             raise ValueError(f"hnsw_ef_search must be between 1 and 1000, got {self.hnsw_ef_search}")
         if self.chunk_overlap_tokens < 0 or self.chunk_max_tokens < 0:
             raise ValueError("chunk sizes cannot be negative")
+        if self.chunk_max_tokens and self.chunk_overlap_tokens * 2 > self.chunk_max_tokens:
+            raise ValueError("chunk_overlap_tokens must be at most half of chunk_max_tokens")
+        if not 0.0 <= self.max_delete_fraction <= 1.0:
+            raise ValueError(f"max_delete_fraction must be between 0 and 1, got {self.max_delete_fraction}")
+        if not 0.0 <= self.recall_target <= 1.0:
+            raise ValueError(f"recall_target must be between 0 and 1, got {self.recall_target}")
+        if self.max_document_bytes < 1:
+            raise ValueError("max_document_bytes must be positive")
+
+    # Settings whose change means every document is chunked again.
+    CHUNKING = ("chunk_max_tokens", "chunk_overlap_tokens")
+
+    def changed(self, **changes: Any) -> "CollectionSettings":
+        """A copy with only `changes` applied (validated); unknown names are refused."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown collection setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known - {'extra'}))}")
+        return type(self)(**{**asdict(self), **changes})
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from vector_platform.api import Platform  # noqa: E402
 from vector_platform.models import ModelSpec  # noqa: E402
-from vector_platform.resources import EmbedderResource, ObjectStoreResource, PostgresResource  # noqa: E402
+from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource  # noqa: E402
 from vector_platform_tests.scifact import SCIFACT, texts_and_vectors  # noqa: E402
 
 
@@ -116,6 +116,7 @@ class FakeEmbedder:
         return rng.standard_normal(self.spec.dims).astype(np.float32)
 
     def embed(self, texts):
+        time.sleep(float(os.environ.get("FAKE_EMBED_DELAY_S", "0")))  # a slow model, for tests that kill runs
         self.calls += 1
         self.texts.extend(texts)
         if self.fail_on and any(self.fail_on in t for t in texts):
@@ -133,11 +134,17 @@ class FakeEmbedder:
             out.append(vec)
         return out
 
-    def tokenizer(self):
-        from vector_platform.embedders import LocalEmbedder
+    def make_chunker(self, max_tokens: int, overlap: int):
+        from vector_platform.ingest.embedders import LocalEmbedder
         from vector_platform.models import MINILM
 
-        return LocalEmbedder(MINILM).tokenizer()
+        return LocalEmbedder(MINILM).make_chunker(max_tokens, overlap)
+
+    def batch_size(self, default: int) -> int:
+        return default
+
+    def counters(self) -> dict:
+        return {}
 
 
 FAKES: dict[str, FakeEmbedder] = {}

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from vector_platform.api_embedder import ApiEmbedder, ApiLimits, FatalApiError, InputRejected, pack
+from vector_platform.ingest.api_embedder import ApiEmbedder, ApiLimits, FatalApiError, InputRejected, pack
 from vector_platform.models import ModelSpec
 
 from .fault_server import FaultServer
@@ -121,7 +121,7 @@ def test_an_api_that_stays_down_is_given_up_on_and_later_calls_fail_fast(server,
 def test_shared_budget_paces_requests_per_minute_and_tokens_per_minute():
     import asyncio
 
-    from vector_platform.api_embedder import ApiStats, _Budget
+    from vector_platform.ingest.api_embedder import ApiStats, _Budget
 
     async def run(budget, n, tokens):
         started = time.monotonic()

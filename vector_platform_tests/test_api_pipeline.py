@@ -12,9 +12,9 @@ import psycopg
 import pytest
 
 from vector_platform import catalog, clock
-from vector_platform.defs.replay import dead_letter_replay_sensor
+from vector_platform.defs.ingest.replay import dead_letter_replay_sensor
 from vector_platform.models import ModelSpec
-from vector_platform.resources import PostgresResource
+from vector_platform.defs.resources import PostgresResource
 
 from .conftest import cli, cli_env, scifact_docs, write_jsonl
 from .fault_server import FaultServer
@@ -118,7 +118,9 @@ def test_sigkill_during_api_embedding_then_rerun_sends_only_missing_chunks(serve
     subprocess.run(cli("collections", "add", unique_name, "--source", str(source), "--model", model_key), env=env, check=True)
 
     proc = subprocess.Popen(cli("ingest", unique_name, "--quiet"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    cache = tmp_path / "objects" / "embedding_cache" / model_key
+    with psycopg.connect(pg_dsn) as conn:
+        fingerprint = catalog.get_model(conn, model_key).fingerprint
+    cache = tmp_path / "objects" / "embedding_cache" / fingerprint
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if cache.exists() and len(list(cache.glob("*.parquet"))) >= 3:

@@ -9,6 +9,7 @@ import psycopg
 from psycopg import sql
 
 from vector_platform import catalog
+from vector_platform.models import MINILM
 
 from .conftest import cli, cli_env, scifact_docs, write_jsonl
 
@@ -20,7 +21,7 @@ def test_sigkill_during_embeddings_then_rerun_converges(pg_dsn, tmp_path, unique
     subprocess.run(cli("collections", "add", unique_name, "--source", str(source)), env=env, check=True)
 
     proc = subprocess.Popen(cli("ingest", unique_name, "--quiet"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    cache = tmp_path / "objects" / "embedding_cache" / "minilm_l6_v2"
+    cache = tmp_path / "objects" / "embedding_cache" / MINILM.fingerprint
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if cache.exists() and len(list(cache.glob("*.parquet"))) >= 2:

@@ -9,10 +9,12 @@ import dagster as dg
 import numpy as np
 import psycopg
 
-from vector_platform import catalog, embedding_cache
+from vector_platform import catalog
+from vector_platform.ingest import embedding_cache
+from vector_platform.models import MINILM
 from vector_platform.definitions import build_definitions
-from vector_platform.defs.sensors import collection_discovery_sensor
-from vector_platform.resources import PostgresResource
+from vector_platform.defs.ingest.sensors import collection_discovery_sensor
+from vector_platform.defs.resources import PostgresResource
 
 from .conftest import write_jsonl
 
@@ -65,7 +67,7 @@ def test_blocking_check_keeps_a_bad_cached_vector_out_of_the_table(make_platform
         ).fetchone()[0]
     # A corrupted cache entry (not unit length) that bypassed the gate.
     store = vp.object_store.store()
-    embedding_cache.write(store, "minilm_l6_v2", [victim], np.full((1, 384), 3.0, np.float32))
+    embedding_cache.write(vp.pool(), store, MINILM.fingerprint, [victim], np.full((1, 384), 3.0, np.float32))
 
     run = vp._run("embed_and_index_job", dg.MultiPartitionKey({"collection": unique_name, "model": "minilm_l6_v2"}))
     assert not run.success

@@ -61,7 +61,7 @@ def test_scifact_subset_search_matches_exact_search(make_platform, s3_url, tmp_p
     status = {c["name"]: c for c in vp.status()["collections"]}[unique_name]
     assert status["documents"] == SUBSET and status["vectors"] == status["chunks"] > SUBSET
     assert status["dead_letters"] == 0
-    assert vp.status()["object_store"]["embedding_cache_bytes"]["minilm_l6_v2"] > 0  # the cache lives on S3
+    assert vp.status()["object_store"]["embedding_cache"]["minilm_l6_v2"]["bytes"] > 0  # the cache lives on S3
 
     recalls, ndcg_ann, ndcg_exact = [], [], []
     for qid, text in queries.items():

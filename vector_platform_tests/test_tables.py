@@ -10,7 +10,8 @@ import pytest
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from vector_platform import catalog, vector_sql
+from vector_platform import catalog, tables
+from vector_platform.search import active
 from vector_platform.models import MINILM, ModelSpec
 
 
@@ -37,12 +38,12 @@ def _vectors(n, dims=384, seed=0):
 
 
 def test_binary_copy_round_trips_every_column(conn, unique_name):
-    vector_sql.create_table(conn, unique_name, MINILM)
+    tables.create_table(conn, unique_name, MINILM)
     rows, vecs = _rows(50), _vectors(50)
-    assert vector_sql.copy_upsert(conn, unique_name, MINILM, rows, vecs, assume_new=True) == 50
+    assert tables.copy_upsert(conn, unique_name, MINILM, rows, vecs, assume_new=True) == 50
     back = conn.execute(
         sql.SQL("SELECT chunk_id, doc_id, seq, content_hash, text, metadata, source_ts, embedding FROM {} ORDER BY seq").format(
-            vector_sql.table_id(unique_name)
+            tables.table_id(unique_name)
         )
     ).fetchall()
     for row, vec, got in zip(rows, vecs, back):
@@ -51,46 +52,46 @@ def test_binary_copy_round_trips_every_column(conn, unique_name):
 
 
 def test_conflicting_rows_fall_back_to_the_staged_upsert(conn, unique_name):
-    vector_sql.create_table(conn, unique_name, MINILM)
+    tables.create_table(conn, unique_name, MINILM)
     first = _rows(10, meta={"v": 1})
-    vector_sql.copy_upsert(conn, unique_name, MINILM, first, _vectors(10), assume_new=True)
+    tables.copy_upsert(conn, unique_name, MINILM, first, _vectors(10), assume_new=True)
     conn.commit()
     # Rows 5..14: 5..9 exist already (as if a concurrent run loaded them), 10..14 are new.
     second = _rows(10, start=5, meta={"v": 2})
     with conn.transaction():
-        written = vector_sql.copy_upsert(conn, unique_name, MINILM, second, _vectors(10, seed=1), assume_new=True)
+        written = tables.copy_upsert(conn, unique_name, MINILM, second, _vectors(10, seed=1), assume_new=True)
     assert written == 10
-    got = dict(conn.execute(sql.SQL("SELECT seq, metadata FROM {}").format(vector_sql.table_id(unique_name))).fetchall())
+    got = dict(conn.execute(sql.SQL("SELECT seq, metadata FROM {}").format(tables.table_id(unique_name))).fetchall())
     assert len(got) == 15
     assert all(got[i] == {"v": 1} for i in range(5)) and all(got[i] == {"v": 2} for i in range(5, 15))
 
 
 def test_halfvec_tables_store_index_and_search(conn, unique_name):
     spec = ModelSpec("half_test", "local", MINILM.model_name, 384, storage_type="halfvec")
-    vector_sql.create_table(conn, unique_name, spec)
+    tables.create_table(conn, unique_name, spec)
     vecs = _vectors(300)
-    vector_sql.copy_upsert(conn, unique_name, spec, _rows(300), vecs, assume_new=True)
+    tables.copy_upsert(conn, unique_name, spec, _rows(300), vecs, assume_new=True)
     conn.commit()
     conn.autocommit = True
-    report = vector_sql.ensure_hnsw(conn, unique_name, spec, m=8, ef_construction=32)
+    report = tables.ensure_hnsw(conn, unique_name, spec, m=8, ef_construction=32)
     assert report.action == "built" and report.rows == 300
     conn.autocommit = False
-    hits = vector_sql.nearest(conn, vector_sql.table_id(unique_name), spec, vecs[7], 3, exact=False)
+    hits = active.nearest(conn, tables.table_id(unique_name), spec, vecs[7], 3, exact=False)
     assert hits[0][-1] < 1e-3  # itself, up to half precision
-    exact = vector_sql.nearest(conn, vector_sql.table_id(unique_name), spec, vecs[7], 3, exact=True)
+    exact = active.nearest(conn, tables.table_id(unique_name), spec, vecs[7], 3, exact=True)
     assert [h[0] for h in hits] == [h[0] for h in exact]
 
 
 def test_hnsw_index_is_kept_or_rebuilt_by_its_parameters(conn, unique_name):
-    vector_sql.create_table(conn, unique_name, MINILM)
-    vector_sql.copy_upsert(conn, unique_name, MINILM, _rows(500), _vectors(500), assume_new=True)
+    tables.create_table(conn, unique_name, MINILM)
+    tables.copy_upsert(conn, unique_name, MINILM, _rows(500), _vectors(500), assume_new=True)
     conn.commit()
     conn.autocommit = True
-    assert vector_sql.ensure_hnsw(conn, unique_name, MINILM, 16, 64).action == "built"
-    assert vector_sql.ensure_hnsw(conn, unique_name, MINILM, 16, 64).action == "kept"
-    rebuilt = vector_sql.ensure_hnsw(conn, unique_name, MINILM, 8, 40)
+    assert tables.ensure_hnsw(conn, unique_name, MINILM, 16, 64).action == "built"
+    assert tables.ensure_hnsw(conn, unique_name, MINILM, 16, 64).action == "kept"
+    rebuilt = tables.ensure_hnsw(conn, unique_name, MINILM, 8, 40)
     assert rebuilt.action == "rebuilt"
-    assert vector_sql.current_index(conn, unique_name) == {"name": rebuilt.name, "m": 8, "ef_construction": 40, "bytes": rebuilt.bytes}
+    assert tables.current_index(conn, unique_name) == {"name": rebuilt.name, "m": 8, "ef_construction": 40, "bytes": rebuilt.bytes}
     count = conn.execute(
         "SELECT count(*) FROM pg_indexes WHERE schemaname = 'vp_vectors' AND tablename = %s", (unique_name,)
     ).fetchone()[0]

@@ -1,31 +1,52 @@
 """Embedders: turn texts into vectors for one `ModelSpec`.
 
-`local` runs the bundled all-MiniLM-L6-v2 offline (sentence-transformers, CPU by default).
-An embedder may return anything per input (a bad API can); the gate in `validation` decides.
+`Embedder` is the protocol every embedder implements (the pipeline asks nothing else of
+them). `local` runs the bundled all-MiniLM-L6-v2 offline (sentence-transformers, CPU by
+default); `openai` is any OpenAI-compatible API (`api_embedder`). An embedder may return
+anything per input (a bad API can), or an `InputRejected` with the reason; the gate in
+`validation` decides what reaches a table.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from vector_platform.ingest.chunking import Chunker
 from vector_platform.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class InputRejected:
+    """One input the embedder will not embed (or whose vector never came back valid)."""
+
+    reason: str
+
+
+class FatalEmbedderError(RuntimeError):
+    """Misconfiguration (a refused key, an unknown model): no input is at fault, so the step
+    fails instead of dead-lettering every chunk."""
 
 
 class Embedder(Protocol):
     spec: ModelSpec
 
     def embed(self, texts: Sequence[str]) -> Sequence[Any]:
-        """One vector per text (a 2-D array or a list of 1-D arrays)."""
+        """One vector (or an `InputRejected`) per text, in order."""
 
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer that counts this model's input tokens, loaded offline.
+    def make_chunker(self, max_tokens: int, overlap: int) -> Chunker:
+        """A chunker that counts tokens as this model does."""
 
-        API embedders offer `count_tokens(text) -> int` instead; chunking uses whichever exists."""
+    def batch_size(self, default: int) -> int:
+        """Inputs per pipeline batch (one cache file each): an API embedder packs many requests."""
+
+    def counters(self) -> dict[str, float]:
+        """Running totals worth reporting (API requests, retries, 429s…); empty when none."""
 
 
 def _minilm_path():
@@ -50,7 +71,7 @@ class LocalEmbedder:
             )
         self.spec = spec
         self.device = device
-        self.batch_size = batch_size
+        self.encode_batch_size = batch_size  # texts per forward pass
         self.calls = 0
         self.texts_embedded = 0
 
@@ -78,18 +99,27 @@ class LocalEmbedder:
         self.calls += 1
         self.texts_embedded += len(texts)
         return self._model().encode(
-            list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
+            list(texts), batch_size=self.encode_batch_size, convert_to_numpy=True, show_progress_bar=False
         )
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_file(str(self._path() / "tokenizer.json"))
+
+    def make_chunker(self, max_tokens: int, overlap: int) -> Chunker:
+        return Chunker(self.tokenizer(), max_tokens, overlap)
+
+    def batch_size(self, default: int) -> int:
+        return default
+
+    def counters(self) -> dict[str, float]:
+        return {}
 
 
 def make_embedder(spec: ModelSpec, device: str = "cpu", api_key: str | None = None) -> Embedder:
     if spec.provider == "local":
         return LocalEmbedder(spec, device=device)
     if spec.provider == "openai":
-        from vector_platform.api_embedder import ApiEmbedder
+        from vector_platform.ingest.api_embedder import ApiEmbedder  # imports openai: only when asked
 
         return ApiEmbedder(spec, api_key=api_key)
     raise ValueError(f"model {spec.key!r}: unknown provider {spec.provider!r}")

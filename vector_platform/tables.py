@@ -1,21 +1,23 @@
-"""SQL for vector tables (`vp_vectors`), their HNSW indexes and serving views (`vp_serving`).
+"""Vector tables (`vp_vectors`), their HNSW indexes and serving views (`vp_serving`): DDL,
+bulk loading and index builds. Search reads them through `vector_platform.search`.
 
 All statements are composed with `psycopg.sql`; names were validated by `names` first.
+Index builds run on a connection in autocommit mode, reset their session settings on every
+path, and check that what they built is valid (`pg_index.indisvalid`) before it counts.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 
-from vector_platform.catalog import SERVING, VECTORS
-from vector_platform.copy_binary import encode_vector_rows
+from vector_platform.catalog.schema import SERVING, VECTORS
+from vector_platform.ingest.copy_binary import encode_vector_rows
 from vector_platform.models import ModelSpec
 from vector_platform.names import bounded_identifier
 
@@ -73,7 +75,30 @@ def create_table(conn: psycopg.Connection, table: str, spec: ModelSpec) -> None:
 
 
 def table_exists(conn: psycopg.Connection, table: str) -> bool:
-    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'{VECTORS}."{table}"',)).fetchone()[0]
+    return relation_exists(conn, VECTORS, table)
+
+
+def view_exists(conn: psycopg.Connection, collection: str) -> bool:
+    return relation_exists(conn, SERVING, collection)
+
+
+def relation_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
+    return conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s)",
+        (schema, name),
+    ).fetchone()[0]
+
+
+def table_stats(conn: psycopg.Connection, table: str) -> tuple[int, int]:
+    """(rows, bytes with indexes and TOAST) of a vector table."""
+    return conn.execute(
+        sql.SQL(
+            "SELECT (SELECT count(*) FROM {t}), pg_total_relation_size(c.oid) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
+        ).format(t=table_id(table)),
+        (VECTORS, table),
+    ).fetchone()
 
 
 def copy_upsert(
@@ -141,6 +166,7 @@ class IndexReport:
     bytes: int
     rows: int
     maintenance_work_mem_mb: int
+    dropped_invalid: list[str] = field(default_factory=list)
 
 
 def graph_bytes_estimate(rows: int, spec: ModelSpec, m: int) -> int:
@@ -150,23 +176,52 @@ def graph_bytes_estimate(rows: int, spec: ModelSpec, m: int) -> int:
     return rows * (vector_bytes + neighbour_bytes)
 
 
-def current_index(conn: psycopg.Connection, table: str) -> dict[str, Any] | None:
-    row = conn.execute(
+def _hnsw_indexes(conn: psycopg.Connection, table: str) -> list[tuple[str, list[str], int, bool]]:
+    return conn.execute(
         """
-        SELECT i.relname, coalesce(i.reloptions, '{}'), pg_relation_size(i.oid)
+        SELECT i.relname, coalesce(i.reloptions, '{}'), pg_relation_size(i.oid), x.indisvalid
         FROM pg_index x
         JOIN pg_class t ON t.oid = x.indrelid
         JOIN pg_namespace n ON n.oid = t.relnamespace
         JOIN pg_class i ON i.oid = x.indexrelid
         JOIN pg_am am ON am.oid = i.relam
-        WHERE n.nspname = %s AND t.relname = %s AND am.amname = 'hnsw' AND x.indisvalid
+        WHERE n.nspname = %s AND t.relname = %s AND am.amname = 'hnsw'
+        ORDER BY i.relname
         """,
         (VECTORS, table),
+    ).fetchall()
+
+
+def current_index(conn: psycopg.Connection, table: str) -> dict[str, Any] | None:
+    """The table's valid HNSW index: name, m, ef_construction, bytes (None when there is none)."""
+    for name, options, size, valid in _hnsw_indexes(conn, table):
+        if valid:
+            opts = dict(opt.split("=", 1) for opt in options)
+            return {"name": name, "m": int(opts.get("m", 16)), "ef_construction": int(opts.get("ef_construction", 64)), "bytes": size}
+    return None
+
+
+def drop_invalid_indexes(conn: psycopg.Connection, table: str) -> list[str]:
+    """Drop HNSW indexes left invalid by an interrupted CREATE INDEX CONCURRENTLY."""
+    dropped = []
+    for name, _, _, valid in _hnsw_indexes(conn, table):
+        if not valid:
+            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(VECTORS, name)))
+            dropped.append(name)
+    return dropped
+
+
+def _index_is_valid(conn: psycopg.Connection, name: str) -> bool:
+    row = conn.execute(
+        "SELECT x.indisvalid FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+        "JOIN pg_namespace n ON n.oid = i.relnamespace WHERE n.nspname = %s AND i.relname = %s",
+        (VECTORS, name),
     ).fetchone()
-    if row is None:
-        return None
-    options = dict(opt.split("=", 1) for opt in row[1])
-    return {"name": row[0], "m": int(options.get("m", 16)), "ef_construction": int(options.get("ef_construction", 64)), "bytes": row[2]}
+    return bool(row and row[0])
+
+
+class InvalidIndex(RuntimeError):
+    """An index build finished but PostgreSQL marked the index invalid."""
 
 
 def ensure_hnsw(
@@ -180,46 +235,56 @@ def ensure_hnsw(
 ) -> IndexReport:
     """Build the HNSW index after the bulk load; rebuild it (concurrently) if m/ef changed.
 
-    `conn` must be in autocommit mode (CREATE INDEX CONCURRENTLY).
+    `conn` must be in autocommit mode (CREATE INDEX CONCURRENTLY). Invalid leftovers of an
+    interrupted build are dropped first; the new index must be valid before it replaces the old.
     """
+    if not conn.autocommit:
+        raise ValueError("ensure_hnsw needs a connection in autocommit mode")
     rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_id(table))).fetchone()[0]
+    dropped = drop_invalid_indexes(conn, table)
     existing = current_index(conn, table)
     name = index_name(table)
     if existing and (existing["m"], existing["ef_construction"]) == (m, ef_construction):
-        return IndexReport(existing["name"], "kept", 0.0, existing["bytes"], rows, 0)
+        return IndexReport(existing["name"], "kept", 0.0, existing["bytes"], rows, 0, dropped)
     work_mem_mb = int(min(max_work_mem_mb, max(64, graph_bytes_estimate(rows, spec, m) * 1.3 / 2**20)))
-    conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(f"{work_mem_mb}MB")))
-    conn.execute(sql.SQL("SET max_parallel_maintenance_workers = {}").format(sql.Literal(parallel_workers)))
     opclass = sql.SQL(f"{spec.storage_type}_{OPCLASS_SUFFIX[spec.distance]}")
     params = sql.SQL("WITH (m = {}, ef_construction = {})").format(sql.Literal(m), sql.Literal(ef_construction))
     started = time.perf_counter()
-    if existing is None:
-        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(VECTORS, name)))  # an invalid leftover
-        conn.execute(
-            sql.SQL("CREATE INDEX {} ON {} USING hnsw (embedding {}) {}").format(
-                sql.Identifier(name), table_id(table), opclass, params
+    try:
+        conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (f"{work_mem_mb}MB",))
+        conn.execute("SELECT set_config('max_parallel_maintenance_workers', %s, false)", (str(parallel_workers),))
+        if existing is None:
+            conn.execute(
+                sql.SQL("CREATE INDEX {} ON {} USING hnsw (embedding {}) {}").format(
+                    sql.Identifier(name), table_id(table), opclass, params
+                )
             )
-        )
-        action = "built"
-    else:
-        # Search keeps using the old index until the new one is valid.
-        tmp = bounded_identifier(table, suffix="_hnsw_new")
-        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(VECTORS, tmp)))
-        conn.execute(
-            sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} USING hnsw (embedding {}) {}").format(
-                sql.Identifier(tmp), table_id(table), opclass, params
+            if not _index_is_valid(conn, name):
+                raise InvalidIndex(f"index {name} on {VECTORS}.{table} was built invalid")
+            action = "built"
+        else:
+            # Search keeps using the old index until the new one is valid.
+            tmp = bounded_identifier(table, suffix="_hnsw_new")
+            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(VECTORS, tmp)))
+            conn.execute(
+                sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} USING hnsw (embedding {}) {}").format(
+                    sql.Identifier(tmp), table_id(table), opclass, params
+                )
             )
-        )
-        with conn.transaction():
-            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(VECTORS, existing["name"])))
-            conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(sql.Identifier(VECTORS, tmp), sql.Identifier(name)))
-        action = "rebuilt"
+            if not _index_is_valid(conn, tmp):
+                conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(VECTORS, tmp)))
+                raise InvalidIndex(f"the rebuilt index on {VECTORS}.{table} came out invalid; the old one still serves")
+            with conn.transaction():
+                conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(VECTORS, existing["name"])))
+                conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(sql.Identifier(VECTORS, tmp), sql.Identifier(name)))
+            action = "rebuilt"
+    finally:
+        conn.execute("RESET maintenance_work_mem")
+        conn.execute("RESET max_parallel_maintenance_workers")
     seconds = time.perf_counter() - started
-    conn.execute("RESET maintenance_work_mem")
-    conn.execute("RESET max_parallel_maintenance_workers")
     conn.execute(sql.SQL("ANALYZE {}").format(table_id(table)))
     size = current_index(conn, table)["bytes"]
-    return IndexReport(name, action, seconds, size, rows, work_mem_mb)
+    return IndexReport(name, action, seconds, size, rows, work_mem_mb, dropped)
 
 
 # ---------------------------------------------------------------- serving view
@@ -232,66 +297,3 @@ def publish_view(conn: psycopg.Connection, collection: str, table: str) -> None:
             "CREATE VIEW {} AS SELECT chunk_id, doc_id, seq, content_hash, text, metadata, source_ts, embedding FROM {}"
         ).format(view_id(collection), table_id(table))
     )
-
-
-# ---------------------------------------------------------------- nearest neighbours
-
-def _plan_settings(conn: psycopg.Connection, exact: bool, ef_search: int, iterative: bool) -> None:
-    """Set every planner knob search depends on, each time.
-
-    All of them, both ways: inside a pooled connection's transaction `conn.transaction()` is a
-    savepoint, and a SET LOCAL from an earlier ANN query would otherwise still be in force.
-    """
-    settings = {
-        "enable_seqscan": "on" if exact else "off",
-        "enable_indexscan": "off" if exact else "on",
-        "enable_bitmapscan": "off" if exact else "on",
-        "hnsw.ef_search": str(int(ef_search)),
-        "hnsw.iterative_scan": "relaxed_order" if iterative and not exact else "off",
-    }
-    for name, value in settings.items():
-        conn.execute("SELECT set_config(%s, %s, true)", (name, value), prepare=False)
-
-
-def nearest(
-    conn: psycopg.Connection,
-    relation: sql.Composable,
-    spec: ModelSpec,
-    vector: np.ndarray,
-    k: int,
-    exact: bool,
-    ef_search: int = 100,
-    filters: dict[str, Any] | None = None,
-    columns: sql.Composable | None = None,
-) -> list[tuple]:
-    """Top-k rows by the model's distance; each row ends with the distance.
-
-    ANN mode forces the HNSW index (the planner prefers an exact sort on small tables after
-    ANALYZE); exact mode forbids it. `prepare=False`: a prepared plan would ignore the SETs.
-    """
-    columns = columns or sql.SQL("chunk_id, doc_id, text, metadata")
-    where = sql.SQL("WHERE metadata @> %(filters)s") if filters else sql.SQL("")
-    query = sql.SQL(
-        "SELECT {columns}, embedding {op} %(q)s::{vtype} AS distance FROM {rel} {where} "
-        "ORDER BY embedding {op} %(q)s::{vtype} LIMIT %(k)s"
-    ).format(
-        columns=columns, op=operator(spec), vtype=sql.SQL(spec.storage_type), rel=relation, where=where
-    )
-    params = {"q": np.asarray(vector, dtype=np.float32), "k": k, "filters": Jsonb(filters or {})}
-    with conn.transaction():
-        _plan_settings(conn, exact, ef_search, iterative=bool(filters))
-        rows = conn.execute(query, params, prepare=False).fetchall()
-    if filters and not exact:  # relaxed order: results may come slightly out of order
-        rows.sort(key=lambda r: r[-1])
-    return rows
-
-
-def explain_nearest(conn: psycopg.Connection, relation: sql.Composable, spec: ModelSpec, vector: np.ndarray, exact: bool, ef_search: int = 100) -> str:
-    """The plan `nearest` really runs (for check metadata and tests)."""
-    query = sql.SQL("EXPLAIN SELECT chunk_id FROM {rel} ORDER BY embedding {op} %(q)s::{vtype} LIMIT 10").format(
-        rel=relation, op=operator(spec), vtype=sql.SQL(spec.storage_type)
-    )
-    with conn.transaction():
-        _plan_settings(conn, exact, ef_search, iterative=False)
-        plan = conn.execute(query, {"q": np.asarray(vector, dtype=np.float32)}, prepare=False).fetchall()
-    return "\n".join(r[0] for r in plan)

@@ -10,6 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vector_platform.ingest.embedders import InputRejected
+
 # Below this norm a vector carries no direction worth comparing.
 MIN_NORM = 1e-6
 UNIT_TOLERANCE = 1e-3
@@ -27,9 +29,8 @@ def gate(vectors: Sequence[Any] | np.ndarray, dims: int, normalise: bool) -> Gat
     rows: list[np.ndarray] = []
     rejected: list[tuple[int, str]] = []
     for i, raw in enumerate(vectors):
-        reason = getattr(raw, "reason", None)  # the embedder already refused this input (api_embedder.InputRejected)
-        if isinstance(reason, str):
-            rejected.append((i, reason))
+        if isinstance(raw, InputRejected):  # the embedder already refused this input
+            rejected.append((i, raw.reason))
             continue
         try:
             vec = np.asarray(raw, dtype=np.float32)

@@ -3,7 +3,11 @@
 A source is a folder of text / Markdown / HTML files (HTML reduced to text), or a JSONL file
 with one object a line: `id`, `text`, optional `title`, `timestamp`, `metadata`.
 Nothing raises for one bad document: it comes back as a `Rejection` with the reason, and
-the caller dead-letters it while the rest of the source goes through.
+the caller dead-letters it while the rest of the source goes through. A record is accepted
+only if PostgreSQL can store every part of it (no NUL characters, no unpaired surrogates, no
+NaN or infinity in metadata, ids short enough for an index), so the database never sees
+input it would refuse. Duplicate ids are found by the caller, in the database, so that
+memory does not grow with the source.
 """
 
 from __future__ import annotations
@@ -11,12 +15,20 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
+# Longer ids would not fit a btree index entry (about 2,700 bytes) once prefixed.
+MAX_ID_CHARS = 512
+MAX_METADATA_DEPTH = 64
+
+
+class SourceMissing(FileNotFoundError):
+    """The collection's source is not there (deleted, unmounted, not synced yet)."""
 HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
 
 
@@ -27,6 +39,7 @@ class Document:
     title: str | None = None
     source_ts: dt.datetime | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    position: int = 0  # line number (JSONL) or file ordinal (folder): where the source had it
 
     @property
     def content_hash(self) -> str:
@@ -54,7 +67,7 @@ def read_source(source: str, max_bytes: int) -> Iterator[Document | Rejection]:
     elif path.is_file():
         raise ValueError(f"source {source!r} is a file but not JSONL (.jsonl/.ndjson); give a folder or a JSONL file")
     else:
-        raise FileNotFoundError(f"source {source!r} does not exist")
+        raise SourceMissing(f"source {source!r} does not exist")
 
 
 def _decode(raw: bytes) -> str:
@@ -84,6 +97,7 @@ def html_to_text(html: str) -> tuple[str, str | None]:
 
 
 def _read_folder(root: Path, max_bytes: int) -> Iterator[Document | Rejection]:
+    position = 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
@@ -91,7 +105,9 @@ def _read_folder(root: Path, max_bytes: int) -> Iterator[Document | Rejection]:
                 continue
             file = Path(dirpath) / name
             doc_id = file.relative_to(root).as_posix()
+            position += 1
             try:
+                check_storable(doc_id, "file name")
                 size = file.stat().st_size
                 if size > max_bytes:
                     yield Rejection(doc_id, f"document too large: {size} bytes > limit {max_bytes}")
@@ -111,8 +127,14 @@ def _read_folder(root: Path, max_bytes: int) -> Iterator[Document | Rejection]:
             if not text.strip():
                 yield Rejection(doc_id, "empty text")
                 continue
+            try:
+                check_storable(text, "text")
+                check_storable(title, "title")
+            except ValueError as err:
+                yield Rejection(doc_id, str(err))
+                continue
             mtime = dt.datetime.fromtimestamp(file.stat().st_mtime, dt.timezone.utc)
-            yield Document(doc_id=doc_id, body=text, title=title, source_ts=mtime, metadata={"path": doc_id})
+            yield Document(doc_id=doc_id, body=text, title=title, source_ts=mtime, metadata={"path": doc_id}, position=position)
 
 
 def _looks_like_text(text: str) -> bool:
@@ -122,28 +144,74 @@ def _looks_like_text(text: str) -> bool:
 
 
 def _read_jsonl(file: Path, max_bytes: int) -> Iterator[Document | Rejection]:
-    seen: dict[str, int] = {}
     with file.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
-            ref = f"line {lineno}"
             if not raw.strip():
                 continue
+            ref = f"line {lineno}"
             if len(raw) > max_bytes:
-                yield Rejection(ref, f"document too large: {len(raw)} bytes > limit {max_bytes}")
+                yield Rejection(ref, f"line {lineno}: document too large: {len(raw)} bytes > limit {max_bytes}")
                 continue
             try:
                 record = json.loads(_decode(raw))
+            except RecursionError:
+                yield Rejection(ref, f"line {lineno}: JSON nested too deeply", raw[:200].decode("utf-8", "replace"))
+                continue
+            except ValueError as err:
+                yield Rejection(ref, f"line {lineno}: {err}", raw[:200].decode("utf-8", "replace"))
+                continue
+            doc_id = _readable_id(record)
+            try:
                 doc = _document_from_record(record)
-            except (ValueError, TypeError) as err:
-                yield Rejection(ref, str(err), raw[:200].decode("utf-8", "replace"))
+            except (ValueError, TypeError, OverflowError, OSError) as err:
+                # Keyed by the document id when one can be read, so a later good line resolves it.
+                yield Rejection(doc_id or ref, f"line {lineno}: {err}", raw[:200].decode("utf-8", "replace"))
                 continue
-            if doc.doc_id in seen:
-                yield Rejection(
-                    f"{ref} (id {doc.doc_id})", f"duplicate id {doc.doc_id!r}: line {seen[doc.doc_id]} kept"
-                )
-                continue
-            seen[doc.doc_id] = lineno
-            yield doc
+            yield replace(doc, position=lineno)
+
+
+def _readable_id(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    value = record.get("id", record.get("_id"))
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    text = str(value)
+    try:
+        check_storable(text, "id")
+    except ValueError:
+        return None
+    return text if 0 < len(text) <= MAX_ID_CHARS else None
+
+
+def check_storable(value: Any, what: str, depth: int = 0) -> None:
+    """Raise ValueError if PostgreSQL (text or jsonb) could not store `value`."""
+    if value is None or isinstance(value, (bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{what} holds NaN or infinity ({value!r}), which JSON and PostgreSQL jsonb cannot store")
+        return
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{what} contains a NUL character (\\u0000), which PostgreSQL text cannot store")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} contains an unpaired UTF-16 surrogate (not valid Unicode text)") from None
+        return
+    if depth >= MAX_METADATA_DEPTH:
+        raise ValueError(f"{what} is nested deeper than {MAX_METADATA_DEPTH} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_storable(key, f"{what} key", depth + 1)
+            check_storable(item, f"{what}[{key!r}]" if depth < 3 else what, depth + 1)
+        return
+    if isinstance(value, list):
+        for item in value:
+            check_storable(item, what, depth + 1)
+        return
+    raise ValueError(f"{what} holds a {type(value).__name__}, which is not JSON")
 
 
 def _document_from_record(record: Any) -> Document:
@@ -152,6 +220,9 @@ def _document_from_record(record: Any) -> Document:
     doc_id = record.get("id", record.get("_id"))
     if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or str(doc_id) == "":
         raise ValueError("missing or invalid 'id' (a non-empty string or integer)")
+    check_storable(str(doc_id), "id")
+    if len(str(doc_id)) > MAX_ID_CHARS:
+        raise ValueError(f"id is {len(str(doc_id))} characters long, over the limit of {MAX_ID_CHARS}")
     text = record.get("text")
     if not isinstance(text, str):
         raise ValueError(f"document {doc_id}: 'text' must be a string")
@@ -163,6 +234,9 @@ def _document_from_record(record: Any) -> Document:
     metadata = record.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ValueError(f"document {doc_id}: 'metadata' must be an object")
+    check_storable(text, f"document {doc_id}: text")
+    check_storable(title, f"document {doc_id}: title")
+    check_storable(metadata, f"document {doc_id}: metadata")
     return Document(
         doc_id=str(doc_id),
         body=text,
@@ -176,7 +250,10 @@ def _parse_timestamp(value: Any, doc_id: Any) -> dt.datetime | None:
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+        try:
+            return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError(f"document {doc_id}: timestamp {value!r} is out of range for epoch seconds") from None
     if isinstance(value, str):
         try:
             ts = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from vector_platform.defs.assets import chunks, embeddings, hnsw_index, serving_view, source_documents, vector_table
+from vector_platform.defs.ingest.assets import chunks, embeddings, hnsw_index, serving_view, source_documents, vector_table
 
 ingest_documents_job = dg.define_asset_job(
     "ingest_documents_job",

@@ -1,4 +1,7 @@
-"""Dagster resources: `postgres`, `object_store`, `embedder`. Each is bound once, in definitions.py."""
+"""Dagster resources: `postgres`, `object_store`, `embedder`. Each is bound once, in definitions.py.
+
+Each hands out a plain object (a connection pool, an `ObjectStore`, an `Embedder`) that the
+packages outside `defs/` use without knowing about Dagster."""
 
 from __future__ import annotations
 
@@ -12,8 +15,7 @@ from psycopg_pool import ConnectionPool
 from pydantic import Field
 
 from vector_platform import catalog, db
-from vector_platform.chunking import Chunker
-from vector_platform.embedders import Embedder, make_embedder
+from vector_platform.ingest.embedders import Embedder, make_embedder
 from vector_platform.models import ModelSpec
 from vector_platform.object_store import ObjectStore
 from vector_platform.settings import default_object_store_url, vp_home
@@ -77,15 +79,6 @@ class EmbedderResource(dg.ConfigurableResource):
                 _embedders[key] = make_embedder(spec, device=self.device, api_key=api_key)
             return _embedders[key]
 
-    def batch_size_for(self, embedder: Embedder) -> int:
-        """Inputs per pipeline batch: an API embedder packs and parallelises many requests per batch."""
-        return getattr(embedder, "pipeline_batch", None) or self.batch_size
-
-    def chunker(self, spec: ModelSpec, max_tokens: int, overlap: int) -> Chunker:
-        embedder = self.for_model(spec)
-        if hasattr(embedder, "count_tokens"):  # an API model: its own BPE, counted offline
-            return Chunker.from_token_counter(embedder.count_tokens, max_tokens, overlap)
-        return Chunker(embedder.tokenizer(), max_tokens, overlap)
 
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:

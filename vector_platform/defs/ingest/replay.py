@@ -1,14 +1,13 @@
 """Dead-letter replay: a job that retries open embedding dead letters, and a sensor that runs it
 for every (collection, model) whose dead letters have cooled down."""
 
-import datetime as dt
 import os
 
 import dagster as dg
 
-from vector_platform import clock
-from vector_platform.defs.assets import embeddings, hnsw_index, vector_table
-from vector_platform.resources import PostgresResource
+from vector_platform.catalog.dead_letters import replay_candidates
+from vector_platform.defs.ingest.assets import embeddings, hnsw_index, vector_table
+from vector_platform.defs.resources import PostgresResource
 
 # Re-embedding picks up every live chunk without a vector, the dead-lettered ones included;
 # resolved dead letters are marked, never deleted.
@@ -21,24 +20,6 @@ dead_letter_replay_job = dg.define_asset_job(
 
 DEFAULT_COOL_DOWN_S = 600
 DEFAULT_MAX_ATTEMPTS = 5
-
-
-def replay_candidates(conn, cool_down_s: float, max_attempts: int) -> list[tuple[str, str, dt.datetime]]:
-    """(collection, model, newest last_seen_at) with open embed dead letters past the cool-down."""
-    cutoff = clock.now() - dt.timedelta(seconds=cool_down_s)
-    return conn.execute(
-        """
-        SELECT dl.collection, dl.model_key, max(dl.last_seen_at)
-        FROM vector_platform.dead_letters dl
-        JOIN vector_platform.collections c ON c.name = dl.collection AND c.tier = 'active'
-        JOIN vector_platform.collection_models m ON m.collection = dl.collection AND m.model_key = dl.model_key
-        WHERE dl.stage = 'embed' AND dl.resolved_at IS NULL AND dl.attempts < %s
-        GROUP BY dl.collection, dl.model_key
-        HAVING max(dl.last_seen_at) <= %s
-        ORDER BY 1, 2
-        """,
-        (max_attempts, cutoff),
-    ).fetchall()
 
 
 @dg.sensor(job=dead_letter_replay_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)

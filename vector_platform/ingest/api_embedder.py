@@ -32,18 +32,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vector_platform.ingest.chunking import Chunker
+from vector_platform.ingest.embedders import FatalEmbedderError, InputRejected
 from vector_platform.models import ModelSpec
 
 
 # Malformed answers for one batch before it is split to find the input they come from.
 MAX_BAD_RESPONSES = 3
-
-
-@dataclass(frozen=True)
-class InputRejected:
-    """One input the API will not embed (or whose vector never came back valid)."""
-
-    reason: str
 
 
 @dataclass
@@ -108,13 +103,11 @@ class _Job:
     batch: list[int]
     attempt: int = 0
     bad_responses: int = 0
-    started: float = field(default_factory=time.monotonic)
+    started: float | None = None  # first time it was sent: the give-up clock starts then, not in the queue
 
 
-class FatalApiError(RuntimeError):
+class FatalApiError(FatalEmbedderError):
     """Misconfiguration (401, 403, 404): retrying cannot help, so the step fails loudly."""
-
-    fatal = True  # embed_chunks lets it through instead of dead-lettering every input
 
 
 def count_tokens_function(encoding_name: str):
@@ -148,12 +141,18 @@ class _Budget:
         now = time.monotonic()
         self.request_tokens, self.token_tokens, self.updated = (rpm or 0.0), (tpm or 0.0), now
         self.paused_until = 0.0
+        self.lock: asyncio.Lock | None = None
+
+    def bind(self) -> None:
+        """A lock for this event loop: the budget itself outlives each embed() call."""
         self.lock = asyncio.Lock()
 
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
 
     async def acquire(self, tokens: int) -> None:
+        if self.lock is None:
+            self.bind()
         while True:
             async with self.lock:
                 now = time.monotonic()
@@ -258,6 +257,9 @@ class ApiEmbedder:
         self.encoding_format = options.get("encoding_format", "base64")
         self.count_tokens = count_tokens_function(options.get("encoding", "cl100k_base"))
         self.stats = ApiStats()
+        # One requests/tokens-per-minute budget for the embedder's life, not one per call:
+        # a second call right after a busy first one must not start with a full bucket.
+        self.budget = _Budget(self.limits.requests_per_minute, self.limits.tokens_per_minute, self.stats)
         # After a batch gave up, later calls fail fast for a while instead of each waiting
         # give_up_after_s: their inputs become dead letters at once, and the replay sensor
         # brings them back once the API answers again.
@@ -265,6 +267,15 @@ class ApiEmbedder:
         self.unavailable_reason = ""
         # Inputs per pipeline batch: one cache file each, so a killed run resumes from there.
         self.pipeline_batch = int(options.get("pipeline_batch", self.limits.max_inputs_per_request * 2))
+
+    def make_chunker(self, max_tokens: int, overlap: int) -> Chunker:
+        return Chunker.from_token_counter(self.count_tokens, max_tokens, overlap)
+
+    def batch_size(self, default: int) -> int:
+        return self.pipeline_batch
+
+    def counters(self) -> dict[str, float]:
+        return self.stats.as_dict()
 
     def embed(self, texts: Sequence[str]) -> list[np.ndarray | InputRejected]:
         results: list[np.ndarray | InputRejected | None] = [None] * len(texts)
@@ -296,7 +307,8 @@ class ApiEmbedder:
         client = openai.AsyncOpenAI(
             api_key=self._api_key, base_url=self.base_url, max_retries=0, timeout=self.limits.timeout_s
         )
-        budget = _Budget(self.limits.requests_per_minute, self.limits.tokens_per_minute, self.stats)
+        budget = self.budget
+        budget.bind()
         breaker = _Breaker(self.limits, self.stats)
         queue: asyncio.Queue = asyncio.Queue()
         for batch in batches:
@@ -339,6 +351,8 @@ class ApiEmbedder:
         tokens = sum(counts[i] for i in batch)
         await budget.acquire(tokens)
         probe = await breaker.admit()
+        if job.started is None:
+            job.started = time.monotonic()
         self.stats.requests += 1
         self.stats.inputs_sent += len(batch)
         self.stats.tokens_sent += tokens

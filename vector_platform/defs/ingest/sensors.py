@@ -5,7 +5,7 @@ import dagster as dg
 
 from vector_platform import catalog
 from vector_platform.defs.partitions import collection_partitions, model_partitions
-from vector_platform.resources import PostgresResource
+from vector_platform.defs.resources import PostgresResource
 
 
 def missing_partitions(instance: dg.DagsterInstance, collections: list, models: list) -> list:

@@ -1,19 +1,26 @@
 """The asset graph: source_documents -> chunks -> embeddings -> vector_table -> hnsw_index -> serving_view.
 
 Assets write to Postgres and the object store themselves and return metadata (no IO managers).
+Every asset that writes a collection holds its writer lock (`vector_platform.locks`) while it
+runs: a second writer of the same collection waits, says so in the run's log, and then does
+only what is left.
 """
 
+from contextlib import contextmanager
 
 import dagster as dg
+from pydantic import Field
 
-from vector_platform import catalog, pipeline, vector_sql
+from vector_platform import catalog, tables
 from vector_platform.defs.partitions import (
     collection_and_model,
     collection_model_partitions,
     collection_partitions,
 )
+from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource
+from vector_platform.ingest import steps
+from vector_platform.locks import writer_lock
 from vector_platform.progress import reporter
-from vector_platform.resources import EmbedderResource, ObjectStoreResource, PostgresResource
 
 
 def _attached_model(pool, collection: str, model_key: str):
@@ -28,21 +35,46 @@ def _attached_model(pool, collection: str, model_key: str):
         return coll, catalog.get_model(conn, model_key)
 
 
+@contextmanager
+def _writing(context, postgres: PostgresResource, collection: str, model_key: str | None = None):
+    # A wait is worth a warning: it shows in the CLI and stands out in the UI's run log.
+    with writer_lock(postgres.resolved_dsn(), collection, model_key, say=context.log.warning) as waited:
+        yield waited
+
+
+class SourceConfig(dg.Config):
+    allow_deletes: bool = Field(
+        default=False,
+        description="Apply the source even if it reads as empty or would soft-delete more than the "
+        "collection's max_delete_fraction of its live documents.",
+    )
+
+
 @dg.asset(
     partitions_def=collection_partitions,
     group_name="ingest",
     kinds={"postgres"},
     pool="vector_db",
 )
-def source_documents(context: dg.AssetExecutionContext, postgres: PostgresResource) -> dg.MaterializeResult:
+def source_documents(
+    context: dg.AssetExecutionContext, config: SourceConfig, postgres: PostgresResource
+) -> dg.MaterializeResult:
     """The collection's documents as read from its source (a folder or a JSONL file): one catalog
     row per document with its content hash and source timestamp. Documents that disappeared from
-    the source are soft-deleted; unreadable ones become dead letters with the reason."""
-    figures = pipeline.register_documents(postgres.pool(), context.partition_key)
+    the source are soft-deleted; unreadable ones become dead letters with the reason. A source
+    that reads as missing or empty, or would delete more than max_delete_fraction of the
+    documents, is refused and changes nothing (unless allow_deletes)."""
+    collection = context.partition_key
+    with _writing(context, postgres, collection) as waited:
+        try:
+            figures = steps.register_documents(postgres.pool(), collection, allow_deletes=config.allow_deletes)
+        except steps.SourceRefused as err:
+            raise dg.Failure(str(err), allow_retries=False) from None
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": figures["live_documents"],
             "dagster/table_name": "vector_platform.documents",
+            "seconds_waiting_for_writer_lock": round(waited, 3),
             **figures,
         }
     )
@@ -60,7 +92,8 @@ def chunks(
 ) -> dg.MaterializeResult:
     """Token-aware chunks of every live document, cut with the serving model's own tokenizer
     (paragraph, then sentence, then word boundaries, up to the smallest max input of the
-    collection's models, with overlap). Only documents whose content changed are re-chunked."""
+    collection's models, with overlap). Only documents whose content or chunking settings
+    changed are re-chunked, in batches that each commit on their own."""
     collection = context.partition_key
     pool = postgres.pool()
     with pool.connection() as conn:
@@ -68,8 +101,9 @@ def chunks(
         specs = [catalog.get_model(conn, key) for key in coll.models]
     serving = next(s for s in specs if s.key == coll.serving_model)
     max_tokens = coll.settings.chunk_max_tokens or min(s.max_tokens for s in specs)
-    chunker = embedder.chunker(serving, max_tokens, coll.settings.chunk_overlap_tokens)
-    figures = pipeline.chunk_documents(pool, collection, chunker, reporter(context.log))
+    chunker = embedder.for_model(serving).make_chunker(max_tokens, coll.settings.chunk_overlap_tokens)
+    with _writing(context, postgres, collection):
+        figures = steps.chunk_documents(pool, collection, chunker, reporter(context.log))
     return dg.MaterializeResult(
         metadata={"dagster/row_count": figures["chunks_total"], "dagster/table_name": "vector_platform.chunks", **figures}
     )
@@ -88,18 +122,26 @@ def embeddings(
     embedder: EmbedderResource,
 ) -> dg.MaterializeResult:
     """A valid, L2-normalised vector for every live chunk under this model, kept in the embedding
-    cache (Parquet on the object store, keyed by model + chunk content hash). Only content with
-    no vector yet is sent to the model; rejected vectors become dead letters with the reason."""
+    cache (Parquet on the object store, keyed by the model's fingerprint and the chunk's content
+    hash, indexed in the catalog). Only content with no vector yet is sent to the model;
+    rejected vectors become dead letters with the reason."""
     collection, model_key = collection_and_model(context)
     pool = postgres.pool()
     _, spec = _attached_model(pool, collection, model_key)
     store = object_store.store()
     model = embedder.for_model(spec)
-    stats = pipeline.embed_chunks(
-        pool, store, model, collection, model_key, batch_size=embedder.batch_size_for(model), progress=reporter(context.log)
-    )
+    with _writing(context, postgres, collection, model_key):
+        stats = steps.embed_chunks(
+            pool, store, model, collection, model_key, batch_size=model.batch_size(embedder.batch_size),
+            progress=reporter(context.log),
+        )
     return dg.MaterializeResult(
-        metadata={"dagster/row_count": stats.chunks, "cache": store.uri(f"embedding_cache/{model_key}"), **stats.as_metadata()}
+        metadata={
+            "dagster/row_count": stats.chunks,
+            "cache": store.uri(f"embedding_cache/{spec.fingerprint}"),
+            "model_fingerprint": spec.fingerprint,
+            **stats.as_metadata(),
+        }
     )
 
 
@@ -114,14 +156,21 @@ def vector_table(
     context: dg.AssetExecutionContext, postgres: PostgresResource, object_store: ObjectStoreResource
 ) -> dg.MaterializeResult:
     """The pgvector table of one (collection, model): a row per live chunk with text, metadata,
-    source timestamp and embedding, keyed by the deterministic chunk_id. Loaded by binary COPY
-    into a staging table and upserted; rows of deleted or changed documents are removed."""
+    source timestamp and embedding, keyed by the deterministic chunk_id. Missing rows are
+    loaded by binary COPY, one transaction per batch; rows of deleted or changed documents
+    are removed."""
     collection, model_key = collection_and_model(context)
     pool = postgres.pool()
-    _attached_model(pool, collection, model_key)
-    figures = pipeline.load_vectors(pool, object_store.store(), collection, model_key)
+    _, spec = _attached_model(pool, collection, model_key)
+    with _writing(context, postgres, collection, model_key):
+        figures = steps.load_vectors(pool, object_store.store(), collection, model_key, progress=reporter(context.log))
     return dg.MaterializeResult(
-        metadata={"dagster/row_count": figures["rows"], "dagster/table_name": figures["table"], **figures}
+        metadata={
+            "dagster/row_count": figures["rows"],
+            "dagster/table_name": figures["table"],
+            "model_fingerprint": spec.fingerprint,
+            **figures,
+        }
     )
 
 
@@ -135,20 +184,16 @@ def vector_table(
 def hnsw_index(context: dg.AssetExecutionContext, postgres: PostgresResource) -> dg.MaterializeResult:
     """The HNSW index on the vector table, built after the bulk load with the collection's m and
     ef_construction and maintenance_work_mem sized to the graph. Kept when its parameters are
-    unchanged (upserts maintain it); rebuilt concurrently when they change."""
+    unchanged (upserts maintain it); rebuilt concurrently, the old one serving meanwhile, when
+    they change. Every build is checked valid; an invalid leftover is dropped and rebuilt."""
     collection, model_key = collection_and_model(context)
     pool = postgres.pool()
     coll, spec = _attached_model(pool, collection, model_key)
-    with pool.connection() as conn:
+    with _writing(context, postgres, collection, model_key), pool.connection() as conn:
         table = catalog.vector_table_name(conn, collection, model_key)
-        if not vector_sql.table_exists(conn, table):
+        if not tables.table_exists(conn, table):
             raise dg.Failure(f"no vector table for {collection}/{model_key}: materialize vector_table first")
-        conn.commit()
-        conn.autocommit = True  # CREATE INDEX CONCURRENTLY cannot run in a transaction
-        try:
-            report = vector_sql.ensure_hnsw(conn, table, spec, coll.settings.hnsw_m, coll.settings.hnsw_ef_construction)
-        finally:
-            conn.autocommit = False
+        report = tables.ensure_hnsw(conn, table, spec, coll.settings.hnsw_m, coll.settings.hnsw_ef_construction)
     return dg.MaterializeResult(
         metadata={
             "index": report.name,
@@ -159,6 +204,7 @@ def hnsw_index(context: dg.AssetExecutionContext, postgres: PostgresResource) ->
             "m": coll.settings.hnsw_m,
             "ef_construction": coll.settings.hnsw_ef_construction,
             "maintenance_work_mem_mb": report.maintenance_work_mem_mb,
+            "dropped_invalid_indexes": ", ".join(report.dropped_invalid) or "none",
         }
     )
 
@@ -173,16 +219,14 @@ def serving_view(context: dg.AssetExecutionContext, postgres: PostgresResource) 
     """What search reads for a collection: a view in schema vp_serving over the serving model's
     vector table, replaced atomically in one transaction when the serving model changes."""
     collection = context.partition_key
-    with postgres.pool().connection() as conn:
+    with _writing(context, postgres, collection), postgres.pool().connection() as conn:
         coll = catalog.get_collection(conn, collection)
         table = catalog.vector_table_name(conn, collection, coll.serving_model)
-        if not vector_sql.table_exists(conn, table):
+        if not tables.table_exists(conn, table):
             raise dg.Failure(f"serving model {coll.serving_model!r} of {collection!r} has no vector table yet")
         with conn.transaction():
-            vector_sql.publish_view(conn, collection, table)
-        rows = conn.execute(
-            vector_sql.sql.SQL("SELECT count(*) FROM {}").format(vector_sql.view_id(collection))
-        ).fetchone()[0]
+            tables.publish_view(conn, collection, table)
+        rows, _ = tables.table_stats(conn, table)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": rows,

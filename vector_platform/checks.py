@@ -1,0 +1,111 @@
+"""The logic of every asset check, as plain functions (the Dagster glue is in `defs/`).
+
+- `pending_vectors_are_valid`  -> embeddings_are_valid (blocking)
+- `count_lost_chunks`          -> no_chunk_lost (blocking)
+- `measure_recall`             -> index_recall_meets_target
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from vector_platform import catalog, tables
+from vector_platform.catalog import documents as docs_sql
+from vector_platform.catalog.queries import logged_query_vectors
+from vector_platform.ingest import embedding_cache
+from vector_platform.ingest.validation import check_matrix
+from vector_platform.metrics import percentile, recall_at_k
+from vector_platform.object_store import ObjectStore
+from vector_platform.search import active
+
+
+def pending_vectors_are_valid(
+    pool: ConnectionPool, store: ObjectStore, collection: str, model_key: str, page_rows: int = 20_000
+) -> dict[str, Any]:
+    """The vectors about to be loaded (cached, for chunks with no row yet): right dimensions,
+    finite, unit length for cosine models. Read in pages, as the load will read them."""
+    with pool.connection() as conn:
+        spec = catalog.get_model(conn, model_key)
+        table = catalog.vector_table_name(conn, collection, model_key)
+        tid = tables.table_id(table) if tables.table_exists(conn, table) else None
+    checked = 0
+    problems: list[str] = []
+    after = None
+    while True:
+        with pool.connection() as conn:
+            page = docs_sql.chunks_missing(conn, collection, tid, after, page_rows)
+        if not page:
+            break
+        after = (page[-1][1], page[-1][2])
+        found = embedding_cache.lookup(pool, store, spec.fingerprint, {r[3] for r in page})
+        if found:
+            problems += check_matrix(np.vstack(list(found.values())), spec.dims, unit=spec.normalise)
+            checked += len(found)
+    return {"vectors_checked": checked, "dims": spec.dims, "problems": problems}
+
+
+def count_lost_chunks(pool: ConnectionPool, collection: str, model_key: str) -> dict[str, int]:
+    """Live chunks with neither a vector nor an open dead letter, and rows with no live chunk."""
+    with pool.connection() as conn:
+        table = catalog.vector_table_name(conn, collection, model_key)
+        dead = catalog.count_open(conn, collection, model_key)
+        if not tables.table_exists(conn, table):
+            live = docs_sql.count_chunks_missing(conn, collection, None)
+            return {"lost": live, "orphans": 0, "live_chunks": live, "dead_letters": dead, "table_exists": False}
+        figures = docs_sql.count_lost(conn, collection, model_key, tables.table_id(table))
+    return {**figures, "dead_letters": dead, "table_exists": True}
+
+
+def measure_recall(
+    pool: ConnectionPool,
+    collection: str,
+    model_key: str,
+    ef_search: int,
+    k: int = 10,
+    sample: int = 100,
+    seed: int = 7,
+) -> dict[str, Any]:
+    """recall@k of the HNSW index vs exact search on real logged queries, topped up with stored vectors."""
+    with pool.connection() as conn:
+        spec = catalog.get_model(conn, model_key)
+        table = catalog.vector_table_name(conn, collection, model_key)
+        relation = tables.table_id(table)
+        queries = logged_query_vectors(conn, collection, model_key, sample)
+        from_log = len(queries)
+        if len(queries) < sample:
+            with conn.transaction():
+                conn.execute("SELECT setseed(%s)", (seed / 100,))
+                stored = conn.execute(
+                    sql.SQL("SELECT embedding FROM {} ORDER BY random() LIMIT %s").format(relation),
+                    (sample - len(queries),),
+                ).fetchall()
+            queries += [np.asarray(r[0].to_numpy() if hasattr(r[0], "to_numpy") else r[0], np.float32) for r in stored]
+        plan = active.explain_nearest(conn, relation, spec, queries[0], exact=False, ef_search=ef_search) if queries else ""
+        recalls, ann_ms, exact_ms = [], [], []
+        for q in queries:
+            t0 = time.perf_counter()
+            ann = active.nearest(conn, relation, spec, q, k, exact=False, ef_search=ef_search, columns=sql.SQL("chunk_id"))
+            t1 = time.perf_counter()
+            truth = active.nearest(conn, relation, spec, q, k, exact=True, columns=sql.SQL("chunk_id"))
+            t2 = time.perf_counter()
+            recalls.append(recall_at_k([r[0] for r in ann], [r[0] for r in truth], k))
+            ann_ms.append((t1 - t0) * 1000)
+            exact_ms.append((t2 - t1) * 1000)
+    return {
+        "recall": float(np.mean(recalls)) if recalls else None,
+        "queries": len(queries),
+        "queries_from_log": from_log,
+        "ef_search": ef_search,
+        "k": k,
+        "ann_p50_ms": percentile(ann_ms, 50),
+        "ann_p95_ms": percentile(ann_ms, 95),
+        "exact_p50_ms": percentile(exact_ms, 50),
+        "exact_p95_ms": percentile(exact_ms, 95),
+        "uses_index": "Index Scan" in plan and "hnsw" in plan.lower() if queries else None,
+        "plan": plan,
+    }

@@ -1,0 +1,168 @@
+"""Running the platform's jobs for the CLI and the Python API: in this process, or through
+the Dagster instance.
+
+`VP_RUN_MODE`:
+- `in_process`: `execute_in_process` against the instance (the UI shows the runs; fast, no daemon).
+- `instance`: the run is submitted to the instance (`dagster job launch`), so the run queue,
+  tag concurrency limits, pools, the configured executor and run launcher all apply, exactly
+  as for a run launched from the UI; we wait for it and follow its progress in the event log.
+- `auto` (default): `instance` when a Dagster daemon is heart-beating (e.g. under `make dev`),
+  else `in_process`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import dagster as dg
+
+from vector_platform import progress as progress_hooks
+
+MODES = ("auto", "in_process", "instance")
+HEARTBEAT_FRESH_S = 90
+_PROGRESS = re.compile(r"^(\w+): (\d+)/(\d+)$")
+TERMINAL = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+
+
+@dataclass
+class RunSummary:
+    job: str
+    partition: str
+    run_id: str
+    success: bool
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checks: dict[str, bool] = field(default_factory=dict)
+    error: str | None = None
+    mode: str = "in_process"
+
+
+def daemon_is_running(instance: dg.DagsterInstance) -> bool:
+    try:
+        heartbeats = instance.get_daemon_heartbeats()
+    except Exception:  # noqa: BLE001 - storage without daemon tables: no daemon
+        return False
+    now = time.time()
+    return any(now - beat.timestamp < HEARTBEAT_FRESH_S for beat in heartbeats.values())
+
+
+def resolve_mode(instance: dg.DagsterInstance) -> str:
+    mode = os.environ.get("VP_RUN_MODE", "auto")
+    if mode not in MODES:
+        raise ValueError(f"VP_RUN_MODE must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "instance" if daemon_is_running(instance) else "in_process"
+    return mode
+
+
+def summarise(job: str, partition: str, run_id: str, success: bool, events: Iterable[dg.DagsterEvent], mode: str) -> RunSummary:
+    summary = RunSummary(job, partition, run_id, success, mode=mode)
+    for event in events:
+        if event.event_type_value == "ASSET_MATERIALIZATION":
+            mat = event.event_specific_data.materialization
+            summary.metadata[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
+        elif event.event_type_value == "ASSET_CHECK_EVALUATION":
+            evaluation = event.event_specific_data
+            summary.checks[evaluation.check_name] = evaluation.passed
+        elif event.event_type_value in ("STEP_FAILURE", "RUN_FAILURE") and summary.error is None:
+            error = getattr(event.event_specific_data, "error", None)
+            if error is not None:
+                summary.error = root_cause(error)
+    return summary
+
+
+def root_cause(error) -> str:
+    """The innermost error's message: what went wrong, not Dagster's wrapper around it."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
+
+
+def run_in_process(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, partition_key, run_config: dict) -> RunSummary:
+    job = defs.resolve_job_def(job_name)
+    result = job.execute_in_process(
+        partition_key=partition_key,
+        instance=instance,
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}, **run_config},
+    )
+    return summarise(job_name, str(partition_key), result.run_id, result.success, result.all_events, "in_process")
+
+
+def _workspace_args() -> list[str]:
+    workspace = os.environ.get("VP_WORKSPACE") or str(Path(__file__).resolve().parent.parent / "workspace.yaml")
+    if Path(workspace).exists():
+        return ["-w", workspace]
+    return ["-m", "vector_platform.definitions"]
+
+
+def partition_tags(partition_key) -> dict[str, str]:
+    """The tags Dagster gives a partitioned run (the multi-dimension ones feed tag concurrency limits)."""
+    tags = {"dagster/partition": str(partition_key)}
+    if isinstance(partition_key, dg.MultiPartitionKey):
+        tags.update({f"dagster/partition/{dim}": key for dim, key in partition_key.keys_by_dimension.items()})
+    return tags
+
+
+def submit(instance: dg.DagsterInstance, job_name: str, partition_key, run_config: dict) -> str:
+    """Submit a run to the instance (its run coordinator queues it); returns the run id."""
+    run_id = str(uuid.uuid4())
+    dagster = Path(sys.executable).parent / "dagster"
+    command = [
+        str(dagster) if dagster.exists() else "dagster", "job", "launch", *_workspace_args(), "-j", job_name,
+        "--run-id", run_id, "--tags", json.dumps(partition_tags(partition_key)),
+    ]
+    if run_config:
+        command += ["--config-json", json.dumps(run_config)]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    if done.returncode != 0:
+        raise RuntimeError(f"dagster job launch failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return run_id
+
+
+def wait(
+    instance: dg.DagsterInstance,
+    run_id: str,
+    say: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    poll_s: float = 0.5,
+    say_every_s: float = 30.0,
+) -> dg.DagsterRun:
+    """Follow a submitted run until it ends: progress lines go to the progress listeners."""
+    cursor = None
+    started = time.monotonic()
+    said = 0.0
+    while True:
+        records = instance.get_records_for_run(run_id, cursor=cursor)
+        cursor = records.cursor
+        for record in records.records:
+            entry = record.event_log_entry
+            match = _PROGRESS.match(entry.user_message or "") if entry.dagster_event is None else None
+            if match:
+                for listener in progress_hooks.listeners:
+                    listener(match.group(1), int(match.group(2)), int(match.group(3)))
+            elif entry.dagster_event is None and entry.level >= 30:  # warnings, e.g. waiting for a writer lock
+                say(entry.user_message)
+        run = instance.get_run_by_id(run_id)
+        if run is not None and run.status in TERMINAL and not records.has_more:
+            return run
+        waited = time.monotonic() - started
+        if run is not None and run.status == dg.DagsterRunStatus.QUEUED and waited - said >= say_every_s:
+            say(f"run {run_id[:8]} still queued after {waited:.0f} s (run queue limits, or no dagster-daemon?)")
+            said = waited
+        if not records.has_more:
+            time.sleep(poll_s)
+
+
+def run_through_instance(instance: dg.DagsterInstance, job_name: str, partition_key, run_config: dict) -> RunSummary:
+    run_id = submit(instance, job_name, partition_key, run_config)
+    run = wait(instance, run_id)
+    events = [e.dagster_event for e in instance.all_logs(run_id) if e.dagster_event is not None]
+    return summarise(job_name, str(partition_key), run_id, run.status == dg.DagsterRunStatus.SUCCESS, events, "instance")

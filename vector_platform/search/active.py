@@ -1,0 +1,88 @@
+"""The active tier: nearest neighbours in a pgvector table or serving view.
+
+ANN mode forces the HNSW index (after ANALYZE the planner prefers an exact sort on small
+tables) and exact mode forbids it; every planner knob is set on every call, transaction-
+local, with `prepare=False` (a prepared plan would ignore the settings). HNSW returns at most
+`hnsw.ef_search` rows per scan, so ef_search is raised to k; filtered queries use pgvector's
+iterative scan, which keeps walking the graph until k rows pass the filter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from vector_platform.models import ModelSpec
+from vector_platform.tables import operator
+
+# pgvector's upper bound for hnsw.ef_search, hence for k.
+MAX_K = 1000
+# Rows an iterative scan may visit before it stops (pgvector's default is 20,000).
+MAX_SCAN_TUPLES = 100_000
+
+
+def _plan_settings(conn: psycopg.Connection, exact: bool, ef_search: int, iterative: bool) -> None:
+    """Set every planner knob search depends on, each time, for this transaction only."""
+    settings = {
+        "enable_seqscan": "on" if exact else "off",
+        "enable_indexscan": "off" if exact else "on",
+        "enable_bitmapscan": "off" if exact else "on",
+        "hnsw.ef_search": str(int(ef_search)),
+        "hnsw.iterative_scan": "relaxed_order" if iterative and not exact else "off",
+        "hnsw.max_scan_tuples": str(MAX_SCAN_TUPLES),
+    }
+    for name, value in settings.items():
+        conn.execute("SELECT set_config(%s, %s, true)", (name, value), prepare=False)
+
+
+def nearest(
+    conn: psycopg.Connection,
+    relation: sql.Composable,
+    spec: ModelSpec,
+    vector: np.ndarray,
+    k: int,
+    exact: bool,
+    ef_search: int = 100,
+    filters: dict[str, Any] | None = None,
+    columns: sql.Composable | None = None,
+) -> list[tuple]:
+    """Top-k rows by the model's distance; each row ends with the distance."""
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
+    columns = columns or sql.SQL("chunk_id, doc_id, text, metadata")
+    where = sql.SQL("WHERE metadata @> %(filters)s") if filters else sql.SQL("")
+    query = sql.SQL(
+        "SELECT {columns}, embedding {op} %(q)s::{vtype} AS distance FROM {rel} {where} "
+        "ORDER BY embedding {op} %(q)s::{vtype} LIMIT %(k)s"
+    ).format(columns=columns, op=operator(spec), vtype=sql.SQL(spec.storage_type), rel=relation, where=where)
+    params = {"q": np.asarray(vector, dtype=np.float32), "k": k, "filters": Jsonb(filters or {})}
+    with conn.transaction():
+        _plan_settings(conn, exact, max(ef_search, k), iterative=bool(filters))
+        rows = conn.execute(query, params, prepare=False).fetchall()
+    if filters and not exact:  # relaxed order: results may come slightly out of order
+        rows.sort(key=lambda r: r[-1])
+    return rows
+
+
+def count_matching(conn: psycopg.Connection, relation: sql.Composable, filters: dict[str, Any] | None, up_to: int) -> int:
+    """How many rows match the filters, counting no further than `up_to`."""
+    where = sql.SQL("WHERE metadata @> %(filters)s") if filters else sql.SQL("")
+    query = sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {rel} {where} LIMIT %(n)s) s").format(rel=relation, where=where)
+    return conn.execute(query, {"filters": Jsonb(filters or {}), "n": up_to}).fetchone()[0]
+
+
+def explain_nearest(
+    conn: psycopg.Connection, relation: sql.Composable, spec: ModelSpec, vector: np.ndarray, exact: bool, ef_search: int = 100
+) -> str:
+    """The plan `nearest` really runs (for check metadata and tests)."""
+    query = sql.SQL("EXPLAIN SELECT chunk_id FROM {rel} ORDER BY embedding {op} %(q)s::{vtype} LIMIT 10").format(
+        rel=relation, op=operator(spec), vtype=sql.SQL(spec.storage_type)
+    )
+    with conn.transaction():
+        _plan_settings(conn, exact, ef_search, iterative=False)
+        plan = conn.execute(query, {"q": np.asarray(vector, dtype=np.float32)}, prepare=False).fetchall()
+    return "\n".join(r[0] for r in plan)
