@@ -6,7 +6,7 @@ export VP_HOME ?= $(CURDIR)/.vp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test dev bench clean
+.PHONY: install demo test dev bench bench-scale clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ dev: install
 
 bench: install
 	$(BIN)/python bench/ingest.py
+
+# 100k then 1M chunks through the real assets (about half an hour on 2 cores).
+bench-scale: install
+	$(BIN)/python bench/scale.py
 
 # Stop the embedded server before deleting the folder it runs from.
 clean:

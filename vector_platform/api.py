@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ from vector_platform import catalog, db, runs, tables
 from vector_platform.catalog import cache_index
 from vector_platform.catalog import documents as docs_sql
 from vector_platform.defs.partitions import collection_partitions, model_partitions
+from vector_platform.locks import writer_lock
 from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource, default_resources
 from vector_platform.models import ModelSpec
 from vector_platform.runs import RunSummary
@@ -64,7 +66,10 @@ class Platform:
         self.resources = resources or default_resources()
         self.defs = build_definitions(self.resources)
         self._instance = instance
-        self._run_mode: str | None = None
+        # A run submitted to the instance runs the code location's own resources from the
+        # environment: only a Platform built on those may submit (tests and notebooks that
+        # bind their own resources or instance run in-process).
+        self._run_mode: str | None = None if resources is None and instance is None else "in_process"
 
     @property
     def instance(self) -> dg.DagsterInstance:
@@ -108,15 +113,22 @@ class Platform:
             if not source_path.exists():
                 raise FileNotFoundError(f"source {str(source)!r} does not exist")
             source_text = str(source_path.resolve())
-        with self.pool().connection() as conn:
-            coll = catalog.add_collection(conn, name, source_text, model, settings)
+        pool = self.pool()
+        with pool.connection() as conn:
+            exists = catalog.get_collection(conn, name, missing_ok=True) is not None
+        if exists and settings:
+            with writer_lock(self.postgres.resolved_dsn(), name, say=_say), pool.connection() as conn:
+                coll = catalog.add_collection(conn, name, source_text, model, settings)
+        else:
+            with pool.connection() as conn:
+                coll = catalog.add_collection(conn, name, source_text, model, settings)
         self._register_partitions(coll)
         return coll
 
     def set_settings(self, name: str, **changes: Any) -> tuple[CollectionSettings, CollectionSettings]:
         """Change some settings of a collection; returns (before, after). Chunking changes re-chunk
         on the next ingest; HNSW changes rebuild the index concurrently on the next ingest."""
-        with self.pool().connection() as conn:
+        with writer_lock(self.postgres.resolved_dsn(), name, say=_say), self.pool().connection() as conn:
             return catalog.update_settings(conn, name, **changes)
 
     def _register_partitions(self, coll: catalog.Collection) -> None:
@@ -213,6 +225,10 @@ class Platform:
         if self.postgres.dsn:
             return {"embedded": False}
         return {"embedded": True, **db.embedded_status(Path(self.postgres.home) if self.postgres.home else vp_home())}
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:

@@ -35,13 +35,7 @@ def pending_vectors_are_valid(
         tid = tables.table_id(table) if tables.table_exists(conn, table) else None
     checked = 0
     problems: list[str] = []
-    after = None
-    while True:
-        with pool.connection() as conn:
-            page = docs_sql.chunks_missing(conn, collection, tid, after, page_rows)
-        if not page:
-            break
-        after = (page[-1][1], page[-1][2])
+    for page in docs_sql.pages_of_missing_chunks(pool, collection, tid, page_rows):
         found = embedding_cache.lookup(pool, store, spec.fingerprint, {r[3] for r in page})
         if found:
             problems += check_matrix(np.vstack(list(found.values())), spec.dims, unit=spec.normalise)

@@ -64,7 +64,7 @@ def run_demo(limit: int = 400) -> int:
     vp = Platform()
     vp.add_collection("stdlib_docs", corpus)
     print("ingesting through Dagster (source_documents -> chunks -> embeddings -> vector_table -> hnsw_index -> serving_view) ...")
-    runs = vp.ingest("stdlib_docs")
+    runs = vp.ingest("stdlib_docs", allow_deletes=True)  # the corpus is regenerated (another --limit is fine)
     for run in runs:
         checks = ", ".join(f"{name}={'passed' if ok else 'FAILED'}" for name, ok in run.checks.items())
         print(f"  {run.job} [{run.partition}]: {'ok' if run.success else 'FAILED'} {checks}")

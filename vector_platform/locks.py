@@ -20,7 +20,6 @@ from psycopg import sql
 log = logging.getLogger(__name__)
 
 DEFAULT_WAIT_S = 6 * 3600.0
-POLL_S = 0.5
 SAY_EVERY_S = 30.0
 
 
@@ -45,24 +44,35 @@ def holders(conn: psycopg.Connection, key: int) -> list[str]:
         """,
         (unsigned >> 32, unsigned & 0xFFFFFFFF),
     ).fetchall()
-    return [f"pid {pid} ({app or 'unnamed'}, connected {start:%Y-%m-%d %H:%M:%S})" for pid, app, start in rows]
+    return [
+        f"pid {pid} ({app or 'unnamed'}" + (f", connected {start:%Y-%m-%d %H:%M:%S})" if start else ")")
+        for pid, app, start in rows
+    ]
 
 
 def _acquire(conn, key: int, shared: bool, what: str, say, wait_s: float) -> float:
-    try_fn = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
-    query = sql.SQL("SELECT {}(%s)").format(sql.Identifier(try_fn))
+    """Take the lock, waiting in PostgreSQL's queue (fair: a waiting exclusive writer is not
+    overtaken by later shared ones), and say every SAY_EVERY_S who holds it."""
+    suffix = "_shared" if shared else ""
+    try_query = sql.SQL("SELECT {}(%s)").format(sql.Identifier("pg_try_advisory_lock" + suffix))
+    wait_query = sql.SQL("SELECT {}(%s)").format(sql.Identifier("pg_advisory_lock" + suffix))
     started = time.monotonic()
-    said = None
-    while not conn.execute(query, (key,)).fetchone()[0]:
+    if conn.execute(try_query, (key,)).fetchone()[0]:
+        return 0.0
+    while True:
         waited = time.monotonic() - started
-        if said is None or waited - said >= SAY_EVERY_S:
-            who = ", ".join(holders(conn, key)) or "another writer"
-            say(f"waiting for {what}: held by {who} (waited {waited:.0f} s)")
-            said = waited
+        who = ", ".join(holders(conn, key)) or "another writer"
+        say(f"waiting for {what}: held by {who} (waited {waited:.0f} s)")
         if waited > wait_s:
             raise LockTimeout(f"gave up waiting for {what} after {waited:.0f} s")
-        time.sleep(POLL_S)
-    return time.monotonic() - started
+        try:
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(SAY_EVERY_S * 1000)}ms",))
+            conn.execute(wait_query, (key,))
+            return time.monotonic() - started
+        except psycopg.errors.LockNotAvailable:
+            continue
+        finally:
+            conn.execute("SELECT set_config('lock_timeout', '0', false)")
 
 
 @contextmanager

@@ -6,6 +6,7 @@ credentials come from the usual AWS environment variables, never from config fil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from dataclasses import dataclass
@@ -65,6 +66,30 @@ class ObjectStore:
         """A random-access file (ranged reads on S3): Parquet readers fetch only what they need."""
         return self.fs.open_input_file(self.path(key))
 
+    @contextlib.contextmanager
+    def open_output(self, key: str):
+        """A stream to write an object without holding it in memory; atomic like put_bytes."""
+        target = self.path(key)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            try:
+                with self.fs.open_output_stream(tmp) as out:
+                    yield out
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        else:
+            try:
+                with self.fs.open_output_stream(target) as out:
+                    yield out
+            except BaseException:
+                # Closing the stream completes the upload even on error: remove the partial object.
+                with contextlib.suppress(OSError):
+                    self.fs.delete_file(target)
+                raise
+
     def get_bytes(self, key: str) -> bytes:
         with self.fs.open_input_stream(self.path(key)) as src:
             return src.read()
@@ -81,6 +106,9 @@ class ObjectStore:
     def size(self, prefix: str) -> int:
         selector = pafs.FileSelector(self.path(prefix.rstrip("/")), recursive=True, allow_not_found=True)
         return sum(i.size or 0 for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
+
+    def size_of(self, key: str) -> int:
+        return self.fs.get_file_info(self.path(key)).size
 
     def delete(self, key: str, missing_ok: bool = False) -> None:
         try:

@@ -65,14 +65,15 @@ def resolve_mode(instance: dg.DagsterInstance) -> str:
 
 def summarise(job: str, partition: str, run_id: str, success: bool, events: Iterable[dg.DagsterEvent], mode: str) -> RunSummary:
     summary = RunSummary(job, partition, run_id, success, mode=mode)
+    kinds = dg.DagsterEventType
     for event in events:
-        if event.event_type_value == "ASSET_MATERIALIZATION":
+        if event.event_type == kinds.ASSET_MATERIALIZATION:
             mat = event.event_specific_data.materialization
             summary.metadata[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
-        elif event.event_type_value == "ASSET_CHECK_EVALUATION":
+        elif event.event_type == kinds.ASSET_CHECK_EVALUATION:
             evaluation = event.event_specific_data
             summary.checks[evaluation.check_name] = evaluation.passed
-        elif event.event_type_value in ("STEP_FAILURE", "RUN_FAILURE") and summary.error is None:
+        elif event.event_type in (kinds.STEP_FAILURE, kinds.RUN_FAILURE) and summary.error is None:
             error = getattr(event.event_specific_data, "error", None)
             if error is not None:
                 summary.error = root_cause(error)
@@ -140,6 +141,9 @@ def wait(
     started = time.monotonic()
     said = 0.0
     while True:
+        if time.monotonic() - started > 120 and instance.get_run_by_id(run_id) is None:
+            raise RuntimeError(f"run {run_id} was launched but this instance ({instance.root_directory}) never saw it: "
+                               "is DAGSTER_HOME the instance the daemon serves?")
         records = instance.get_records_for_run(run_id, cursor=cursor)
         cursor = records.cursor
         for record in records.records:

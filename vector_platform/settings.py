@@ -50,6 +50,10 @@ class CollectionSettings:
             raise ValueError(f"hnsw_ef_search must be between 1 and 1000, got {self.hnsw_ef_search}")
         if self.chunk_overlap_tokens < 0 or self.chunk_max_tokens < 0:
             raise ValueError("chunk sizes cannot be negative")
+
+    def _check_new_values(self) -> None:
+        """Rules added after the first release: checked on every change, not on stored rows
+        (a collection saved before them must stay readable; the chunker clamps the overlap)."""
         if self.chunk_max_tokens and self.chunk_overlap_tokens * 2 > self.chunk_max_tokens:
             raise ValueError("chunk_overlap_tokens must be at most half of chunk_max_tokens")
         if not 0.0 <= self.max_delete_fraction <= 1.0:
@@ -68,7 +72,9 @@ class CollectionSettings:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise ValueError(f"unknown collection setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known - {'extra'}))}")
-        return type(self)(**{**asdict(self), **changes})
+        result = type(self)(**{**asdict(self), **changes})
+        result._check_new_values()
+        return result
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

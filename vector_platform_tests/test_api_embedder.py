@@ -147,3 +147,13 @@ def test_per_input_token_limit_and_fatal_auth_errors(server):
     bad = ApiEmbedder(SPEC, api_key="test", base_url=server.base_url.replace("/v1", "/nowhere"), limits=ApiLimits(timeout_s=2))
     with pytest.raises(FatalApiError, match="404"):
         bad.embed(["hello"])
+
+
+def test_the_rate_budget_carries_over_from_one_embed_call_to_the_next(server, scifact_texts):
+    texts, _ = scifact_texts
+    embedder = _embedder(server, max_inputs_per_request=1, requests_per_minute=60)
+    embedder.embed(texts[:58])  # 58 of the minute's 60 requests
+    assert embedder.stats.seconds_throttled < 0.5
+    started = time.perf_counter()
+    embedder.embed(texts[58:62])  # a new call must not start with a full bucket
+    assert time.perf_counter() - started >= 0.8 and embedder.stats.seconds_throttled >= 0.8

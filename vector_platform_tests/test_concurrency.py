@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psycopg
@@ -79,14 +80,34 @@ def test_two_ingests_at_once_wait_for_each_other_and_end_as_one(make_platform, f
     reference = _reference_state(make_platform, tmp_path, unique_name, docs)
     assert {k: state[k] for k in reference} == reference
 
-    # ingest + dead-letter replay at once: the same final state again.
+    # ingest + dead-letter replay at once, with searches all along: the same final state again,
+    # and no search errs or comes back empty meanwhile.
+    stop, problems, searches = threading.Event(), [], [0]
+
+    def search_loop():
+        while not stop.is_set():
+            try:
+                if len(vp.search("term5 term17", [unique_name], k=5).hits) != 5:
+                    problems.append("fewer than 5 hits")
+            except Exception as err:  # noqa: BLE001 - any error is what this test looks for
+                problems.append(repr(err))
+            searches[0] += 1
+            time.sleep(0.05)
+
+    searcher = threading.Thread(target=search_loop)
+    searcher.start()
     procs = [
         _spawn(pg_dsn, store, home, "ingest", unique_name, FAKE_EMBED_DELAY_S="0.02"),
         _spawn(pg_dsn, store, home, "replay", unique_name, FAKE_EMBED_DELAY_S="0.02"),
     ]
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        assert "IntegrityError" not in err and "UniqueViolation" not in err, err[-3000:]
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=600)
+            assert "IntegrityError" not in err and "UniqueViolation" not in err, err[-3000:]
+    finally:
+        stop.set()
+        searcher.join()
+    assert searches[0] > 5 and problems == []
     again = _state(pg_dsn, unique_name)
     assert again == state
 

@@ -65,8 +65,9 @@ def test_cli_ingest_goes_through_the_run_queue_of_a_running_daemon(pg_server, pg
             if not run.tags.get("dagster/partition", "").startswith(unique_name):
                 continue
             assert run.status == dg.DagsterRunStatus.SUCCESS
-            types = {e.dagster_event.event_type_value for e in instance.all_logs(run.run_id) if e.dagster_event}
-            assert {"RUN_ENQUEUED", "RUN_DEQUEUED", "RUN_SUCCESS"} <= types  # the queue, then the run launcher
+            types = {e.dagster_event.event_type for e in instance.all_logs(run.run_id) if e.dagster_event}
+            queued = {dg.DagsterEventType.RUN_ENQUEUED, dg.DagsterEventType.RUN_STARTING, dg.DagsterEventType.RUN_SUCCESS}
+            assert queued <= types  # the run queue, then the run launcher
         with psycopg.connect(pg_dsn) as conn:
             chunks = conn.execute("SELECT count(*) FROM vector_platform.chunks WHERE collection = %s", (unique_name,)).fetchone()[0]
         assert chunks == 5

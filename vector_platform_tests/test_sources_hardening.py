@@ -190,3 +190,27 @@ def test_a_bad_new_version_of_a_document_keeps_the_old_one_live(make_platform, f
         ).fetchone()
     assert deleted is None and body.startswith("Document 3")
     assert _live(pg_dsn, unique_name) == 10
+
+
+def test_a_file_name_that_is_not_utf8_is_a_dead_letter_and_the_folder_goes_through(
+    make_platform, fake_embedder, tmp_path, unique_name, pg_dsn
+):
+    import os
+
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"note{i}.txt").write_text(f"note {i} about moss and lichen")
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.txt"), "wb") as f:  # a Latin-1 name from an old archive
+        f.write(b"text in a badly named file")
+    vp = make_platform()
+    vp.add_collection(unique_name, folder)
+    runs = vp.ingest(unique_name)
+    assert all(r.success for r in runs), [r.error for r in runs]
+    assert _live(pg_dsn, unique_name) == 3
+    with psycopg.connect(pg_dsn) as conn:
+        ref, error = conn.execute(
+            "SELECT ref, error FROM vector_platform.dead_letters WHERE collection = %s AND stage = 'source'", (unique_name,)
+        ).fetchone()
+    assert ref == "caf\\xe9.txt" and "surrogate" in error
+    assert all(r.success for r in vp.ingest(unique_name))  # and again: the same dead letter, nothing breaks

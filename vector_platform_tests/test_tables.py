@@ -96,3 +96,24 @@ def test_hnsw_index_is_kept_or_rebuilt_by_its_parameters(conn, unique_name):
         "SELECT count(*) FROM pg_indexes WHERE schemaname = 'vp_vectors' AND tablename = %s", (unique_name,)
     ).fetchone()[0]
     assert count == 2  # the primary key and exactly one HNSW index
+
+
+def test_an_invalid_leftover_index_is_dropped_and_rebuilt(conn, unique_name):
+    tables.create_table(conn, unique_name, MINILM)
+    tables.copy_upsert(conn, unique_name, MINILM, _rows(200), _vectors(200), assume_new=True)
+    conn.commit()
+    conn.autocommit = True
+    built = tables.ensure_hnsw(conn, unique_name, MINILM, 16, 64)
+    # What an interrupted CREATE INDEX CONCURRENTLY leaves behind: an index marked invalid.
+    conn.execute(
+        "UPDATE pg_index SET indisvalid = false WHERE indexrelid = %s::regclass", (f'vp_vectors."{built.name}"',)
+    )
+    assert tables.current_index(conn, unique_name) is None  # an invalid index never counts
+    again = tables.ensure_hnsw(conn, unique_name, MINILM, 16, 64)
+    assert again.action == "built" and again.dropped_invalid == [built.name]
+    valid = conn.execute(
+        "SELECT bool_and(x.indisvalid), count(*) FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+        "JOIN pg_am am ON am.oid = i.relam WHERE am.amname = 'hnsw' AND x.indrelid = %s::regclass",
+        (f'vp_vectors."{unique_name}"',),
+    ).fetchone()
+    assert valid == (True, 1)

@@ -140,3 +140,20 @@ def test_metrics():
     assert metrics.ndcg_at_k(["a", "b"], {"a": 1}) == 1.0
     assert metrics.ndcg_at_k(["b", "a"], {"a": 1}) == pytest.approx(1 / math.log2(3))
     assert metrics.percentile([1, 2, 3, 4], 50) == 2
+
+
+def test_vector_table_names_never_collide_and_fit_postgres():
+    from vector_platform.catalog.collections import table_name_for
+
+    assert table_name_for("a__b", "c") != table_name_for("a", "b__c")
+    long = table_name_for("c" * 48, "m" * 48)
+    assert len(long) <= 63 and long != table_name_for("c" * 48, "m" * 47 + "n")
+    assert table_name_for("docs", "minilm_l6_v2").startswith("docs__minilm_l6_v2_")
+
+
+def test_settings_saved_by_an_older_release_stay_readable_but_new_changes_are_checked():
+    old = CollectionSettings.from_json({"chunk_max_tokens": 48, "chunk_overlap_tokens": 32, "recall_target": 0.9})
+    assert old.chunk_max_tokens == 48  # readable (the chunker clamps the overlap to half)
+    with pytest.raises(ValueError, match="at most half"):
+        old.changed(chunk_max_tokens=40)
+    assert old.changed(chunk_overlap_tokens=8).chunk_overlap_tokens == 8

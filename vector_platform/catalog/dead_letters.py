@@ -23,6 +23,9 @@ _UPSERT = """
 """
 
 
+REF_LIMIT = 600  # document ids are at most 512 characters; duplicates add "@<position>"
+
+
 def _clean(text: str | None, limit: int) -> str:
     # Postgres text cannot hold NUL, and a lone surrogate cannot be encoded: keep the reason readable.
     return (text or "").replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")[:limit]
@@ -56,7 +59,7 @@ def dead_letter_many(
         cur.executemany(
             _UPSERT,
             [
-                (collection, model_key, stage, _clean(ref, 500), _clean(error, 2000), _clean(payload, 500), now, now)
+                (collection, model_key, stage, _clean(ref, REF_LIMIT), _clean(error, 2000), _clean(payload, 500), now, now)
                 for ref, error, payload in items
             ],
         )
@@ -72,7 +75,7 @@ def resolve_dead_letters(
         UPDATE vector_platform.dead_letters SET resolved_at = %s, resolution = %s
         WHERE collection = %s AND model_key = %s AND stage = %s AND ref = ANY(%s) AND resolved_at IS NULL
         """,
-        (clock.now(), resolution, collection, model_key, stage, list(refs)),
+        (clock.now(), resolution, collection, model_key, stage, [_clean(r, REF_LIMIT) for r in refs]),
     )
     return cur.rowcount
 
@@ -86,7 +89,7 @@ def resolve_stage_except(
         UPDATE vector_platform.dead_letters SET resolved_at = %s, resolution = %s
         WHERE collection = %s AND stage = %s AND resolved_at IS NULL AND NOT (ref = ANY(%s))
         """,
-        (clock.now(), resolution, collection, stage, list(still_failing)),
+        (clock.now(), resolution, collection, stage, [_clean(r, REF_LIMIT) for r in still_failing]),
     )
     return cur.rowcount
 

@@ -8,7 +8,7 @@ own short transaction.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import psycopg
 from psycopg import sql
@@ -271,19 +271,50 @@ def chunks_missing(
     table: sql.Composable | None,
     after: tuple[str, int] | None,
     limit: int,
-) -> list[tuple]:
-    """A page of live chunks missing from `table`, in (doc_id, seq) order after the keyset `after`:
-    (chunk_id, doc_id, seq, content_hash, text, metadata, source_ts)."""
+) -> tuple[list[tuple], tuple[str, int] | None]:
+    """One keyset page of a collection's chunks, in (doc_id, seq) order after `after`: the live
+    ones missing from `table` as (chunk_id, doc_id, seq, content_hash, text, metadata, source_ts),
+    and the key to continue from (None after the last page).
+
+    The page is cut from the chunks index first (a materialized CTE), then checked against the
+    documents and the table by key: each page costs the same however large the table grows."""
+    missing = (
+        sql.SQL("NOT EXISTS (SELECT 1 FROM {} v WHERE v.chunk_id = c.chunk_id)").format(table)
+        if table is not None
+        else sql.SQL("true")
+    )
     query = sql.SQL(
-        "SELECT c.chunk_id, c.doc_id, c.seq, c.content_hash, c.text, d.metadata, d.source_ts "
-        + _LIVE_CHUNKS
-        + " {missing} AND (%(after_doc)s::text IS NULL OR (c.doc_id, c.seq) > (%(after_doc)s, %(after_seq)s))"
-        " ORDER BY c.doc_id, c.seq LIMIT %(limit)s"
-    ).format(missing=_not_in_table(table))
+        """
+        WITH page AS MATERIALIZED (
+            SELECT c.chunk_id, c.collection, c.doc_id, c.seq, c.content_hash, c.text FROM vector_platform.chunks c
+            WHERE c.collection = %(c)s
+              AND (%(after_doc)s::text IS NULL OR (c.doc_id, c.seq) > (%(after_doc)s, %(after_seq)s))
+            ORDER BY c.doc_id, c.seq LIMIT %(limit)s
+        ), checked AS (
+            SELECT c.*, d.metadata, d.source_ts, d.deleted_at IS NULL AND {missing} AS wanted
+            FROM page c JOIN vector_platform.documents d USING (collection, doc_id)
+        )
+        SELECT chunk_id, doc_id, seq, content_hash, CASE WHEN wanted THEN text END,
+               CASE WHEN wanted THEN metadata END, source_ts, wanted
+        FROM checked ORDER BY doc_id, seq
+        """
+    ).format(missing=missing)
     after_doc, after_seq = after if after else (None, 0)
-    return conn.execute(
-        query, {"c": collection, "after_doc": after_doc, "after_seq": after_seq, "limit": limit}
-    ).fetchall()
+    rows = conn.execute(query, {"c": collection, "after_doc": after_doc, "after_seq": after_seq, "limit": limit}).fetchall()
+    following = (rows[-1][1], rows[-1][2]) if len(rows) == limit else None
+    return [r[:7] for r in rows if r[7]], following
+
+
+def pages_of_missing_chunks(pool, collection: str, table: sql.Composable | None, page_rows: int) -> Iterator[list[tuple]]:
+    """Every live chunk missing from `table`, a page at a time (each page its own connection)."""
+    after = None
+    while True:
+        with pool.connection() as conn:
+            rows, after = chunks_missing(conn, collection, table, after, page_rows)
+        if rows:
+            yield rows
+        if after is None:
+            return
 
 
 def sync_row_metadata(conn: psycopg.Connection, collection: str, table: sql.Composable) -> int:

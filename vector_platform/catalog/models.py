@@ -35,9 +35,12 @@ def register_model(conn: psycopg.Connection, spec: ModelSpec) -> ModelSpec:
             VALUES (%(key)s, %(provider)s, %(model_name)s, %(dims)s, %(distance)s, %(storage_type)s, %(max_tokens)s,
                     %(options)s, %(fingerprint)s, %(identity)s)
             ON CONFLICT (key) DO UPDATE SET options = excluded.options
+            WHERE models.fingerprint = excluded.fingerprint
             """,
             {**spec.to_row(), "options": Jsonb(spec.options), "fingerprint": spec.fingerprint, "identity": Jsonb(spec.identity)},
         )
+        if get_model(conn, spec.key).fingerprint != spec.fingerprint:  # registered concurrently with another identity
+            raise ModelConflict(f"model key {spec.key!r} was registered meanwhile with another identity; use a new key")
     return spec
 
 

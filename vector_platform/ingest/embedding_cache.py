@@ -43,16 +43,19 @@ def prefix(fingerprint: str) -> str:
     return f"embedding_cache/{fingerprint}"
 
 
-def _encode(hashes: list[str], vectors: np.ndarray) -> bytes:
+def _arrow_table(hashes: list[str], vectors: np.ndarray) -> pa.Table:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    table = pa.table(
+    return pa.table(
         {
             "content_hash": pa.array(hashes, pa.string()),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
         }
     )
+
+
+def _encode(hashes: list[str], vectors: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP, use_dictionary=["content_hash"])
+    pq.write_table(_arrow_table(hashes, vectors), buf, compression="zstd", row_group_size=ROW_GROUP, use_dictionary=["content_hash"])
     return buf.getvalue()
 
 
@@ -91,11 +94,21 @@ def lookup(pool: ConnectionPool, store: ObjectStore, fingerprint: str, hashes: I
             try:
                 found.update(_read_rows(store, file_key, entries))
             except FileNotFoundError:
-                # Deleted behind our back: those vectors are simply not cached any more (and get embedded again).
-                log.warning("embedding cache file %s is missing from %s; forgetting its %d entries", file_key, store.url, len(entries))
-                with conn.transaction():
-                    cache_index.forget_missing_file(conn, store.url, file_key)
+                _forget_if_really_gone(conn, store, fingerprint, file_key, len(entries))
     return found
+
+
+def _forget_if_really_gone(conn, store: ObjectStore, fingerprint: str, file_key: str, entries: int) -> None:
+    """A missing file is forgotten (its vectors get embedded again) only when the rest of the
+    cache is there: an unmounted volume or an unreachable bucket fails loudly instead."""
+    if not store.list(prefix(fingerprint)):
+        raise FileNotFoundError(
+            f"the embedding cache {store.uri(prefix(fingerprint))} is empty or unreachable while the catalog "
+            f"indexes files in it: is the object store mounted and reachable?"
+        )
+    log.warning("embedding cache file %s is missing from %s; forgetting its %d entries", file_key, store.url, entries)
+    with conn.transaction():
+        cache_index.forget_missing_file(conn, store.url, file_key)
 
 
 def _read_rows(store: ObjectStore, file_key: str, entries: list[tuple[str, int]]) -> dict[str, np.ndarray]:
@@ -159,21 +172,44 @@ def _merge(pool, store, fingerprint: str, small: list[tuple[str, int]]) -> int:
 
 
 def _merge_group(pool, store, fingerprint: str, keys: list[str]) -> None:
+    """Stream the live rows of `keys` into one new file, a source file at a time (memory: one
+    file's row groups), then repoint the index and retire the sources in one transaction."""
     with pool.connection() as conn:
         entries = {key: cache_index.entries_of(conn, store.url, key) for key in keys}
     hashes: list[str] = []
-    parts: list[np.ndarray] = []
-    for key, rows in entries.items():
-        vectors = _read_rows(store, key, rows) if rows else {}
-        for content_hash, _ in rows:
-            hashes.append(content_hash)
-            parts.append(vectors[content_hash])
+    new_key = f"{prefix(fingerprint)}/{time.time_ns():020d}-{uuid.uuid4().hex}.parquet"
+    if any(entries.values()):
+        with store.open_output(new_key) as out:
+            writer, pending = None, []
+            for key, rows in list(entries.items()):
+                if not rows:
+                    continue
+                try:
+                    vectors = _read_rows(store, key, rows)
+                except FileNotFoundError:
+                    with pool.connection() as conn:
+                        _forget_if_really_gone(conn, store, fingerprint, key, len(rows))
+                    entries[key] = []
+                    continue
+                part_hashes = [h for h, _ in rows]
+                matrix = np.vstack([vectors[h] for h in part_hashes])
+                pending.append(_arrow_table(part_hashes, matrix))
+                hashes += part_hashes
+                if sum(t.num_rows for t in pending) >= ROW_GROUP:  # whole row groups, not one per small file
+                    writer = writer or pq.ParquetWriter(out, pending[0].schema, compression="zstd", use_dictionary=["content_hash"])
+                    writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
+                    pending = []
+            if pending:
+                writer = writer or pq.ParquetWriter(out, pending[0].schema, compression="zstd", use_dictionary=["content_hash"])
+                writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
+            if writer is not None:
+                writer.close()
+        if not hashes:  # every source file had vanished: nothing was written worth keeping
+            store.delete(new_key, missing_ok=True)
     with pool.connection() as conn, conn.transaction():
         if hashes:
-            data = _encode(hashes, np.vstack(parts))
-            new_key = f"{prefix(fingerprint)}/{time.time_ns():020d}-{uuid.uuid4().hex}.parquet"
-            store.put_bytes(new_key, data)
-            cache_index.add_file_row(conn, store.url, fingerprint, new_key, len(hashes), len(data))
+            size = store.size_of(new_key)
+            cache_index.add_file_row(conn, store.url, fingerprint, new_key, len(hashes), size)
             cache_index.repoint(conn, store.url, fingerprint, [(h, new_key, i) for i, h in enumerate(hashes)])
         cache_index.retire(conn, store.url, keys)
 

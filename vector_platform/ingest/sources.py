@@ -107,7 +107,7 @@ def _read_folder(root: Path, max_bytes: int) -> Iterator[Document | Rejection]:
             doc_id = file.relative_to(root).as_posix()
             position += 1
             try:
-                check_storable(doc_id, "file name")
+                storable_name(doc_id)
                 size = file.stat().st_size
                 if size > max_bytes:
                     yield Rejection(doc_id, f"document too large: {size} bytes > limit {max_bytes}")
@@ -115,7 +115,7 @@ def _read_folder(root: Path, max_bytes: int) -> Iterator[Document | Rejection]:
                 raw = file.read_bytes()
                 text = _decode(raw)
             except (OSError, ValueError) as err:
-                yield Rejection(doc_id, str(err))
+                yield Rejection(storable_ref(doc_id), str(err))
                 continue
             suffix = file.suffix.lower()
             title = None
@@ -135,6 +135,18 @@ def _read_folder(root: Path, max_bytes: int) -> Iterator[Document | Rejection]:
                 continue
             mtime = dt.datetime.fromtimestamp(file.stat().st_mtime, dt.timezone.utc)
             yield Document(doc_id=doc_id, body=text, title=title, source_ts=mtime, metadata={"path": doc_id}, position=position)
+
+
+def storable_name(doc_id: str) -> None:
+    """Refuse a file name that cannot be a document id (the rejection's ref is made storable)."""
+    check_storable(doc_id, "file name")
+    if len(doc_id) > MAX_ID_CHARS:
+        raise ValueError(f"file path is {len(doc_id)} characters long, over the limit of {MAX_ID_CHARS}")
+
+
+def storable_ref(ref: str) -> str:
+    """A ref PostgreSQL can store: undecodable bytes of a file name shown as \\xNN escapes."""
+    return ref.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").replace("\x00", "\\0")
 
 
 def _looks_like_text(text: str) -> bool:

@@ -9,6 +9,7 @@ on a re-run.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from vector_platform.ingest.validation import gate
 from vector_platform.object_store import ObjectStore
 
 Progress = Callable[[str, int, int], None]
+log = logging.getLogger(__name__)
 
 # Rows per transaction. Environment variables override them (smaller batches commit more
 # often; larger ones load faster): VP_CHUNK_BATCH_DOCUMENTS, VP_LOAD_BATCH_ROWS.
@@ -244,13 +246,7 @@ def embed_chunks(
         missing = docs_sql.count_chunks_missing(conn, collection, table) if table is not None else live
     stats.chunks, stats.already_in_table = live, live - missing
     done = 0
-    after = None
-    while True:
-        with pool.connection() as conn:
-            page = docs_sql.chunks_missing(conn, collection, table, after, EMBED_PAGE_ROWS)
-        if not page:
-            break
-        after = (page[-1][1], page[-1][2])
+    for page in docs_sql.pages_of_missing_chunks(pool, collection, table, EMBED_PAGE_ROWS):
         needed: dict[str, tuple[str, list[str]]] = {}  # content hash -> (text, chunk ids)
         for chunk_id, _, _, content_hash, text, _, _ in page:
             needed.setdefault(content_hash, (text, []))[1].append(str(chunk_id))
@@ -265,7 +261,10 @@ def embed_chunks(
             _embed_batch(pool, store, embedder, collection, model_key, todo[start : start + batch_size], stats)
         done += len(page)
         progress("embeddings", done, missing)
-    stats.cache_files_compacted = embedding_cache.compact(pool, store, fingerprint)
+    try:
+        stats.cache_files_compacted = embedding_cache.compact(pool, store, fingerprint)
+    except Exception as err:  # noqa: BLE001 - housekeeping: every vector is already cached and indexed
+        log.warning("embedding cache compaction skipped: %s: %s", type(err).__name__, err)
     if counters_before:
         after_counters = embedder.counters()
         stats.api = {k: round(after_counters[k] - counters_before[k], 3) for k in after_counters}
@@ -322,26 +321,36 @@ def load_vectors(
         tid = tables.table_id(table)
         missing_total = docs_sql.count_chunks_missing(conn, collection, tid)
     inserted = without_vector = seen = 0
-    after = None
-    while True:
-        with pool.connection() as conn:
-            page = docs_sql.chunks_missing(conn, collection, tid, after, batch_rows)
-        if not page:
-            break
-        after = (page[-1][1], page[-1][2])
+    timings = {"seconds_selecting": 0.0, "seconds_reading_cache": 0.0, "seconds_copying": 0.0, "seconds_syncing": 0.0}
+    clock_started = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock_started
+        now = time.perf_counter()
+        timings[name] += now - clock_started
+        clock_started = now
+
+    for page in docs_sql.pages_of_missing_chunks(pool, collection, tid, batch_rows):
+        lap("seconds_selecting")
         seen += len(page)
         vectors = embedding_cache.lookup(pool, store, spec.fingerprint, {r[3] for r in page})
+        lap("seconds_reading_cache")
         rows = [(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in page if r[3] in vectors]
         without_vector += len(page) - len(rows)
         if rows:
             matrix = np.vstack([vectors[r[3]] for r in rows])
             with pool.connection() as conn, conn.transaction():
                 inserted += tables.copy_upsert(conn, table, spec, rows, matrix, assume_new=True)
+        lap("seconds_copying")
         progress("vector_table", seen, missing_total)
+    lap("seconds_selecting")
     with pool.connection() as conn:
         with conn.transaction():
+            # Two joins over the whole collection: room for in-memory hash joins, this transaction only.
+            conn.execute("SELECT set_config('work_mem', '256MB', true)")
             updated = docs_sql.sync_row_metadata(conn, collection, tid)
             removed = docs_sql.delete_orphan_rows(conn, collection, tid)
+        lap("seconds_syncing")
         rows_now, size = tables.table_stats(conn, table)
     return {
         "table": f"{catalog.VECTORS}.{table}",
@@ -351,4 +360,5 @@ def load_vectors(
         "without_vector": without_vector,
         "rows": rows_now,
         "bytes": size,
+        **{k: round(v, 3) for k, v in timings.items()},
     }

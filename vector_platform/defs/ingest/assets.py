@@ -6,6 +6,7 @@ runs: a second writer of the same collection waits, says so in the run's log, an
 only what is left.
 """
 
+import os
 from contextlib import contextmanager
 
 import dagster as dg
@@ -96,13 +97,14 @@ def chunks(
     changed are re-chunked, in batches that each commit on their own."""
     collection = context.partition_key
     pool = postgres.pool()
-    with pool.connection() as conn:
-        coll = catalog.get_collection(conn, collection)
-        specs = [catalog.get_model(conn, key) for key in coll.models]
-    serving = next(s for s in specs if s.key == coll.serving_model)
-    max_tokens = coll.settings.chunk_max_tokens or min(s.max_tokens for s in specs)
-    chunker = embedder.for_model(serving).make_chunker(max_tokens, coll.settings.chunk_overlap_tokens)
     with _writing(context, postgres, collection):
+        # Settings are read under the lock: a `collections set` waits for this step, or this for it.
+        with pool.connection() as conn:
+            coll = catalog.get_collection(conn, collection)
+            specs = [catalog.get_model(conn, key) for key in coll.models]
+        serving = next(s for s in specs if s.key == coll.serving_model)
+        max_tokens = coll.settings.chunk_max_tokens or min(s.max_tokens for s in specs)
+        chunker = embedder.for_model(serving).make_chunker(max_tokens, coll.settings.chunk_overlap_tokens)
         figures = steps.chunk_documents(pool, collection, chunker, reporter(context.log))
     return dg.MaterializeResult(
         metadata={"dagster/row_count": figures["chunks_total"], "dagster/table_name": "vector_platform.chunks", **figures}
@@ -193,7 +195,10 @@ def hnsw_index(context: dg.AssetExecutionContext, postgres: PostgresResource) ->
         table = catalog.vector_table_name(conn, collection, model_key)
         if not tables.table_exists(conn, table):
             raise dg.Failure(f"no vector table for {collection}/{model_key}: materialize vector_table first")
-        report = tables.ensure_hnsw(conn, table, spec, coll.settings.hnsw_m, coll.settings.hnsw_ef_construction)
+        report = tables.ensure_hnsw(
+            conn, table, spec, coll.settings.hnsw_m, coll.settings.hnsw_ef_construction,
+            max_work_mem_mb=int(os.environ.get("VP_HNSW_MAX_WORK_MEM_MB", "1024")),
+        )
     return dg.MaterializeResult(
         metadata={
             "index": report.name,
