@@ -119,6 +119,39 @@ def test_a_release_1_catalog_is_upgraded_in_place_and_keeps_serving(pg_server, d
         ).fetchone()[0] == 0
 
 
+def test_release_1_embedding_cache_files_are_adopted_not_re_embedded(pg_server, dagster_instance, tmp_path, fake_embedder):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    dsn = _release_1_database(pg_server, tmp_path, f"vp_v1_{uuid.uuid4().hex[:8]}")
+    objects = tmp_path / "objects"
+    # Release 1's layout: embedding_cache/<model key>/<time>-<uuid>.parquet (content_hash, embedding).
+    with psycopg.connect(dsn) as conn:
+        register_vector(conn)
+        rows = conn.execute("SELECT DISTINCT content_hash, embedding FROM vp_vectors.legacy__minilm_l6_v2").fetchall()
+    hashes = [r[0] for r in rows]
+    matrix = np.vstack([np.asarray(r[1].to_numpy(), np.float32) for r in rows])
+    table = pa.table({"content_hash": pa.array(hashes), "embedding": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), 384)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    legacy = objects / "embedding_cache" / MINILM.key
+    legacy.mkdir(parents=True)
+    (legacy / f"{1:020d}-{uuid.uuid4().hex}.parquet").write_bytes(buf.getvalue())
+
+    vp = build_platform(dsn, dagster_instance, objects.as_uri())
+    with psycopg.connect(dsn) as conn:
+        source = catalog.get_collection(conn, "legacy").source
+    vp.add_collection("legacy_copy", source)
+    calls = fake_embedder.calls
+    runs = vp.ingest("legacy_copy")
+    assert all(r.success for r in runs), [r.error for r in runs]
+    embeddings = runs[1].metadata["embeddings"]
+    assert fake_embedder.calls == calls and embeddings["embedded"] == 0
+    assert embeddings["from_cache"] == embeddings["chunks"] == len(hashes)
+
+
 def test_a_catalog_newer_than_the_code_is_refused(pg_server):
     name = f"vp_future_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:

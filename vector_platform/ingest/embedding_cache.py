@@ -225,6 +225,35 @@ def _delete_retired(conn, store: ObjectStore, fingerprint: str) -> int:
     return len(keys)
 
 
+def adopt_legacy_files(pool: ConnectionPool, store: ObjectStore, model_key: str, fingerprint: str) -> int:
+    """Index the files of the first release's layout (`embedding_cache/<model_key>/`), so an
+    upgrade re-embeds nothing it had cached. Their vectors came from the model registered under
+    that key, which the migration fingerprinted. Returns the files adopted (0 once done)."""
+    legacy = f"embedding_cache/{model_key}"
+    if legacy == prefix(fingerprint):
+        return 0
+    keys = [k for k in store.list(legacy) if k.endswith(".parquet")]
+    if not keys:
+        return 0
+    with pool.connection() as conn:
+        known = {
+            r[0]
+            for r in conn.execute(
+                "SELECT file_key FROM vector_platform.embedding_cache_files WHERE store = %s AND file_key = ANY(%s)",
+                (store.url, keys),
+            )
+        }
+    adopted = 0
+    for key in keys:
+        if key in known:
+            continue
+        hashes = pq.read_table(store.open_input(key), columns=["content_hash"]).column("content_hash").to_pylist()
+        with pool.connection() as conn, conn.transaction():
+            cache_index.add_file(conn, store.url, fingerprint, key, hashes, store.size_of(key))
+        adopted += 1
+    return adopted
+
+
 def cached_count(pool: ConnectionPool, store: ObjectStore, fingerprint: str) -> int:
     with pool.connection() as conn:
         return cache_index.count(conn, store.url, fingerprint)

@@ -240,6 +240,7 @@ def embed_chunks(
     fingerprint = spec.fingerprint
     stats = EmbedStats()
     counters_before = embedder.counters()
+    embedding_cache.adopt_legacy_files(pool, store, model_key, fingerprint)
     with pool.connection() as conn:
         table = _table_or_none(conn, collection, model_key)
         live = docs_sql.count_chunks_missing(conn, collection, None)
