@@ -103,11 +103,16 @@ def cmd_ingest(args) -> int:
                 tasks[stage] = bars.add_task(stage, total=total)
             bars.update(tasks[stage], completed=done, total=total)
 
+        def tell(message: str) -> None:
+            print(message, file=sys.stderr, flush=True)
+
         progress_hooks.listeners.append(show)
+        progress_hooks.notice_listeners.append(tell)
         try:
             runs = vp.ingest(args.name, allow_deletes=args.allow_deletes)
         finally:
             progress_hooks.listeners.remove(show)
+            progress_hooks.notice_listeners.remove(tell)
     return _report_runs(runs)
 
 
@@ -124,8 +129,6 @@ def _report_runs(runs) -> int:
         if not run.success:
             failed = True
             print(f"  error: {run.error}", file=sys.stderr)
-            if run.error and "--allow-deletes" in run.error:
-                print("  (nothing was changed)", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -368,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # platformdirs warns on every command when XDG_RUNTIME_DIR is unset (containers); the fallback is fine.
+    warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)

@@ -7,6 +7,13 @@ from typing import Callable
 
 Listener = Callable[[str, int, int], None]
 listeners: list[Listener] = []
+# Things worth telling a person now, not after the run (e.g. "waiting for the writer lock").
+notice_listeners: list[Callable[[str], None]] = []
+
+
+def notify(message: str) -> None:
+    for listener in notice_listeners:
+        listener(message)
 
 
 def reporter(log: logging.Logger | logging.LoggerAdapter, every: float = 0.1) -> Listener:

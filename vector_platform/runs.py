@@ -80,11 +80,14 @@ def summarise(job: str, partition: str, run_id: str, success: bool, events: Iter
     return summary
 
 
+_FAILURE_PREFIX = re.compile(r"^dagster\._core\.definitions\.events\.Failure: ")
+
+
 def root_cause(error) -> str:
     """The innermost error's message: what went wrong, not Dagster's wrapper around it."""
     while error.cause is not None:
         error = error.cause
-    return error.message.strip()
+    return _FAILURE_PREFIX.sub("", error.message.strip())
 
 
 def run_in_process(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, partition_key, run_config: dict) -> RunSummary:
@@ -93,7 +96,9 @@ def run_in_process(defs: dg.Definitions, instance: dg.DagsterInstance, job_name:
         partition_key=partition_key,
         instance=instance,
         raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}, **run_config},
+        # Failures come back in the summary (root cause, no stack trace); warnings worth a
+        # person's attention reach the CLI through progress.notify.
+        run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}, **run_config},
     )
     return summarise(job_name, str(partition_key), result.run_id, result.success, result.all_events, "in_process")
 

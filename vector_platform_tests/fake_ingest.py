@@ -14,6 +14,7 @@ def main() -> int:
     dsn, store_url, dagster_home, command, name = sys.argv[1:6]
     import dagster as dg
 
+    from vector_platform import progress
     from vector_platform.api import Platform
     from vector_platform.defs.resources import ObjectStoreResource, PostgresResource
     from vector_platform_tests.conftest import FakeEmbedderResource
@@ -24,6 +25,7 @@ def main() -> int:
         "embedder": FakeEmbedderResource(batch_size=int(os.environ.get("FAKE_BATCH", "64"))),
     }
     # Each process its own instance: the runs' coordination under test is the database's.
+    progress.notice_listeners.append(lambda message: print(message, file=sys.stderr, flush=True))  # as the CLI does
     with dg.DagsterInstance.ephemeral(tempdir=os.path.join(dagster_home, str(os.getpid()))) as instance:
         vp = Platform(resources=resources, instance=instance)
         runs = vp.ingest(name) if command == "ingest" else vp.replay_dead_letters(name)

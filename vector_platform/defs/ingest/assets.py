@@ -21,7 +21,7 @@ from vector_platform.defs.partitions import (
 from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource
 from vector_platform.ingest import steps
 from vector_platform.locks import writer_lock
-from vector_platform.progress import reporter
+from vector_platform.progress import notify, reporter
 
 
 def _attached_model(pool, collection: str, model_key: str):
@@ -38,8 +38,12 @@ def _attached_model(pool, collection: str, model_key: str):
 
 @contextmanager
 def _writing(context, postgres: PostgresResource, collection: str, model_key: str | None = None):
-    # A wait is worth a warning: it shows in the CLI and stands out in the UI's run log.
-    with writer_lock(postgres.resolved_dsn(), collection, model_key, say=context.log.warning) as waited:
+    def say(message: str) -> None:
+        # A wait is worth a warning: it stands out in the UI's run log, and the CLI shows it live.
+        context.log.warning(message)
+        notify(message)
+
+    with writer_lock(postgres.resolved_dsn(), collection, model_key, say=say) as waited:
         yield waited
 
 
