@@ -48,10 +48,16 @@ def test_truncated_emptied_or_missing_source_changes_nothing_without_allow_delet
     assert _live(pg_dsn, unique_name) == 40 and _rows(pg_dsn, unique_name) == rows
     assert len(vp.search("subject 3", [unique_name], k=5).hits) == 5
 
-    write_jsonl(source, _docs(40)[:15])  # truncated: 25 of 40 would go
+    write_jsonl(source, _docs(40)[:15])  # truncated mid-line: 25 of 40 would go
+    with source.open("a") as f:
+        f.write('{"id": "doc15", "text": "the export stopp')
     runs = vp.ingest(unique_name)
     assert not runs[0].success and "25 of 40" in runs[0].error and "max_delete_fraction" in runs[0].error
     assert _live(pg_dsn, unique_name) == 40
+    with psycopg.connect(pg_dsn) as conn:  # a refused read records nothing, not even its dead letters
+        assert conn.execute(
+            "SELECT count(*) FROM vector_platform.dead_letters WHERE collection = %s", (unique_name,)
+        ).fetchone()[0] == 0
 
     source.rename(tmp_path / "moved.jsonl")  # unmounted, moved, not synced yet
     runs = vp.ingest(unique_name)

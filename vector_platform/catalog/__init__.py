@@ -25,7 +25,6 @@ from vector_platform.catalog.dead_letters import (
     dead_letter_many,
     open_dead_letters,
     resolve_dead_letters,
-    resolve_stage_except,
 )
 from vector_platform.catalog.models import get_model, list_model_keys, register_model
 from vector_platform.catalog.schema import CATALOG, LATEST_VERSION, SERVING, VECTORS, bootstrap, migrate
@@ -34,6 +33,6 @@ __all__ = [
     "CATALOG", "LATEST_VERSION", "SERVING", "VECTORS", "bootstrap", "migrate",
     "Collection", "add_collection", "attach_model", "get_collection", "list_collections", "table_fingerprint",
     "table_name_for", "touch_queried", "update_settings", "vector_table_name",
-    "count_open", "dead_letter", "dead_letter_many", "open_dead_letters", "resolve_dead_letters", "resolve_stage_except",
+    "count_open", "dead_letter", "dead_letter_many", "open_dead_letters", "resolve_dead_letters",
     "get_model", "list_model_keys", "register_model",
 ]

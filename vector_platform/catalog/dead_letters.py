@@ -26,6 +26,11 @@ _UPSERT = """
 REF_LIMIT = 600  # document ids are at most 512 characters; duplicates add "@<position>"
 
 
+def clean_ref(ref: str) -> str:
+    """A ref as it is stored (and so as it must be compared)."""
+    return _clean(ref, REF_LIMIT)
+
+
 def _clean(text: str | None, limit: int) -> str:
     # Postgres text cannot hold NUL, and a lone surrogate cannot be encoded: keep the reason readable.
     return (text or "").replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")[:limit]
@@ -76,20 +81,6 @@ def resolve_dead_letters(
         WHERE collection = %s AND model_key = %s AND stage = %s AND ref = ANY(%s) AND resolved_at IS NULL
         """,
         (clock.now(), resolution, collection, model_key, stage, [_clean(r, REF_LIMIT) for r in refs]),
-    )
-    return cur.rowcount
-
-
-def resolve_stage_except(
-    conn: psycopg.Connection, collection: str, stage: str, still_failing: Sequence[str], resolution: str
-) -> int:
-    """Resolve every open dead letter of a stage whose ref did not fail again in this run."""
-    cur = conn.execute(
-        """
-        UPDATE vector_platform.dead_letters SET resolved_at = %s, resolution = %s
-        WHERE collection = %s AND stage = %s AND resolved_at IS NULL AND NOT (ref = ANY(%s))
-        """,
-        (clock.now(), resolution, collection, stage, [_clean(r, REF_LIMIT) for r in still_failing]),
     )
     return cur.rowcount
 

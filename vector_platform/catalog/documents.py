@@ -18,6 +18,7 @@ from vector_platform import clock
 
 STAGE = sql.Identifier("vp_source_stage")
 REJECTED = sql.Identifier("vp_source_rejected")
+FAILING = sql.Identifier("vp_source_failing")
 _STAGE_COLUMNS = ("doc_id", "title", "body", "content_hash", "metadata", "source_ts", "position")
 
 # ---------------------------------------------------------------- source snapshot (source_documents)
@@ -32,6 +33,8 @@ def create_source_stage(conn: psycopg.Connection) -> None:
         ).format(STAGE)
     )
     conn.execute(sql.SQL("CREATE TEMP TABLE {} (doc_id text NOT NULL) ON COMMIT DROP").format(REJECTED))
+    # The refs of this read's dead letters: every other open source dead letter is resolved.
+    conn.execute(sql.SQL("CREATE TEMP TABLE {} (ref text NOT NULL) ON COMMIT DROP").format(FAILING))
 
 
 def stage_documents(conn: psycopg.Connection, docs: Sequence[Any]) -> list[tuple[Any, str]]:
@@ -69,6 +72,26 @@ def stage_rejected_ids(conn: psycopg.Connection, doc_ids: Iterable[str]) -> None
     with conn.cursor() as cur, cur.copy(sql.SQL("COPY {} (doc_id) FROM STDIN").format(REJECTED)) as copy:
         for doc_id in doc_ids:
             copy.write_row((doc_id,))
+
+
+def stage_failing_refs(conn: psycopg.Connection, refs: Iterable[str]) -> None:
+    with conn.cursor() as cur, cur.copy(sql.SQL("COPY {} (ref) FROM STDIN").format(FAILING)) as copy:
+        for ref in refs:
+            copy.write_row((ref,))
+
+
+def resolve_source_letters_not_failing(conn: psycopg.Connection, collection: str, resolution: str) -> int:
+    """Resolve the open source dead letters whose ref did not fail again in this read."""
+    return conn.execute(
+        sql.SQL(
+            """
+            UPDATE vector_platform.dead_letters dl SET resolved_at = %s, resolution = %s
+            WHERE dl.collection = %s AND dl.stage = 'source' AND dl.resolved_at IS NULL
+              AND NOT EXISTS (SELECT 1 FROM {failing} f WHERE f.ref = dl.ref)
+            """
+        ).format(failing=FAILING),
+        (clock.now(), resolution, collection),
+    ).rowcount
 
 
 def drop_staged_duplicates(conn: psycopg.Connection) -> list[tuple[str, int, int]]:

@@ -20,6 +20,7 @@ from psycopg_pool import ConnectionPool
 
 from vector_platform import catalog, clock, tables
 from vector_platform.catalog import documents as docs_sql
+from vector_platform.catalog.dead_letters import clean_ref
 from vector_platform.ingest import embedding_cache
 from vector_platform.ingest.chunking import Chunker
 from vector_platform.ingest.embedders import Embedder, FatalEmbedderError
@@ -70,22 +71,18 @@ def register_documents(pool: ConnectionPool, collection: str, allow_deletes: boo
         settings = coll.settings
         with conn.transaction():
             docs_sql.create_source_stage(conn)
-            rejections: list[tuple[str, str, str | None]] = []
-            kept_ids: list[str] = []
+            rejections = _Rejections(conn, collection)
             batch: list[Document] = []
 
             def flush() -> None:
                 for doc, reason in docs_sql.stage_documents(conn, batch):
-                    rejections.append((doc.doc_id, reason, None))
-                    kept_ids.append(doc.doc_id)
+                    rejections.add(doc.doc_id, reason, None, keeps_document=True)
                 batch.clear()
 
             try:
                 for item in read_source(coll.source, settings.max_document_bytes):
                     if isinstance(item, Rejection):
-                        rejections.append((item.ref, item.error, item.payload))
-                        if not item.ref.startswith("line "):
-                            kept_ids.append(item.ref)
+                        rejections.add(item.ref, item.error, item.payload, keeps_document=not item.ref.startswith("line "))
                         continue
                     batch.append(item)
                     if len(batch) >= STAGE_BATCH:
@@ -93,17 +90,15 @@ def register_documents(pool: ConnectionPool, collection: str, allow_deletes: boo
                 flush()
             except SourceMissing as err:
                 raise SourceRefused(f"{err}; nothing was changed (the source may be unmounted or not synced yet)") from None
-            docs_sql.stage_rejected_ids(conn, kept_ids)
+            rejections.flush()
             for doc_id, position, kept in docs_sql.drop_staged_duplicates(conn):
-                rejections.append((f"{doc_id}@{position}", f"duplicate id {doc_id!r} at position {position}: the one at {kept} is kept", None))
+                rejections.add(f"{doc_id}@{position}", f"duplicate id {doc_id!r} at position {position}: the one at {kept} is kept", None)
+            rejections.flush()
             plan = docs_sql.plan_source(conn, collection)
-            _refuse_destructive(coll.source, plan, len(rejections), settings.max_delete_fraction, allow_deletes)
-            now = clock.now()
-            docs_sql.apply_source(conn, collection, now)
-            catalog.dead_letter_many(conn, collection, "source", rejections)
-            resolved = catalog.resolve_stage_except(
-                conn, collection, "source", [ref for ref, _, _ in rejections], "read fine (or gone from the source) on a later run"
-            )
+            # Refusing raises inside the transaction: the dead letters written so far roll back too.
+            _refuse_destructive(coll.source, plan, rejections.count, settings.max_delete_fraction, allow_deletes)
+            docs_sql.apply_source(conn, collection, clock.now())
+            resolved = docs_sql.resolve_source_letters_not_failing(conn, collection, "read fine (or gone from the source) on a later run")
         live = docs_sql.live_document_count(conn, collection)
     return {
         "read": plan["read"],
@@ -112,10 +107,37 @@ def register_documents(pool: ConnectionPool, collection: str, allow_deletes: boo
         "unchanged": plan["unchanged"],
         "restored": plan["restored"],
         "deleted": plan["deleted"],
-        "rejected": len(rejections),
+        "rejected": rejections.count,
         "dead_letters_resolved": resolved,
         "live_documents": live,
     }
+
+
+class _Rejections:
+    """Dead letters of one source read, written in batches inside its transaction (memory stays
+    flat however bad the source), with the refs that failed and the ids whose old version stays."""
+
+    BATCH = 1_000
+
+    def __init__(self, conn, collection: str):
+        self.conn, self.collection = conn, collection
+        self.count = 0
+        self.pending: list[tuple[str, str, str | None]] = []
+        self.kept: list[str] = []
+
+    def add(self, ref: str, error: str, payload: str | None, keeps_document: bool = False) -> None:
+        self.count += 1
+        self.pending.append((ref, error, payload))
+        if keeps_document:
+            self.kept.append(ref)
+        if len(self.pending) >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        catalog.dead_letter_many(self.conn, self.collection, "source", self.pending)
+        docs_sql.stage_failing_refs(self.conn, [clean_ref(ref) for ref, _, _ in self.pending])
+        docs_sql.stage_rejected_ids(self.conn, self.kept)
+        self.pending, self.kept = [], []
 
 
 def _refuse_destructive(source: str, plan: dict[str, int], rejected: int, max_fraction: float, allow: bool) -> None:
