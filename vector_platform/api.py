@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -113,15 +114,10 @@ class Platform:
             if not source_path.exists():
                 raise FileNotFoundError(f"source {str(source)!r} does not exist")
             source_text = str(source_path.resolve())
-        pool = self.pool()
-        with pool.connection() as conn:
-            exists = catalog.get_collection(conn, name, missing_ok=True) is not None
-        if exists and settings:
-            with writer_lock(self.postgres.resolved_dsn(), name, say=_say), pool.connection() as conn:
-                coll = catalog.add_collection(conn, name, source_text, model, settings)
-        else:
-            with pool.connection() as conn:
-                coll = catalog.add_collection(conn, name, source_text, model, settings)
+        # Settings are changed under the writer lock, as by set_settings (a new name locks nothing real).
+        lock = writer_lock(self.postgres.resolved_dsn(), name, say=_say) if settings else contextlib.nullcontext()
+        with lock, self.pool().connection() as conn:
+            coll = catalog.add_collection(conn, name, source_text, model, settings)
         self._register_partitions(coll)
         return coll
 

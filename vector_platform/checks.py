@@ -31,8 +31,7 @@ def pending_vectors_are_valid(
     finite, unit length for cosine models. Read in pages, as the load will read them."""
     with pool.connection() as conn:
         spec = catalog.get_model(conn, model_key)
-        table = catalog.vector_table_name(conn, collection, model_key)
-        tid = tables.table_id(table) if tables.table_exists(conn, table) else None
+        tid = tables.existing_table_id(conn, catalog.vector_table_name(conn, collection, model_key))
     checked = 0
     problems: list[str] = []
     for page in docs_sql.pages_of_missing_chunks(pool, collection, tid, page_rows):

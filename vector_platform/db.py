@@ -33,6 +33,7 @@ DATABASE = "vector_platform"
 DAGSTER_DATABASE = "dagster"
 
 _pools: dict[str, ConnectionPool] = {}
+_servers: dict[Path, Any] = {}  # embedded servers this process has started or attached to, by home
 _lock = threading.Lock()
 
 
@@ -49,7 +50,12 @@ def embedded_server(home: Path):
     """Start (or attach to) the embedded server whose data lives in `home`/pg.
 
     cleanup_mode=None: the server outlives this process (stop it with `vector-platform db stop`).
+    Checked once per process: every asset asks for the DSN, and that must not cost a connection.
     """
+    home = home.resolve()
+    server = _servers.get(home)
+    if server is not None:
+        return server
     home.mkdir(parents=True, exist_ok=True)
     server = _embedded().get_server(home / "pg", cleanup_mode=None)
     with psycopg.connect(server.get_uri(), autocommit=True) as conn:
@@ -57,6 +63,7 @@ def embedded_server(home: Path):
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    _servers[home] = server
     return server
 
 
@@ -97,6 +104,7 @@ def stop_embedded(home: Path, timeout_s: float = 60.0) -> bool:
     if not status["running"]:
         return False
     close_pools()
+    _servers.pop(home.resolve(), None)
     os.kill(status["pid"], signal.SIGINT)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -51,16 +51,8 @@ class ObjectStore:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write atomically: readers see the whole object or nothing."""
-        target = self.path(key)
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
-            with self.fs.open_output_stream(tmp) as out:
-                out.write(data)
-            os.replace(tmp, target)
-        else:  # an S3 PUT is atomic by itself
-            with self.fs.open_output_stream(target) as out:
-                out.write(data)
+        with self.open_output(key) as out:
+            out.write(data)
 
     def open_input(self, key: str):
         """A random-access file (ranged reads on S3): Parquet readers fetch only what they need."""
@@ -68,7 +60,9 @@ class ObjectStore:
 
     @contextlib.contextmanager
     def open_output(self, key: str):
-        """A stream to write an object without holding it in memory; atomic like put_bytes."""
+        """A stream to write an object without holding it in memory. Atomic: a local file is
+        written aside and renamed; an S3 object appears when its upload completes (and a failed
+        one is removed, since closing the stream completes the upload even on error)."""
         target = self.path(key)
         if isinstance(self.fs, pafs.LocalFileSystem):
             self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
@@ -85,7 +79,6 @@ class ObjectStore:
                 with self.fs.open_output_stream(target) as out:
                     yield out
             except BaseException:
-                # Closing the stream completes the upload even on error: remove the partial object.
                 with contextlib.suppress(OSError):
                     self.fs.delete_file(target)
                 raise

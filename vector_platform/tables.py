@@ -78,6 +78,11 @@ def table_exists(conn: psycopg.Connection, table: str) -> bool:
     return relation_exists(conn, VECTORS, table)
 
 
+def existing_table_id(conn: psycopg.Connection, table: str) -> sql.Composable | None:
+    """The table's identifier, or None while it does not exist yet."""
+    return table_id(table) if table_exists(conn, table) else None
+
+
 def view_exists(conn: psycopg.Connection, collection: str) -> bool:
     return relation_exists(conn, SERVING, collection)
 

@@ -21,7 +21,6 @@ from vector_platform.catalog.collections import (
 )
 from vector_platform.catalog.dead_letters import (
     count_open,
-    dead_letter,
     dead_letter_many,
     open_dead_letters,
     resolve_dead_letters,
@@ -33,6 +32,6 @@ __all__ = [
     "CATALOG", "LATEST_VERSION", "SERVING", "VECTORS", "bootstrap", "migrate",
     "Collection", "add_collection", "attach_model", "get_collection", "list_collections", "table_fingerprint",
     "table_name_for", "touch_queried", "update_settings", "vector_table_name",
-    "count_open", "dead_letter", "dead_letter_many", "open_dead_letters", "resolve_dead_letters",
+    "count_open", "dead_letter_many", "open_dead_letters", "resolve_dead_letters",
     "get_model", "list_model_keys", "register_model",
 ]

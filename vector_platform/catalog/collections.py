@@ -137,24 +137,23 @@ def list_collections(conn: psycopg.Connection) -> list[Collection]:
     return [get_collection(conn, n) for n in names]
 
 
-def vector_table_name(conn: psycopg.Connection, collection: str, model_key: str) -> str:
+def _attachment(conn: psycopg.Connection, collection: str, model_key: str) -> tuple[str, str]:
+    """(table name, fingerprint of its vectors) of a model attached to a collection."""
     row = conn.execute(
-        "SELECT table_name FROM vector_platform.collection_models WHERE collection = %s AND model_key = %s",
+        "SELECT table_name, fingerprint FROM vector_platform.collection_models WHERE collection = %s AND model_key = %s",
         (collection, model_key),
     ).fetchone()
     if row is None:
         raise KeyError(f"model {model_key!r} is not attached to collection {collection!r}")
-    return row[0]
+    return row
+
+
+def vector_table_name(conn: psycopg.Connection, collection: str, model_key: str) -> str:
+    return _attachment(conn, collection, model_key)[0]
 
 
 def table_fingerprint(conn: psycopg.Connection, collection: str, model_key: str) -> str:
-    row = conn.execute(
-        "SELECT fingerprint FROM vector_platform.collection_models WHERE collection = %s AND model_key = %s",
-        (collection, model_key),
-    ).fetchone()
-    if row is None:
-        raise KeyError(f"model {model_key!r} is not attached to collection {collection!r}")
-    return row[0]
+    return _attachment(conn, collection, model_key)[1]
 
 
 def touch_queried(conn: psycopg.Connection, collections: Iterable[str]) -> None:

@@ -36,19 +36,6 @@ def _clean(text: str | None, limit: int) -> str:
     return (text or "").replace("\x00", "\\0").encode("utf-8", "replace").decode("utf-8")[:limit]
 
 
-def dead_letter(
-    conn: psycopg.Connection,
-    collection: str,
-    stage: str,
-    ref: str,
-    error: str,
-    payload: str | None = None,
-    model_key: str = "",
-) -> None:
-    """Record (or re-record, counting attempts) an open dead letter for one input."""
-    dead_letter_many(conn, collection, stage, [(ref, error, payload)], model_key)
-
-
 def dead_letter_many(
     conn: psycopg.Connection,
     collection: str,

@@ -80,9 +80,4 @@ def bootstrap(conn: psycopg.Connection) -> None:
     _migrated.add(key)
 
 
-def forget_bootstrap() -> None:
-    """Tests that rebuild a database call this so the next connection migrates again."""
-    _migrated.clear()
-
-
 __all__ = ["CATALOG", "VECTORS", "SERVING", "LATEST_VERSION", "migrate", "bootstrap", "current_version"]

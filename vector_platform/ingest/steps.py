@@ -238,11 +238,6 @@ class EmbedStats:
         return data
 
 
-def _table_or_none(conn, collection: str, model_key: str):
-    table = catalog.vector_table_name(conn, collection, model_key)
-    return tables.table_id(table) if tables.table_exists(conn, table) else None
-
-
 def embed_chunks(
     pool: ConnectionPool,
     store: ObjectStore,
@@ -264,7 +259,7 @@ def embed_chunks(
     counters_before = embedder.counters()
     embedding_cache.adopt_legacy_files(pool, store, model_key, fingerprint)
     with pool.connection() as conn:
-        table = _table_or_none(conn, collection, model_key)
+        table = tables.existing_table_id(conn, catalog.vector_table_name(conn, collection, model_key))
         live = docs_sql.count_chunks_missing(conn, collection, None)
         missing = docs_sql.count_chunks_missing(conn, collection, table) if table is not None else live
     stats.chunks, stats.already_in_table = live, live - missing
