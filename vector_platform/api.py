@@ -26,7 +26,11 @@ from vector_platform.locks import writer_lock
 from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource, default_resources
 from vector_platform.models import ModelSpec
 from vector_platform.runs import RunSummary
-from vector_platform.search import SearchResult, search
+from vector_platform.catalog import tiers as tier_sql
+from vector_platform.catalog.tiers import TierRules, check_move
+from vector_platform.defs.tiers.jobs import MOVE_JOBS
+from vector_platform.object_store import ObjectStore
+from vector_platform.search import SearchResult, flush_query_log, search
 from vector_platform.settings import CollectionSettings, vp_home
 
 REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
@@ -67,6 +71,7 @@ class Platform:
         self.resources = resources or default_resources()
         self.defs = build_definitions(self.resources)
         self._instance = instance
+        self._store: ObjectStore | None = None
         # A run submitted to the instance runs the code location's own resources from the
         # environment: only a Platform built on those may submit (tests and notebooks that
         # bind their own resources or instance run in-process).
@@ -159,6 +164,9 @@ class Platform:
         reads as missing, empty or deleting most documents is refused unless `allow_deletes`.
         """
         coll = self.collection(name)
+        if coll.tier != "active":
+            raise ValueError(f"collection {name!r} is {coll.tier}: only active collections are ingested"
+                             + (" (rehydrate it first: vector-platform tier NAME active)" if coll.tier == "cold" else ""))
         self._register_partitions(coll)
         config = {"ops": {"source_documents": {"config": {"allow_deletes": allow_deletes}}}}
         runs = [self._run("ingest_documents_job", name, config)]
@@ -200,10 +208,46 @@ class Platform:
         vector: Sequence[float] | None = None,
         filters: dict[str, Any] | None = None,
     ) -> SearchResult:
-        return search(self.pool(), self.embed_query, collections, query=query, vector=vector, k=k, exact=exact, filters=filters)
+        """Search active collections by HNSW (or exactly), cold ones exactly over their snapshot;
+        archived ones are skipped. Every hit says its `source_tier`."""
+        return search(
+            self.pool(), self.embed_query, collections, query=query, vector=vector, k=k, exact=exact, filters=filters,
+            store=self.store(),
+        )
+
+    def store(self) -> ObjectStore:
+        """The object store (one handle per Platform)."""
+        if self._store is None:
+            self._store = self.object_store.store()
+        return self._store
+
+    # ------------------------------------------------------------ tiers
+
+    def tier(self, name: str, target: str, wait: bool = True, reason: str = "manual") -> RunSummary | str:
+        """Move a collection to `target` (active | cold | archived) by running its move job.
+
+        Invalid moves are refused before any run starts. `wait=False` submits the run to the
+        instance and returns its id when a dagster-daemon serves the instance; without one the
+        run happens here and now (the summary comes back either way)."""
+        with self.pool().connection() as conn:
+            current = catalog.get_collection(conn, name).tier
+        check_move(name, current, target)
+        self._register_partitions(self.collection(name))
+        job = MOVE_JOBS[target]
+        config = {"ops": {job.replace("_job", "_collection"): {"config": {"reason": reason}}}}
+        if not wait and self.run_mode == "instance":
+            return runs.submit(self.instance, job, name, config)
+        return self._run(job, name, config)
+
+    def set_rules(self, name: str, **rules: Any) -> TierRules:
+        """Change a collection's tier rules: evict_after_days, archive_after_days (None: off),
+        rehydrate_on_query. Unnamed rules stay as they are."""
+        with self.pool().connection() as conn:
+            return tier_sql.set_rules(conn, name, **rules)
 
     def status(self) -> dict[str, Any]:
-        store = self.object_store.store()
+        store = self.store()
+        flush_query_log(self.pool())  # this process's searches count in last_queried_at
         out = []
         with self.pool().connection() as conn:
             for coll in catalog.list_collections(conn):
@@ -246,9 +290,17 @@ def _collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
             table_bytes += size
             if model_key == coll.serving_model:
                 vectors = rows
+    state = tier_sql.tier_states(conn, [coll.name])[0]
+    snapshots = [
+        {"id": r.id, "model": r.model_key, "rows": r.rows, "bytes": r.bytes, "uri": r.uri, "created_at": r.created_at.isoformat(),
+         "serving": r.id in tier_sql.cold_snapshots(conn, coll.name).values()}
+        for r in tier_sql.live_snapshots(conn, coll.name)
+    ]
     return {
         "name": coll.name,
-        "tier": coll.tier,
+        **state.as_json(),
+        "snapshots": snapshots,
+        "tier_events": tier_sql.tier_events(conn, coll.name),
         "source": coll.source,
         "serving_model": coll.serving_model,
         "models": list(coll.models),

@@ -3,6 +3,7 @@
 - `pending_vectors_are_valid`  -> embeddings_are_valid (blocking)
 - `count_lost_chunks`          -> no_chunk_lost (blocking)
 - `measure_recall`             -> index_recall_meets_target
+- `snapshot_matches_table`     -> snapshot_matches_table
 """
 
 from __future__ import annotations
@@ -101,4 +102,44 @@ def measure_recall(
         "exact_p95_ms": percentile(exact_ms, 95),
         "uses_index": "Index Scan" in plan and "hnsw" in plan.lower() if queries else None,
         "plan": plan,
+    }
+
+
+def snapshot_matches_table(pool: ConnectionPool, store: ObjectStore, collection: str, model_key: str) -> dict[str, Any]:
+    """Active: the newest snapshot's rows and digest equal the table's, its files are present.
+    Cold: the snapshot that serves the collection, read back in full, matches its receipt."""
+    from vector_platform.catalog import tiers as tier_sql
+    from vector_platform.tiers import snapshots
+
+    problems: list[str] = []
+    with pool.connection() as conn:
+        tier = catalog.get_collection(conn, collection).tier
+        table = catalog.vector_table_name(conn, collection, model_key)
+        if tier == "cold":
+            serving = tier_sql.cold_snapshots(conn, collection).get(model_key)
+            receipt = tier_sql.get_snapshot(conn, serving) if serving else None
+            table_rows = None
+        else:
+            receipt = tier_sql.latest_snapshot(conn, collection, model_key)
+            table_rows, digest = snapshots.table_digest(conn, table) if tables.table_exists(conn, table) else (None, None)
+    if receipt is None:
+        return {"tier": tier, "snapshot_id": None, "problems": ["no snapshot recorded"]}
+    try:
+        if tier == "cold":
+            snapshots.verify_receipt(store, receipt)
+        else:
+            snapshots.verify_present(store, receipt)
+            if table_rows is None:
+                problems.append(f"the table {table} does not exist")
+            elif digest != receipt.table_digest:
+                problems.append(f"the table changed since snapshot {receipt.id} ({table_rows} rows now, {receipt.rows} in the snapshot)")
+    except snapshots.SnapshotError as err:
+        problems.append(str(err))
+    return {
+        "tier": tier,
+        "snapshot_id": receipt.id,
+        "snapshot_rows": receipt.rows,
+        "table_rows": table_rows if table_rows is not None else "no table",
+        "full_read_back": tier == "cold",
+        "problems": problems,
     }

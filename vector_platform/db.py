@@ -151,6 +151,28 @@ def get_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
         return pool
 
 
+def get_search_pool(dsn: str, max_size: int = 8) -> ConnectionPool:
+    """A process-wide pool that only search uses. Its connections keep the planner settings
+    search gives them (search sends a setting only when it changes), so they are not reset
+    between borrowers and nothing else may borrow them."""
+    key = f"search\x00{dsn}"
+    with _lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = ConnectionPool(
+                dsn,
+                min_size=1,
+                max_size=max_size,
+                kwargs={"autocommit": True, "application_name": "vector_platform search"},
+                configure=_configure,
+                open=True,
+                name="vector_platform_search",
+            )
+            pool.wait(timeout=30)
+            _pools[key] = pool
+        return pool
+
+
 @atexit.register
 def close_pools() -> None:
     with _lock:

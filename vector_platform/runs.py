@@ -70,6 +70,9 @@ def summarise(job: str, partition: str, run_id: str, success: bool, events: Iter
         if event.event_type == kinds.ASSET_MATERIALIZATION:
             mat = event.event_specific_data.materialization
             summary.metadata[mat.asset_key.to_user_string()] = {k: v.value for k, v in mat.metadata.items()}
+        elif event.event_type == kinds.STEP_OUTPUT and event.event_specific_data.metadata:
+            # ops that are not assets (the tier moves) report through their output's metadata
+            summary.metadata[event.step_key] = {k: v.value for k, v in event.event_specific_data.metadata.items()}
         elif event.event_type == kinds.ASSET_CHECK_EVALUATION:
             evaluation = event.event_specific_data
             summary.checks[evaluation.check_name] = evaluation.passed

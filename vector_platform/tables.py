@@ -16,6 +16,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
+from vector_platform.catalog.collections import announce_change
 from vector_platform.catalog.schema import SERVING, VECTORS
 from vector_platform.ingest.copy_binary import encode_vector_rows
 from vector_platform.models import ModelSpec
@@ -302,3 +303,14 @@ def publish_view(conn: psycopg.Connection, collection: str, table: str) -> None:
             "CREATE VIEW {} AS SELECT chunk_id, doc_id, seq, content_hash, text, metadata, source_ts, embedding FROM {}"
         ).format(view_id(collection), table_id(table))
     )
+    announce_change(conn, collection)
+
+
+def drop_view(conn: psycopg.Connection, collection: str) -> None:
+    """Stop serving a collection from Postgres (in the caller's transaction)."""
+    conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(view_id(collection)))
+    announce_change(conn, collection)
+
+
+def drop_table(conn: psycopg.Connection, table: str) -> None:
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table_id(table)))

@@ -7,7 +7,7 @@ import pytest
 from psycopg import sql
 
 from vector_platform import catalog, tables
-from vector_platform.search import active
+from vector_platform.search import active, flush_query_log
 from vector_platform.models import MINILM
 
 from .conftest import build_platform, write_jsonl
@@ -66,6 +66,7 @@ def test_search_merges_collections_by_score_and_labels_tiers(two_collections, pg
     each = vp.search("gamma delta epsilon", [a], k=15, exact=True).hits + vp.search("gamma delta epsilon", [b], k=15, exact=True).hits
     best = sorted(each, key=lambda h: h.score, reverse=True)[:15]
     assert [round(h.score, 5) for h in merged.hits] == [round(h.score, 5) for h in best]
+    flush_query_log(vp.pool())  # the log is written in batches, off the request path
     with psycopg.connect(pg_dsn) as conn:
         queried = conn.execute(
             "SELECT count(*) FROM vector_platform.collections WHERE name = ANY(%s) AND last_queried_at IS NOT NULL", ([a, b],)
@@ -96,6 +97,7 @@ def test_recall_check_prefers_logged_queries(two_collections, pg_dsn):
     vp, (a, _) = two_collections
     for i in range(5):
         vp.search(f"{WORDS[i]} {WORDS[i + 3]}", [a])
+    flush_query_log(vp.pool())
     figures = measure_recall(vp.pool(), a, "minilm_l6_v2", ef_search=100, sample=100)
     assert figures["queries"] == 100 and figures["queries_from_log"] >= 5
     assert figures["uses_index"] is True and figures["recall"] >= 0.9

@@ -15,7 +15,6 @@ from vector_platform.catalog.collections import (
     list_collections,
     table_fingerprint,
     table_name_for,
-    touch_queried,
     update_settings,
     vector_table_name,
 )
@@ -31,7 +30,7 @@ from vector_platform.catalog.schema import CATALOG, LATEST_VERSION, SERVING, VEC
 __all__ = [
     "CATALOG", "LATEST_VERSION", "SERVING", "VECTORS", "bootstrap", "migrate",
     "Collection", "add_collection", "attach_model", "get_collection", "list_collections", "table_fingerprint",
-    "table_name_for", "touch_queried", "update_settings", "vector_table_name",
+    "table_name_for", "update_settings", "vector_table_name",
     "count_open", "dead_letter_many", "open_dead_letters", "resolve_dead_letters",
     "get_model", "list_model_keys", "register_model",
 ]

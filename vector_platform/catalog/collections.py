@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -156,8 +156,11 @@ def table_fingerprint(conn: psycopg.Connection, collection: str, model_key: str)
     return _attachment(conn, collection, model_key)[1]
 
 
-def touch_queried(conn: psycopg.Connection, collections: Iterable[str]) -> None:
-    conn.execute(
-        "UPDATE vector_platform.collections SET last_queried_at = %s WHERE name = ANY(%s)",
-        (clock.now(), list(collections)),
-    )
+# Catalog changes that search caches are announced here (see migration 0003 and search/facts.py).
+CHANGES_CHANNEL = "vector_platform_catalog"
+
+
+def announce_change(conn: psycopg.Connection, collection: str) -> None:
+    """Tell every process's search cache that a collection's serving relations changed
+    (delivered when the caller's transaction commits)."""
+    conn.execute("SELECT pg_notify(%s, %s)", (CHANGES_CHANNEL, collection))

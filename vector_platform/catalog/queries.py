@@ -7,12 +7,9 @@ from typing import Sequence
 import numpy as np
 import psycopg
 
-from vector_platform import clock
-
 
 def log_queries(conn: psycopg.Connection, entries: Sequence[tuple]) -> None:
-    """entries: (collection, model_key, mode, k, latency_ms, hits, query_text, query_vector)."""
-    now = clock.now()
+    """entries: (collection, model_key, mode, k, latency_ms, hits, query_text, query_vector, queried_at)."""
     with conn.cursor() as cur:
         cur.executemany(
             """
@@ -20,7 +17,7 @@ def log_queries(conn: psycopg.Connection, entries: Sequence[tuple]) -> None:
                 (collection, model_key, mode, k, latency_ms, hits, query_text, query_vector, queried_at)
             VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
             """,
-            [(*entry, now) for entry in entries],
+            entries,
         )
 
 

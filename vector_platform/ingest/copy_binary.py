@@ -22,6 +22,7 @@ PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
 
 _int32 = struct.Struct(">i")
 _fields_uuid = struct.pack(">hi", 8, 16)  # 8 columns; the first is a 16-byte uuid
+_fields9_uuid = struct.pack(">hi", 9, 16)  # the same and updated_at
 _int4_field = struct.Struct(">ii")
 _jsonb_head = struct.Struct(">ib")
 
@@ -41,8 +42,12 @@ def _timestamptz(value: dt.datetime | None) -> bytes:
     return struct.pack(">iq", 8, micros)
 
 
-def encode_vector_rows(rows: Sequence[Sequence[Any]], vectors: np.ndarray) -> bytes:
-    """COPY BINARY stream for (chunk_id, doc_id, seq, content_hash, text, metadata, source_ts, embedding)."""
+def encode_vector_rows(
+    rows: Sequence[Sequence[Any]], vectors: np.ndarray, updated_at: Sequence[dt.datetime] | None = None
+) -> bytes:
+    """COPY BINARY stream for (chunk_id, doc_id, seq, content_hash, text, metadata, source_ts, embedding),
+    plus updated_at when given (a snapshot restored keeps its rows' times). `metadata` may be a
+    JSON text already (as a snapshot holds it) or an object to serialise."""
     vectors = np.ascontiguousarray(vectors, dtype=">f4")
     if vectors.ndim != 2 or len(vectors) != len(rows):
         raise ValueError(f"{len(rows)} rows but vectors of shape {vectors.shape}")
@@ -50,13 +55,19 @@ def encode_vector_rows(rows: Sequence[Sequence[Any]], vectors: np.ndarray) -> by
     vector_head = struct.pack(">ihh", 4 + 4 * dims, dims, 0)
     raw = vectors.tobytes()
     width = 4 * dims
+    if updated_at is not None and len(updated_at) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(updated_at)} updated_at values")
+    fields = _fields_uuid if updated_at is None else _fields9_uuid
     parts = [HEADER]
     for i, (chunk_id, doc_id, seq, content_hash, text, metadata, source_ts) in enumerate(rows):
-        meta = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+        if isinstance(metadata, str):
+            meta = metadata.encode()
+        else:
+            meta = json.dumps(metadata, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
         parts.append(
             b"".join(
                 (
-                    _fields_uuid,
+                    fields,
                     chunk_id.bytes,
                     _text(doc_id),
                     _int4_field.pack(4, seq),
@@ -67,6 +78,7 @@ def encode_vector_rows(rows: Sequence[Sequence[Any]], vectors: np.ndarray) -> by
                     _timestamptz(source_ts),
                     vector_head,
                     raw[i * width : (i + 1) * width],
+                    b"" if updated_at is None else _timestamptz(updated_at[i]),
                 )
             )
         )

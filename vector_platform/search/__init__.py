@@ -1,28 +1,49 @@
-"""Search across collections: embed the query once per model, ask each collection, merge.
+"""Search across collections and tiers: embed the query once per model, ask each collection in
+its tier, merge.
 
-Usable on its own (a pool and a query embedder; no Dagster `Definitions`): the CLI, the
-Python API and the HTTP API all call `search`. Every hit carries `source_tier`; stats say
-hits and latency per tier and how the lists were merged; warnings say what was skipped or
-why fewer than k hits came back. Every query updates the collection's `last_queried_at`
-and the query log. Tiers other than active slot in beside `active` as they arrive.
+Usable on its own (a pool, a query embedder and the object store; no Dagster `Definitions`):
+the CLI, the Python API and the HTTP API all call `search`.
+
+- active collections: HNSW (or exact with `exact=True`) in PostgreSQL, `active.py`;
+- cold collections: exact brute force over their verified snapshot, `cold.py`;
+- archived collections: skipped with a warning (an error when every target is archived).
+
+Every hit carries `source_tier`, `exact`, and for cold hits `snapshot_id`. Scores are
+computed as pgvector computes them in both tiers, so hits of one model merge by score; lists
+of different models merge by reciprocal rank fusion (`merge.py`). Stats say hits, latency
+and (cold) rows scanned per tier and where the cold data came from.
+
+The hot path is one round trip per active collection: catalog facts come from a cache the
+catalog invalidates itself (`facts.py`), planner settings are sent only when they change,
+and the query log is written in batches off the request path (`log.py`).
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import psycopg
 from psycopg_pool import ConnectionPool
 
-from vector_platform import catalog, tables
-from vector_platform.catalog.queries import log_queries
+from vector_platform import clock, db, tables
 from vector_platform.models import ModelSpec
-from vector_platform.search import active, merge
+from vector_platform.object_store import ObjectStore
+from vector_platform.search import active, cold, merge
+from vector_platform.search import filters as filter_language
 from vector_platform.search.active import MAX_K
+from vector_platform.search.facts import Facts, FactsCache, read_facts
+from vector_platform.search.log import QueryLog
 
 QueryEmbedder = Callable[[ModelSpec, str], np.ndarray]
+
+
+class AllArchived(ValueError):
+    """Every collection a search named is archived: nothing can answer it."""
 
 
 @dataclass
@@ -34,9 +55,14 @@ class Hit:
     text: str
     metadata: dict[str, Any]
     source_tier: str
+    exact: bool
+    snapshot_id: int | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        if out["snapshot_id"] is None:
+            del out["snapshot_id"]
+        return out
 
 
 @dataclass
@@ -50,6 +76,51 @@ class SearchResult:
         return {"query": self.query, "hits": [h.as_json() for h in self.hits], "stats": self.stats, "warnings": self.warnings}
 
 
+class Runtime:
+    """Per process and database: the facts cache, the search pool, the query log."""
+
+    def __init__(self, dsn: str, main_pool: ConnectionPool):
+        self.dsn = dsn
+        self.facts = FactsCache(dsn)
+        self.pool = db.get_search_pool(dsn)
+        self.log = QueryLog(lambda: main_pool)
+        # planner settings each search connection holds (see active._apply_settings)
+        self.sessions: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+_runtimes: dict[str, Runtime] = {}
+_runtimes_lock = threading.Lock()
+cold_cache = cold.ColdCache()
+
+
+def runtime(pool: ConnectionPool) -> Runtime:
+    dsn = pool.conninfo
+    with _runtimes_lock:
+        if dsn not in _runtimes:
+            _runtimes[dsn] = Runtime(dsn, pool)
+        return _runtimes[dsn]
+
+
+def flush_query_log(pool: ConnectionPool) -> None:
+    """Write the pending query log now (tests, and before reading last_queried_at)."""
+    runtime(pool).log.flush()
+
+
+@dataclass
+class _Tally:
+    hits: int = 0
+    latency_ms: float = 0.0
+    collections: int = 0
+    rows_scanned: int = 0
+    data_from: dict[str, str] = field(default_factory=dict)
+
+    def as_json(self, tier: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"hits": self.hits, "latency_ms": round(self.latency_ms, 3), "collections": self.collections}
+        if tier == "cold":
+            out.update(rows_scanned=self.rows_scanned, data_from=self.data_from)
+        return out
+
+
 def search(
     pool: ConnectionPool,
     embed_query: QueryEmbedder,
@@ -60,67 +131,84 @@ def search(
     exact: bool = False,
     filters: dict[str, Any] | None = None,
     log_query: bool = True,
+    store: ObjectStore | None = None,
 ) -> SearchResult:
     if (query is None) == (vector is None):
         raise ValueError("give either a query text or a vector")
-    if not collections:
-        raise ValueError("name at least one collection")
-    if not isinstance(k, int) or not 1 <= k <= MAX_K:
+    if not collections or isinstance(collections, str):
+        raise ValueError("name at least one collection (a list of names)")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise ValueError(f"k must be between 1 and {MAX_K} (pgvector's largest hnsw.ef_search), got {k}")
-    if filters is not None and not isinstance(filters, dict):
-        raise ValueError("filters must be a JSON object, e.g. {\"year\": 2024}")
+    filters = filter_language.validate(filters) or None
+    rt = runtime(pool)
     result = SearchResult(query=query, hits=[])
-    per_tier: dict[str, dict[str, float]] = {}
+    tally: dict[str, _Tally] = {}
     vectors: dict[str, np.ndarray] = {}
     lists: list[list[Hit]] = []
     fingerprints: dict[str, str] = {}
     logged: list[tuple] = []
+    queried: list[str] = []
+    rehydrate: list[str] = []
+    archived: list[str] = []
     exact_fallbacks: list[str] = []
-    with pool.connection() as conn:
-        catalog.bootstrap(conn)
-        for name in dict.fromkeys(collections):
-            coll = catalog.get_collection(conn, name, missing_ok=True)
-            if coll is None:
+
+    def vector_for(spec: ModelSpec) -> np.ndarray:
+        if spec.key not in vectors:
+            vectors[spec.key] = _query_vector(spec, query, vector, embed_query)
+        return vectors[spec.key]
+
+    with rt.pool.connection() as conn:
+        session = rt.sessions.setdefault(conn, {})
+        targets = [(name, rt.facts.get(conn, name)) for name in dict.fromkeys(collections)]
+        known = [f for _, f in targets if f is not None]
+        if known and all(f.tier == "archived" for f in known):
+            raise AllArchived(
+                "every collection searched is archived (" + ", ".join(f.name for f in known) + "): archived collections "
+                "keep only their catalog rows and cannot be searched"
+            )
+        for name, facts in targets:
+            if facts is None:
                 result.warnings.append(f"unknown collection {name!r} skipped")
                 continue
-            if coll.tier != "active":
-                result.warnings.append(f"collection {name!r} is {coll.tier}; only active collections are searched")
+            for attempt in (1, 2):
+                try:
+                    outcome = _search_one(conn, session, facts, vector_for, k, exact, filters, store, tally)
+                    break
+                except (psycopg.errors.UndefinedTable, psycopg.errors.InternalError, psycopg.errors.ObjectInUse):
+                    # The tier changed under a cached fact (e.g. the table was dropped by an evict):
+                    # read the facts afresh and ask again in the collection's new tier.
+                    if attempt == 2:
+                        raise
+                    rt.facts.invalidate(name)
+                    facts = read_facts(conn, name)
+                    if facts is None:
+                        outcome = ("warning", f"collection {name!r} was removed while searched")
+                        break
+            kind, payload = outcome
+            if kind == "warning":
+                result.warnings.append(payload)
                 continue
-            if coll.serving_model is None or not tables.view_exists(conn, name):
-                result.warnings.append(f"collection {name!r} has no serving view yet; ingest it first")
+            if kind == "archived":
+                archived.append(name)
                 continue
-            spec = catalog.get_model(conn, coll.serving_model)
-            if spec.key not in vectors:
-                vectors[spec.key] = _query_vector(spec, query, vector, embed_query)
-            qvec = vectors[spec.key]
-            relation = tables.view_id(name)
-            began = time.perf_counter()
-            rows = active.nearest(conn, relation, spec, qvec, k, exact, coll.settings.hnsw_ef_search, filters)
-            mode = "exact" if exact else "ann"
-            if len(rows) < k and not exact and active.count_matching(conn, relation, filters, k) > len(rows):
-                # The index scan stopped short of k rows that exist (a very selective filter):
-                # exact search finds them all.
-                rows = active.nearest(conn, relation, spec, qvec, k, True, filters=filters)
-                mode = "exact_fallback"
+            hits, spec, fingerprint, mode, elapsed, fallback = payload
+            lists.append(hits)
+            fingerprints[name] = fingerprint
+            queried.append(name)
+            if fallback:
                 exact_fallbacks.append(name)
-            elapsed = (time.perf_counter() - began) * 1000
-            tier = per_tier.setdefault("active", {"hits": 0, "latency_ms": 0.0, "collections": 0})
-            tier["hits"] += len(rows)
-            tier["latency_ms"] += elapsed
-            tier["collections"] += 1
-            lists.append(
-                [
-                    Hit(name, str(chunk_id), doc_id, tables.score_from_distance(spec, float(distance)), text, metadata, "active")
-                    for chunk_id, doc_id, text, metadata, distance in rows
-                ]
-            )
-            fingerprints[name] = catalog.table_fingerprint(conn, name, spec.key)
-            logged.append((name, spec.key, mode, k, elapsed, len(rows), query, qvec))
-        if logged:
-            with conn.transaction():
-                catalog.touch_queried(conn, [entry[0] for entry in logged])
-                if log_query:
-                    log_queries(conn, logged)
+            if facts.tier == "cold" and facts.rules.rehydrate_on_query:
+                rehydrate.append(name)
+            logged.append((name, spec.key, mode, k, elapsed, len(hits), query, vector_for(spec)))
+    if archived:
+        result.warnings.append("archived collections skipped (vectors deleted; catalog rows only): " + ", ".join(archived))
+    if rehydrate:
+        result.warnings.append(
+            "answered from the cold tier; a rehydrate was requested for " + ", ".join(rehydrate)
+            + " (the tiering sensor starts it)"
+        )
+    if log_query and (logged or queried):
+        rt.log.record(clock.now(), logged, queried, rehydrate)
     distinct = set(fingerprints.values())
     if len(distinct) <= 1:
         result.hits = merge.by_score(lists, lambda h: h.score, k)
@@ -133,7 +221,6 @@ def search(
             + ", ".join(f"{c}={f}" for c, f in fingerprints.items())
             + "): results merged by reciprocal rank fusion, not by score"
         )
-    total_available = sum(len(hits) for hits in lists)
     if len(result.hits) < k and lists:
         result.warnings.append(
             f"{len(result.hits)} hits for k={k}: the searched collections hold no more"
@@ -144,10 +231,78 @@ def search(
         "k": k,
         "merge": merged_by,
         "exact_fallback": exact_fallbacks,
-        "candidates": total_available,
-        "tiers": {t: {**v, "latency_ms": round(v["latency_ms"], 3)} for t, v in per_tier.items()},
+        "candidates": sum(len(hits) for hits in lists),
+        "tiers": {tier: t.as_json(tier) for tier, t in tally.items()},
     }
+    if rehydrate:
+        result.stats["rehydrate_requested"] = rehydrate
     return result
+
+
+def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, store, tally) -> tuple[str, Any]:
+    """One collection in its tier: ("hits", (...)) | ("warning", text) | ("archived", None)."""
+    name = facts.name
+    if facts.tier == "archived":
+        return "archived", None
+    if facts.spec is None:
+        return "warning", f"collection {name!r} has no serving model"
+    if facts.tier == "cold":
+        return _search_cold(facts, vector_for, k, filters, store, tally)
+    if not facts.has_view:
+        return "warning", f"collection {name!r} has no serving view yet; ingest it first"
+    spec = facts.spec
+    qvec = vector_for(spec)
+    relation = tables.view_id(name)
+    began = time.perf_counter()
+    rows = active.nearest(conn, relation, spec, qvec, k, exact, facts.settings.hnsw_ef_search, filters, session=session)
+    mode, fallback = ("exact" if exact else "ann"), False
+    if len(rows) < k and not exact and active.count_matching(conn, relation, filters, k) > len(rows):
+        # The index scan stopped short of k rows that exist (a very selective filter):
+        # exact search finds them all.
+        rows = active.nearest(conn, relation, spec, qvec, k, True, filters=filters, session=session)
+        mode, fallback = "exact_fallback", True
+    elapsed = (time.perf_counter() - began) * 1000
+    t = tally.setdefault("active", _Tally())
+    t.hits += len(rows)
+    t.latency_ms += elapsed
+    t.collections += 1
+    is_exact = mode != "ann"
+    hits = [
+        Hit(name, str(chunk_id), doc_id, tables.score_from_distance(spec, float(distance)), text, metadata, "active", is_exact)
+        for chunk_id, doc_id, text, metadata, distance in rows
+    ]
+    return "hits", (hits, spec, facts.fingerprint, mode, elapsed, fallback)
+
+
+def _search_cold(facts: Facts, vector_for, k, filters, store, tally) -> tuple[str, Any]:
+    name, receipt = facts.name, facts.snapshot
+    if receipt is None:
+        return "warning", f"cold collection {name!r} has no snapshot recorded; skipped"
+    if store is None:
+        return "warning", f"cold collection {name!r} skipped: no object store to read its snapshot from"
+    spec = facts.spec
+    if receipt.manifest.get("model_key") != spec.key:
+        return "warning", f"cold collection {name!r} skipped: its snapshot holds {receipt.manifest.get('model_key')!r} vectors, not the serving model {spec.key!r}"
+    qvec = vector_for(spec)
+    began = time.perf_counter()
+    try:
+        data, source = cold_cache.get(store, receipt)
+        found = cold.nearest(data, spec, qvec, k, filters)
+        rows = cold.rows_of(data, [i for i, _ in found])
+    except Exception as err:  # noqa: BLE001 - a cold read that fails leaves the rest of the answer
+        return "warning", f"cold collection {name!r} skipped: its snapshot {receipt.id} could not be read ({err})"
+    elapsed = (time.perf_counter() - began) * 1000
+    t = tally.setdefault("cold", _Tally())
+    t.hits += len(found)
+    t.latency_ms += elapsed
+    t.collections += 1
+    t.rows_scanned += data.count
+    t.data_from[name] = source
+    hits = [
+        Hit(name, row["chunk_id"], row["doc_id"], tables.score_from_distance(spec, distance), row["text"], row["metadata"], "cold", True, receipt.id)
+        for (_, distance), row in zip(found, rows)
+    ]
+    return "hits", (hits, spec, receipt.manifest.get("fingerprint"), "cold_exact", elapsed, False)
 
 
 def _query_vector(spec: ModelSpec, query, vector, embed_query: QueryEmbedder) -> np.ndarray:

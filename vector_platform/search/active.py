@@ -25,9 +25,9 @@ MAX_K = 1000
 MAX_SCAN_TUPLES = 100_000
 
 
-def _plan_settings(conn: psycopg.Connection, exact: bool, ef_search: int, iterative: bool) -> None:
-    """Set every planner knob search depends on, each time, for this transaction only."""
-    settings = {
+def plan_settings(exact: bool, ef_search: int, iterative: bool) -> dict[str, str]:
+    """Every planner knob search depends on."""
+    return {
         "enable_seqscan": "on" if exact else "off",
         "enable_indexscan": "off" if exact else "on",
         "enable_bitmapscan": "off" if exact else "on",
@@ -35,8 +35,27 @@ def _plan_settings(conn: psycopg.Connection, exact: bool, ef_search: int, iterat
         "hnsw.iterative_scan": "relaxed_order" if iterative and not exact else "off",
         "hnsw.max_scan_tuples": str(MAX_SCAN_TUPLES),
     }
-    for name, value in settings.items():
-        conn.execute("SELECT set_config(%s, %s, true)", (name, value), prepare=False)
+
+
+def _set(conn: psycopg.Connection, settings: dict[str, str], local: bool) -> None:
+    """All settings in one statement (one round trip)."""
+    calls = sql.SQL(", ").join(
+        sql.SQL("set_config({}, {}, {})").format(sql.Literal(name), sql.Literal(value), sql.Literal(local))
+        for name, value in settings.items()
+    )
+    conn.execute(sql.SQL("SELECT {}").format(calls), prepare=False)
+
+
+def _apply_settings(conn: psycopg.Connection, settings: dict[str, str], session: dict[str, str] | None) -> None:
+    """Transaction-local settings on a shared connection; on a search-only connection, session
+    settings sent only when they differ from what the connection already has (`session`)."""
+    if session is None:
+        _set(conn, settings, local=True)
+        return
+    changed = {name: value for name, value in settings.items() if session.get(name) != value}
+    if changed:
+        _set(conn, changed, local=False)
+        session.update(changed)
 
 
 def nearest(
@@ -49,8 +68,13 @@ def nearest(
     ef_search: int = 100,
     filters: dict[str, Any] | None = None,
     columns: sql.Composable | None = None,
+    session: dict[str, str] | None = None,
 ) -> list[tuple]:
-    """Top-k rows by the model's distance; each row ends with the distance."""
+    """Top-k rows by the model's distance; each row ends with the distance.
+
+    `session`: the settings a search-only connection already holds (see `_apply_settings`);
+    None on a shared connection, where settings last one transaction.
+    """
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
     columns = columns or sql.SQL("chunk_id, doc_id, text, metadata")
@@ -60,9 +84,14 @@ def nearest(
         "ORDER BY embedding {op} %(q)s::{vtype} LIMIT %(k)s"
     ).format(columns=columns, op=operator(spec), vtype=sql.SQL(spec.storage_type), rel=relation, where=where)
     params = {"q": np.asarray(vector, dtype=np.float32), "k": k, "filters": Jsonb(filters or {})}
-    with conn.transaction():
-        _plan_settings(conn, exact, max(ef_search, k), iterative=bool(filters))
+    settings = plan_settings(exact, max(ef_search, k), iterative=bool(filters))
+    if session is not None:
+        _apply_settings(conn, settings, session)
         rows = conn.execute(query, params, prepare=False).fetchall()
+    else:
+        with conn.transaction():
+            _apply_settings(conn, settings, None)
+            rows = conn.execute(query, params, prepare=False).fetchall()
     if filters and not exact:  # relaxed order: results may come slightly out of order
         rows.sort(key=lambda r: r[-1])
     return rows
@@ -72,7 +101,7 @@ def count_matching(conn: psycopg.Connection, relation: sql.Composable, filters: 
     """How many rows match the filters, counting no further than `up_to`."""
     where = sql.SQL("WHERE metadata @> %(filters)s") if filters else sql.SQL("")
     query = sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {rel} {where} LIMIT %(n)s) s").format(rel=relation, where=where)
-    return conn.execute(query, {"filters": Jsonb(filters or {}), "n": up_to}).fetchone()[0]
+    return conn.execute(query, {"filters": Jsonb(filters or {}), "n": up_to}, prepare=False).fetchone()[0]
 
 
 def explain_nearest(
@@ -83,6 +112,6 @@ def explain_nearest(
         rel=relation, op=operator(spec), vtype=sql.SQL(spec.storage_type)
     )
     with conn.transaction():
-        _plan_settings(conn, exact, ef_search, iterative=False)
+        _apply_settings(conn, plan_settings(exact, ef_search, iterative=False), None)
         plan = conn.execute(query, {"q": np.asarray(vector, dtype=np.float32)}, prepare=False).fetchall()
     return "\n".join(r[0] for r in plan)

@@ -7,8 +7,6 @@ only what is left.
 """
 
 import os
-from contextlib import contextmanager
-
 import dagster as dg
 from pydantic import Field
 
@@ -19,9 +17,9 @@ from vector_platform.defs.partitions import (
     collection_partitions,
 )
 from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource
+from vector_platform.defs.writing import writing
 from vector_platform.ingest import steps
-from vector_platform.locks import writer_lock
-from vector_platform.progress import notify, reporter
+from vector_platform.progress import reporter
 
 
 def _attached_model(pool, collection: str, model_key: str):
@@ -34,17 +32,6 @@ def _attached_model(pool, collection: str, model_key: str):
                 f"(attached: {', '.join(coll.models) or 'none'})"
             )
         return coll, catalog.get_model(conn, model_key)
-
-
-@contextmanager
-def _writing(context, postgres: PostgresResource, collection: str, model_key: str | None = None):
-    def say(message: str) -> None:
-        # A wait is worth a warning: it stands out in the UI's run log, and the CLI shows it live.
-        context.log.warning(message)
-        notify(message)
-
-    with writer_lock(postgres.resolved_dsn(), collection, model_key, say=say) as waited:
-        yield waited
 
 
 class SourceConfig(dg.Config):
@@ -70,7 +57,7 @@ def source_documents(
     that reads as missing or empty, or would delete more than max_delete_fraction of the
     documents, is refused and changes nothing (unless allow_deletes)."""
     collection = context.partition_key
-    with _writing(context, postgres, collection) as waited:
+    with writing(context, postgres, collection) as waited:
         try:
             figures = steps.register_documents(postgres.pool(), collection, allow_deletes=config.allow_deletes)
         except steps.SourceRefused as err:
@@ -101,7 +88,7 @@ def chunks(
     changed are re-chunked, in batches that each commit on their own."""
     collection = context.partition_key
     pool = postgres.pool()
-    with _writing(context, postgres, collection):
+    with writing(context, postgres, collection):
         # Settings are read under the lock: a `collections set` waits for this step, or this for it.
         with pool.connection() as conn:
             coll = catalog.get_collection(conn, collection)
@@ -136,7 +123,7 @@ def embeddings(
     _, spec = _attached_model(pool, collection, model_key)
     store = object_store.store()
     model = embedder.for_model(spec)
-    with _writing(context, postgres, collection, model_key):
+    with writing(context, postgres, collection, model_key):
         stats = steps.embed_chunks(
             pool, store, model, collection, model_key, batch_size=model.batch_size(embedder.batch_size),
             progress=reporter(context.log),
@@ -168,7 +155,7 @@ def vector_table(
     collection, model_key = collection_and_model(context)
     pool = postgres.pool()
     _, spec = _attached_model(pool, collection, model_key)
-    with _writing(context, postgres, collection, model_key):
+    with writing(context, postgres, collection, model_key):
         figures = steps.load_vectors(pool, object_store.store(), collection, model_key, progress=reporter(context.log))
     return dg.MaterializeResult(
         metadata={
@@ -195,7 +182,7 @@ def hnsw_index(context: dg.AssetExecutionContext, postgres: PostgresResource) ->
     collection, model_key = collection_and_model(context)
     pool = postgres.pool()
     coll, spec = _attached_model(pool, collection, model_key)
-    with _writing(context, postgres, collection, model_key), pool.connection() as conn:
+    with writing(context, postgres, collection, model_key), pool.connection() as conn:
         table = catalog.vector_table_name(conn, collection, model_key)
         if not tables.table_exists(conn, table):
             raise dg.Failure(f"no vector table for {collection}/{model_key}: materialize vector_table first")
@@ -228,7 +215,7 @@ def serving_view(context: dg.AssetExecutionContext, postgres: PostgresResource) 
     """What search reads for a collection: a view in schema vp_serving over the serving model's
     vector table, replaced atomically in one transaction when the serving model changes."""
     collection = context.partition_key
-    with _writing(context, postgres, collection), postgres.pool().connection() as conn:
+    with writing(context, postgres, collection), postgres.pool().connection() as conn:
         coll = catalog.get_collection(conn, collection)
         table = catalog.vector_table_name(conn, collection, coll.serving_model)
         if not tables.table_exists(conn, table):

@@ -1,0 +1,233 @@
+"""The cold tier: exact brute-force search over a collection's verified snapshot.
+
+A snapshot is fetched once from the object store (each file checked against its sha256 on
+the way down; a mismatch is an error, never served), converted into a local disk cache under
+`$VP_HOME/cache/cold` — the vectors as a float32 `.npy` matrix, the rest as an Arrow IPC
+file read memory-mapped — and loaded into an in-memory LRU. Both caches are bounded in bytes
+(`VP_COLD_MEMORY_BYTES`, default 1 GiB; `VP_COLD_DISK_BYTES`, default 8 GiB).
+
+Distances are computed as pgvector computes them (float32 products and sums, the cosine
+ratio in double precision, L2 re-ranked from the exact differences), so a chunk scores the
+same here as in its active table and hits of both tiers merge by score. numpy's matrix-vector
+product runs on one BLAS thread: on a small shared machine more threads only add overhead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from threadpoolctl import threadpool_limits
+
+from vector_platform.catalog.tiers import SnapshotReceipt
+from vector_platform.models import ModelSpec
+from vector_platform.object_store import ObjectStore
+from vector_platform.search import filters as filter_language
+from vector_platform.settings import vp_home
+from vector_platform.tiers.snapshots import fetch_verified
+
+ROW_COLUMNS = ["chunk_id", "doc_id", "text", "metadata"]
+
+
+@dataclass
+class ColdData:
+    """One snapshot, ready to search: vectors and squared norms in memory, rows memory-mapped."""
+
+    snapshot_id: int
+    vectors: np.ndarray  # (n, dims) float32
+    norms2: np.ndarray  # (n,) float32, as pgvector sums them
+    rows: pa.Table  # chunk_id, doc_id, text, metadata (memory-mapped)
+    nbytes: int
+
+    @property
+    def count(self) -> int:
+        return len(self.vectors)
+
+
+class ColdCache:
+    """Local disk cache + in-memory LRU of snapshots, both bounded in bytes. Thread-safe."""
+
+    def __init__(self, root: Path | None = None, memory_bytes: int | None = None, disk_bytes: int | None = None):
+        self.root = root or vp_home() / "cache" / "cold"
+        self.memory_bytes = memory_bytes or int(os.environ.get("VP_COLD_MEMORY_BYTES", str(2**30)))
+        self.disk_bytes = disk_bytes or int(os.environ.get("VP_COLD_DISK_BYTES", str(8 * 2**30)))
+        self._memory: OrderedDict[tuple[str, int], ColdData] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[tuple[str, int], threading.Lock] = {}
+
+    def folder(self, store: ObjectStore, snapshot_id: int) -> Path:
+        return self.root / hashlib.sha1(store.url.encode()).hexdigest()[:12] / str(snapshot_id)
+
+    def get(self, store: ObjectStore, receipt: SnapshotReceipt) -> tuple[ColdData, str]:
+        """(data, where it came from: memory | local_disk | object_store)."""
+        key = (store.url, receipt.id)
+        with self._lock:
+            data = self._memory.get(key)
+            if data is not None:
+                self._memory.move_to_end(key)
+                return data, "memory"
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one thread loads a snapshot; the others wait for it
+            with self._lock:
+                data = self._memory.get(key)
+                if data is not None:
+                    return data, "memory"
+            folder = self.folder(store, receipt.id)
+            source = "local_disk"
+            if not (folder / "READY").exists():
+                self._materialise(store, receipt, folder)
+                source = "object_store"
+            data = _load(folder, receipt)
+            os.utime(folder / "READY")  # recency for the disk LRU
+            with self._lock:
+                self._memory[key] = data
+                self._trim_memory()
+                self._loading.pop(key, None)
+        return data, source
+
+    def _trim_memory(self) -> None:
+        total = sum(d.nbytes for d in self._memory.values())
+        while total > self.memory_bytes and len(self._memory) > 1:
+            _, dropped = self._memory.popitem(last=False)
+            total -= dropped.nbytes
+
+    def forget(self, snapshot_id: int | None = None) -> None:
+        """Drop snapshots from memory (all when None); the disk cache stays."""
+        with self._lock:
+            for key in [k for k in self._memory if snapshot_id is None or k[1] == snapshot_id]:
+                del self._memory[key]
+
+    def _materialise(self, store: ObjectStore, receipt: SnapshotReceipt, folder: Path) -> None:
+        """Fetch and verify the snapshot, and convert it into the local format, atomically."""
+        work = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            paths = fetch_verified(store, receipt, work / "parquet")
+            dims = receipt.manifest["dims"]
+            vectors = np.lib.format.open_memmap(work / "vectors.npy", mode="w+", dtype=np.float32, shape=(receipt.rows, dims))
+            schema = pa.schema([("chunk_id", pa.string()), ("doc_id", pa.string()), ("text", pa.string()), ("metadata", pa.string())])
+            at = 0
+            with pa.OSFile(str(work / "rows.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                for path in paths:
+                    for batch in pq.ParquetFile(path).iter_batches(batch_size=8192, columns=ROW_COLUMNS + ["embedding"]):
+                        n = batch.num_rows
+                        flat = batch.column(4).flatten().to_numpy(zero_copy_only=False)
+                        vectors[at : at + n] = flat.reshape(n, dims)
+                        writer.write_batch(pa.record_batch(batch.columns[:4], schema=schema))
+                        at += n
+            if at != receipt.rows:
+                raise ValueError(f"snapshot {receipt.id}: {at} rows read, the receipt says {receipt.rows}")
+            vectors.flush()
+            del vectors
+            shutil.rmtree(work / "parquet")
+            (work / "READY").write_text(json.dumps({"snapshot_id": receipt.id, "rows": receipt.rows}))
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(work, folder)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self._trim_disk(keep=folder)
+
+    def _trim_disk(self, keep: Path) -> None:
+        """Delete the least recently used snapshot folders beyond the disk budget."""
+        folders = [p.parent for p in self.root.glob("*/*/READY")]
+        sizes = {f: sum(x.stat().st_size for x in f.iterdir() if x.is_file()) for f in folders}
+        total = sum(sizes.values())
+        for folder in sorted(folders, key=lambda f: (f / "READY").stat().st_mtime):
+            if total <= self.disk_bytes:
+                break
+            if folder == keep:
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            total -= sizes[folder]
+
+
+def _load(folder: Path, receipt: SnapshotReceipt) -> ColdData:
+    vectors = np.load(folder / "vectors.npy")  # into memory: searched in full on every query
+    if vectors.shape != (receipt.rows, receipt.manifest["dims"]):
+        raise ValueError(f"local copy of snapshot {receipt.id} has shape {vectors.shape}")
+    norms2 = np.einsum("ij,ij->i", vectors, vectors)
+    rows = pa.ipc.open_file(pa.memory_map(str(folder / "rows.arrow"))).read_all()
+    return ColdData(receipt.id, vectors, norms2, rows, vectors.nbytes + norms2.nbytes)
+
+
+def distances(data: ColdData, spec: ModelSpec, query: np.ndarray) -> np.ndarray:
+    """pgvector's distance from `query` to every row (float64; NaN where pgvector gives NaN)."""
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    with threadpool_limits(limits=1, user_api="blas"):
+        dots = data.vectors @ q
+    if spec.distance == "cosine":
+        qn2 = np.float32(q @ q)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            similarity = dots.astype(np.float64) / np.sqrt(data.norms2.astype(np.float64) * float(qn2))
+        return 1.0 - np.clip(similarity, -1.0, 1.0)
+    if spec.distance == "inner_product":
+        return -dots.astype(np.float64)
+    # l2: ||v||^2 - 2 v.q + ||q||^2 ranks; the candidates' exact distances are computed below.
+    qn2 = np.float32(q @ q)
+    return np.sqrt(np.maximum(data.norms2 - 2 * dots + qn2, 0)).astype(np.float64)
+
+
+def _exact_l2(data: ColdData, index: np.ndarray, query: np.ndarray) -> np.ndarray:
+    diff = data.vectors[index] - query.astype(np.float32)
+    return np.sqrt(np.einsum("ij,ij->i", diff, diff).astype(np.float64))
+
+
+def nearest(
+    data: ColdData, spec: ModelSpec, query: np.ndarray, k: int, filters: dict[str, Any] | None = None
+) -> list[tuple[int, float]]:
+    """The k nearest rows (index, distance), best first; with filters, the k nearest that match."""
+    if data.count == 0:
+        return []
+    dist = distances(data, spec, query)
+    dist = np.where(np.isnan(dist), np.inf, dist)
+    if spec.distance == "l2":
+        # Re-rank with exact differences: every row within the expansion's rounding error of
+        # the k-th candidate is a candidate.
+        want = min(data.count, k if not filters else data.count)
+        kth = np.partition(dist, want - 1)[want - 1] if want < data.count else dist.max()
+        slack = 1e-3 * (1.0 + kth)
+        candidates = np.flatnonzero(dist <= kth + slack)
+        dist_c = _exact_l2(data, candidates, query)
+        order = candidates[np.lexsort((candidates, dist_c))]
+        exact = dict(zip(candidates.tolist(), dist_c.tolist()))
+        ranked = ((int(i), exact[int(i)]) for i in order)
+    elif not filters:
+        top = np.argpartition(dist, k - 1)[:k] if k < data.count else np.arange(data.count)
+        top = top[np.lexsort((top, dist[top]))]
+        return [(int(i), float(dist[i])) for i in top if np.isfinite(dist[i])]
+    else:
+        order = np.lexsort((np.arange(data.count), dist))
+        ranked = ((int(i), float(dist[i])) for i in order)
+    out: list[tuple[int, float]] = []
+    metadata = data.rows.column("metadata") if filters else None
+    for i, d in ranked:
+        if not np.isfinite(d):
+            break
+        if filters and not filter_language.contains(json.loads(metadata[i].as_py()), filters):
+            continue
+        out.append((i, d))
+        if len(out) == k:
+            break
+    return out
+
+
+def rows_of(data: ColdData, indices: list[int]) -> list[dict[str, Any]]:
+    """chunk_id, doc_id, text and metadata of the given rows (read from the mapped file)."""
+    if not indices:
+        return []
+    taken = data.rows.take(pa.array(indices, type=pa.int64())).to_pylist()
+    for row in taken:
+        row["metadata"] = json.loads(row["metadata"])
+    return taken

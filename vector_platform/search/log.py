@@ -1,0 +1,97 @@
+"""The query log, written in batches off the request path.
+
+A search appends its entries to memory and returns; a background thread writes them every
+`VP_QUERY_LOG_FLUSH_S` seconds (default 1) in one transaction: the `query_stats` rows, each
+collection's `last_queried_at`, and the rehydrate requests of cold collections whose rules
+ask for one. At most `MAX_PENDING` entries wait (the oldest log rows are dropped beyond, and
+counted; last_queried_at and rehydrate requests are never dropped). `flush()` writes now;
+it also runs when the process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as dt
+import logging
+import os
+import threading
+from collections import deque
+from typing import Callable
+
+from psycopg_pool import ConnectionPool
+
+from vector_platform.catalog import tiers as tier_sql
+from vector_platform.catalog.queries import log_queries
+
+log = logging.getLogger(__name__)
+MAX_PENDING = 10_000
+
+
+class QueryLog:
+    def __init__(self, pool: Callable[[], ConnectionPool], flush_s: float | None = None):
+        self._pool = pool
+        self.flush_s = flush_s if flush_s is not None else float(os.environ.get("VP_QUERY_LOG_FLUSH_S", "1.0"))
+        self._entries: deque[tuple] = deque()
+        self._last_queried: dict[str, dt.datetime] = {}
+        self._rehydrate: dict[str, dt.datetime] = {}
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        atexit.register(self._flush_at_exit)
+
+    def record(self, at: dt.datetime, entries: list[tuple], queried: list[str], rehydrate: list[str]) -> None:
+        """entries: (collection, model_key, mode, k, latency_ms, hits, query_text, query_vector), logged at `at`."""
+        with self._lock:
+            for entry in entries:
+                if len(self._entries) >= MAX_PENDING:
+                    self._entries.popleft()
+                    self.dropped += 1
+                self._entries.append((*entry, at))
+            for name in queried:
+                if name not in self._last_queried or self._last_queried[name] < at:
+                    self._last_queried[name] = at
+            for name in rehydrate:
+                self._rehydrate.setdefault(name, at)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="vector_platform query log", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.flush_s)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception as err:  # noqa: BLE001 - keep the entries and try again later
+                log.warning("query log flush failed (%s); will retry", err)
+
+    def _flush_at_exit(self) -> None:
+        try:
+            self.flush()
+        except Exception as err:  # noqa: BLE001 - the database may be gone already
+            if self._entries or self._last_queried:
+                log.warning("query log: %d entries not written at exit (%s)", len(self._entries), err)
+
+    def flush(self) -> None:
+        with self._flush_lock:
+            with self._lock:
+                entries, self._entries = list(self._entries), deque()
+                queried, self._last_queried = self._last_queried, {}
+                rehydrate, self._rehydrate = self._rehydrate, {}
+            if not (entries or queried or rehydrate):
+                return
+            try:
+                with self._pool().connection() as conn, conn.transaction():
+                    if entries:
+                        log_queries(conn, entries)
+                    tier_sql.note_queries(conn, queried, rehydrate)
+            except Exception:
+                with self._lock:  # put everything back for the next attempt
+                    self._entries.extendleft(reversed(entries))
+                    for name, at in queried.items():
+                        self._last_queried[name] = max(at, self._last_queried.get(name, at))
+                    for name, at in rehydrate.items():
+                        self._rehydrate.setdefault(name, at)
+                raise

@@ -1,0 +1,401 @@
+"""Cold snapshots: a vector table as verified Parquet files plus a manifest on the object store.
+
+Layout: `collections/<collection>/snapshots/<model>/<stamp>-<id>/part-00000.parquet ... manifest.json`.
+Rows are written in chunk_id order (so a restore can resume after the last row it loaded),
+zstd-compressed, the float vector column BYTE_STREAM_SPLIT-encoded and never dictionary-
+encoded, in row groups of about 8 MiB so a reader can fetch one group with a ranged read.
+
+A snapshot counts only once it was read back from the store and verified: every file's
+sha256 and size, the row count, and a sha256 over the sorted chunk ids against the table's.
+Then its receipt is written to the catalog (`catalog.tiers.record_snapshot`). A table whose
+digest (rows, ids, content, metadata, times) equals the newest receipt's is not written again.
+
+Nothing here takes locks: callers hold the collection's writer lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from vector_platform import catalog, clock, tables
+from vector_platform.catalog import tiers as tier_sql
+from vector_platform.catalog.tiers import SnapshotReceipt
+from vector_platform.models import ModelSpec
+from vector_platform.object_store import ObjectStore
+
+FORMAT_VERSION = 1
+ROW_GROUP_BYTES = 8 * 2**20
+READ_CHUNK = 8 * 2**20
+
+
+def rows_per_file() -> int:
+    return int(os.environ.get("VP_SNAPSHOT_ROWS_PER_FILE", "100000"))
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot could not be written, read or verified (the table is left as it was)."""
+
+
+class SnapshotCorrupt(SnapshotError):
+    """A snapshot's bytes on the store differ from its receipt: it is never served."""
+
+
+def arrow_schema(dims: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("chunk_id", pa.string()),
+            ("doc_id", pa.string()),
+            ("seq", pa.int32()),
+            ("content_hash", pa.string()),
+            ("text", pa.string()),
+            ("metadata", pa.string()),  # jsonb's own text form
+            ("source_ts", pa.timestamp("us", tz="UTC")),
+            ("updated_at", pa.timestamp("us", tz="UTC")),
+            ("embedding", pa.list_(pa.float32(), dims)),
+        ]
+    )
+
+
+_SELECT = (
+    "SELECT chunk_id::text, doc_id, seq, content_hash, text, metadata::text, source_ts, updated_at, embedding "
+    "FROM {t} {where} ORDER BY chunk_id LIMIT %(n)s"
+)
+
+
+def table_digest(conn: psycopg.Connection, table: str) -> tuple[int, str]:
+    """(rows, digest) of a vector table: changes when any row is added, removed or rewritten
+    (every write of a row sets its updated_at). Order-independent, constant memory."""
+    rows, total = conn.execute(
+        sql.SQL(
+            "SELECT count(*), coalesce(sum(hashtextextended(concat_ws('|', chunk_id, doc_id, seq, content_hash, "
+            "md5(metadata::text), extract(epoch FROM source_ts), extract(epoch FROM updated_at)), 0)::numeric), 0) FROM {}"
+        ).format(tables.table_id(table))
+    ).fetchone()
+    return rows, f"{rows}:{total}"
+
+
+@dataclass
+class SnapshotResult:
+    receipt: SnapshotReceipt
+    written: bool  # False: the table was unchanged and the newest snapshot stands
+    seconds: float
+    deleted_older: list[int]
+
+
+def ensure_snapshot(
+    pool: ConnectionPool,
+    store: ObjectStore,
+    collection: str,
+    model_key: str,
+    say: Callable[[str], None] = lambda _: None,
+) -> SnapshotResult:
+    """A verified snapshot of the (collection, model) table: the newest one when the table did
+    not change since, else a new one (written, read back, verified, receipted). Older
+    snapshots of the pair that nothing serves from are deleted after the new receipt."""
+    started = time.perf_counter()
+    with pool.connection() as conn:
+        coll = catalog.get_collection(conn, collection)
+        spec = catalog.get_model(conn, model_key)
+        table = catalog.vector_table_name(conn, collection, model_key)
+        if not tables.table_exists(conn, table):
+            raise SnapshotError(f"{collection}/{model_key} has no vector table to snapshot")
+        rows, digest = table_digest(conn, table)
+        latest = tier_sql.latest_snapshot(conn, collection, model_key)
+        fingerprint = catalog.table_fingerprint(conn, collection, model_key)
+    if latest and latest.table_digest == digest and latest.manifest.get("fingerprint") == fingerprint:
+        verify_present(store, latest)
+        say(f"{collection}/{model_key}: the table is unchanged since snapshot {latest.id}; not written again")
+        return SnapshotResult(latest, False, time.perf_counter() - started, [])
+    created = clock.now()
+    prefix = f"collections/{collection}/snapshots/{model_key}/{created:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "collection": collection,
+        "model_key": model_key,
+        "fingerprint": fingerprint,
+        "dims": spec.dims,
+        "distance": spec.distance,
+        "storage_type": spec.storage_type,
+        "hnsw": {"m": coll.settings.hnsw_m, "ef_construction": coll.settings.hnsw_ef_construction},
+        "table": table,
+        "table_digest": digest,
+        "created_at": created.isoformat(),
+        "prefix": prefix,
+    }
+    try:
+        files, id_hash, written_rows = _write_files(pool, store, table, spec, prefix)
+        if written_rows != rows:
+            raise SnapshotError(f"the table changed while it was written ({rows} rows counted, {written_rows} written)")
+        manifest.update(rows=written_rows, id_hash=id_hash, files=files)
+        text = tier_sql.manifest_text(manifest)
+        store.put_bytes(f"{prefix}/manifest.json", text)
+        verify(store, manifest, expected_rows=rows, expected_id_hash=id_hash)
+    except Exception:
+        _remove_prefix(store, prefix)  # no receipt was written: these files never counted
+        raise
+    with pool.connection() as conn, conn.transaction():
+        receipt = tier_sql.record_snapshot(conn, manifest, store.uri(prefix), hashlib.sha256(text).hexdigest())
+    say(f"{collection}/{model_key}: snapshot {receipt.id} written and verified ({rows} rows, {receipt.bytes} bytes)")
+    deleted = delete_replaced(pool, store, collection, model_key, keep=receipt.id)
+    return SnapshotResult(receipt, True, time.perf_counter() - started, deleted)
+
+
+def _write_files(
+    pool: ConnectionPool, store: ObjectStore, table: str, spec: ModelSpec, prefix: str
+) -> tuple[list[dict[str, Any]], str, int]:
+    schema = arrow_schema(spec.dims)
+    group_rows = max(1024, ROW_GROUP_BYTES // (spec.dims * 4))
+    per_file = max(group_rows, rows_per_file())
+    ids = hashlib.sha256()
+    files: list[dict[str, Any]] = []
+    total = 0
+    pages = _table_pages(pool, table, group_rows)
+    page = next(pages, None)
+    while page is not None or not files:
+        key = f"{prefix}/part-{len(files):05d}.parquet"
+        digest = hashlib.sha256()
+        in_file = 0
+        with store.open_output(key) as raw:
+            sink = _HashingSink(raw, digest)
+            with pq.ParquetWriter(
+                sink,
+                schema,
+                compression="zstd",
+                use_dictionary=["chunk_id", "doc_id", "content_hash", "metadata"],
+                use_byte_stream_split=["embedding.list.element"],
+                write_statistics=["chunk_id", "doc_id", "seq", "source_ts"],
+            ) as writer:
+                while page is not None and in_file < per_file:
+                    for chunk_id in page.column("chunk_id").to_pylist():
+                        ids.update(chunk_id.encode() + b"\n")
+                    writer.write_table(page, row_group_size=group_rows)
+                    in_file += page.num_rows
+                    page = next(pages, None)
+        files.append({"key": key, "rows": in_file, "bytes": sink.size, "sha256": digest.hexdigest()})
+        total += in_file
+    return files, ids.hexdigest(), total
+
+
+class _HashingSink:
+    """A write-only file object that hashes and counts what passes through to `raw`."""
+
+    def __init__(self, raw, digest):
+        self.raw, self.digest, self.size, self.closed = raw, digest, 0, False
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        self.digest.update(data)
+        self.size += len(data)
+        self.raw.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+
+def _table_pages(pool: ConnectionPool, table: str, page_rows: int) -> Iterator[pa.Table]:
+    """The table in chunk_id order, one Arrow table per page (keyset pagination)."""
+    first = sql.SQL(_SELECT).format(t=tables.table_id(table), where=sql.SQL(""))
+    rest = sql.SQL(_SELECT).format(t=tables.table_id(table), where=sql.SQL("WHERE chunk_id > %(after)s::uuid"))
+    after = None
+    while True:
+        with pool.connection() as conn, conn.cursor(binary=True) as cur:
+            cur.execute(first if after is None else rest, {"after": after, "n": page_rows})
+            rows = cur.fetchall()
+        if not rows:
+            return
+        yield _to_arrow(rows)
+        after = rows[-1][0]
+        if len(rows) < page_rows:
+            return
+
+
+def _to_arrow(rows: list[tuple]) -> pa.Table:
+    dims = len(rows[0][8])
+    matrix = np.empty((len(rows), dims), dtype=np.float32)
+    for i, row in enumerate(rows):
+        matrix[i] = row[8].to_numpy() if hasattr(row[8], "to_numpy") else row[8]
+    columns = list(zip(*(row[:8] for row in rows)))
+    schema = arrow_schema(dims)
+    arrays = [pa.array(values, type=schema.field(i).type) for i, values in enumerate(columns)]
+    arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), dims))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# ---------------------------------------------------------------- verification
+
+
+def _sha256_of(store: ObjectStore, key: str) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with store.fs.open_input_stream(store.path(key)) as src:
+        while True:
+            block = src.read(READ_CHUNK)
+            if not block:
+                break
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def verify(store: ObjectStore, manifest: dict[str, Any], expected_rows: int, expected_id_hash: str) -> None:
+    """Read the snapshot back from the store: every file's bytes, rows and chunk ids, and the
+    manifest itself, must be what was written. Raises SnapshotCorrupt otherwise."""
+    stored = store.get_bytes(f"{manifest['prefix']}/manifest.json")
+    if stored != tier_sql.manifest_text(manifest):
+        raise SnapshotCorrupt(f"the manifest of {manifest['prefix']} read back differs from the one written")
+    ids = []
+    rows = 0
+    for entry in manifest["files"]:
+        sha, size = _sha256_of(store, entry["key"])
+        if (sha, size) != (entry["sha256"], entry["bytes"]):
+            raise SnapshotCorrupt(f"{entry['key']}: read back {size} bytes with sha256 {sha[:12]}…, wrote {entry['bytes']} ({entry['sha256'][:12]}…)")
+        with store.open_input(entry["key"]) as f:
+            parquet = pq.ParquetFile(f)
+            if parquet.metadata.num_rows != entry["rows"]:
+                raise SnapshotCorrupt(f"{entry['key']}: {parquet.metadata.num_rows} rows, the manifest says {entry['rows']}")
+            ids += parquet.read(columns=["chunk_id"]).column("chunk_id").to_pylist()
+        rows += entry["rows"]
+    if rows != expected_rows:
+        raise SnapshotCorrupt(f"{manifest['prefix']}: {rows} rows read back, the table has {expected_rows}")
+    ids.sort()
+    if hashlib.sha256(b"".join(i.encode() + b"\n" for i in ids)).hexdigest() != expected_id_hash:
+        raise SnapshotCorrupt(f"{manifest['prefix']}: the chunk ids read back differ from the table's")
+
+
+def verify_present(store: ObjectStore, receipt: SnapshotReceipt) -> None:
+    """A cheap check that a receipt's files still exist with their sizes (no download)."""
+    for entry in receipt.manifest["files"]:
+        try:
+            size = store.size_of(entry["key"])
+        except (FileNotFoundError, OSError) as err:
+            raise SnapshotCorrupt(f"snapshot {receipt.id}: {entry['key']} is missing from the store ({err})") from None
+        if size != entry["bytes"]:
+            raise SnapshotCorrupt(f"snapshot {receipt.id}: {entry['key']} has {size} bytes, the receipt says {entry['bytes']}")
+
+
+def verify_receipt(store: ObjectStore, receipt: SnapshotReceipt) -> None:
+    """Full read-back of a receipted snapshot (before anything is dropped on its word)."""
+    verify(store, receipt.manifest, receipt.rows, receipt.manifest["id_hash"])
+
+
+# ---------------------------------------------------------------- reading back
+
+
+def fetch_verified(store: ObjectStore, receipt: SnapshotReceipt, local_dir: Path) -> list[Path]:
+    """The snapshot's files in a local folder, each checked against its sha256 on the way down.
+    Files already fetched and checked (a `.ok` marker beside them) are not fetched again."""
+    local_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for entry in receipt.manifest["files"]:
+        target = local_dir / Path(entry["key"]).name
+        marker = target.with_suffix(".ok")
+        if not (marker.exists() and target.exists() and target.stat().st_size == entry["bytes"]):
+            tmp = target.with_suffix(f".tmp-{uuid.uuid4().hex}")
+            digest = hashlib.sha256()
+            try:
+                with store.fs.open_input_stream(store.path(entry["key"])) as src, open(tmp, "wb") as out:
+                    while True:
+                        block = src.read(READ_CHUNK)
+                        if not block:
+                            break
+                        digest.update(block)
+                        out.write(block)
+                if digest.hexdigest() != entry["sha256"]:
+                    raise SnapshotCorrupt(
+                        f"snapshot {receipt.id}: {entry['key']} does not match its checksum (sha256 {digest.hexdigest()[:12]}…, "
+                        f"receipt {entry['sha256'][:12]}…)"
+                    )
+                os.replace(tmp, target)
+                marker.write_text(entry["sha256"])
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+        paths.append(target)
+    return paths
+
+
+def read_batches(paths: list[Path], after: str | None = None, batch_rows: int = 5000) -> Iterator[pa.RecordBatch]:
+    """Rows of fetched snapshot files in chunk_id order, skipping ids <= `after` (a resume)."""
+    for path in paths:
+        parquet = pq.ParquetFile(path)
+        if after is not None:
+            stats = parquet.metadata.row_group(parquet.num_row_groups - 1).column(0).statistics if parquet.num_row_groups else None
+            if stats is not None and stats.has_min_max and stats.max <= after:
+                continue
+        for batch in parquet.iter_batches(batch_size=batch_rows):
+            if after is not None:
+                ids = batch.column(0).to_pylist()
+                start = next((i for i, value in enumerate(ids) if value > after), len(ids))
+                if start == len(ids):
+                    continue
+                batch = batch.slice(start)
+            yield batch
+
+
+# ---------------------------------------------------------------- deletion
+
+
+def _remove_prefix(store: ObjectStore, prefix: str) -> None:
+    for key in store.list(prefix):
+        store.delete(key, missing_ok=True)
+
+
+def delete_snapshot(pool: ConnectionPool, store: ObjectStore, receipt: SnapshotReceipt) -> None:
+    """Delete a snapshot's files, then mark its receipt deleted. Refused while a cold
+    collection is served from it."""
+    with pool.connection() as conn:
+        if tier_sql.snapshot_in_use(conn, receipt.id):
+            raise SnapshotError(f"snapshot {receipt.id} serves cold collection {receipt.collection!r}; not deleted")
+    _remove_prefix(store, receipt.prefix)
+    with pool.connection() as conn:
+        tier_sql.mark_snapshot_deleted(conn, receipt.id)
+
+
+def delete_replaced(pool: ConnectionPool, store: ObjectStore, collection: str, model_key: str, keep: int) -> list[int]:
+    """Delete the pair's older snapshots that nothing serves from; returns their ids."""
+    with pool.connection() as conn:
+        older = [r for r in tier_sql.live_snapshots(conn, collection, model_key) if r.id != keep]
+        older = [r for r in older if not tier_sql.snapshot_in_use(conn, r.id)]
+    for receipt in older:
+        delete_snapshot(pool, store, receipt)
+    return [r.id for r in older]
+
+
+def clear_local(local_dir: Path) -> None:
+    shutil.rmtree(local_dir, ignore_errors=True)
+
+
+__all__ = [
+    "SnapshotCorrupt", "SnapshotError", "SnapshotResult", "arrow_schema", "delete_snapshot", "ensure_snapshot",
+    "fetch_verified", "read_batches", "table_digest", "verify", "verify_receipt",
+]
