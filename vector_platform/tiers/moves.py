@@ -32,7 +32,7 @@ from typing import Any, Callable
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from vector_platform import catalog, checks, tables
+from vector_platform import catalog, checks, faults, tables
 from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog.tiers import InvalidMove, SnapshotReceipt, check_move
 from vector_platform.ingest.copy_binary import encode_vector_rows
@@ -135,6 +135,7 @@ def _evict(pool, store, report: MoveReport, run_id, say, started) -> None:
         receipts[model_key] = result.receipt
         report.snapshots[model_key] = result.receipt.id
         report.snapshots_written[model_key] = result.written
+    faults.point("evict.after_snapshot")
     with pool.connection() as conn:
         report.rows = receipts[serving].rows
         report.bytes = sum(tables.table_stats(conn, table)[1] for table in present.values())
@@ -149,6 +150,7 @@ def _evict(pool, store, report: MoveReport, run_id, say, started) -> None:
             time.perf_counter() - started, run_id, receipts[serving].id,
         )
     say(f"{collection}: now served cold from snapshot {receipts[serving].id}")
+    faults.point("evict.after_switch")
 
 
 def _drop_evicted_tables(pool: ConnectionPool, collection: str, report: MoveReport, say) -> None:
@@ -219,7 +221,8 @@ def _restore(pool, store, collection, model_key, receipt: SnapshotReceipt, setti
         spec = catalog.get_model(conn, model_key)
         table = catalog.vector_table_name(conn, collection, model_key)
         tables.create_table(conn, table, spec)
-        after = conn.execute(sql.SQL("SELECT max(chunk_id)::text FROM {}").format(tables.table_id(table))).fetchone()[0]
+        after = conn.execute(sql.SQL("SELECT chunk_id::text FROM {} ORDER BY chunk_id DESC LIMIT 1").format(tables.table_id(table))).fetchone()
+        after = after[0] if after else None
     if after is not None:
         say(f"{collection}/{model_key}: resuming the restore after chunk {after}")
     try:
@@ -238,6 +241,7 @@ def _restore(pool, store, collection, model_key, receipt: SnapshotReceipt, setti
             payload = encode_vector_rows(rows, vectors, updated_at=data["updated_at"])
             with pool.connection() as conn, conn.transaction(), conn.cursor() as cur, cur.copy(copy) as out:
                 out.write(payload)
+            faults.point("rehydrate.after_first_batch")
     finally:
         snapshots.clear_local(work)
     with pool.connection() as conn:
@@ -273,6 +277,7 @@ def _switch_to_archived(pool, report: MoveReport, run_id, started) -> None:
         tier_sql.record_tier_event(
             conn, collection, tier, "archived", report.reason, report.rows, report.bytes, time.perf_counter() - started, run_id
         )
+    faults.point("archive.after_switch")
 
 
 def _purge_archived(pool, store, collection: str, report: MoveReport, say) -> None:

@@ -240,10 +240,9 @@ def _table_pages(pool: ConnectionPool, table: str, page_rows: int) -> Iterator[p
 
 
 def _to_arrow(rows: list[tuple]) -> pa.Table:
-    dims = len(rows[0][8])
-    matrix = np.empty((len(rows), dims), dtype=np.float32)
-    for i, row in enumerate(rows):
-        matrix[i] = row[8].to_numpy() if hasattr(row[8], "to_numpy") else row[8]
+    vectors = [row[8].to_numpy() if hasattr(row[8], "to_numpy") else np.asarray(row[8]) for row in rows]
+    matrix = np.vstack(vectors).astype(np.float32, copy=False)
+    dims = matrix.shape[1]
     columns = list(zip(*(row[:8] for row in rows)))
     schema = arrow_schema(dims)
     arrays = [pa.array(values, type=schema.field(i).type) for i, values in enumerate(columns)]

@@ -1,0 +1,15 @@
+"""Named failpoints for crash tests: `point("evict.after_switch")` kills this process with
+SIGKILL when VP_FAILPOINT names that point. A no-op otherwise (one dictionary lookup).
+
+Crash tests start a real CLI process with VP_FAILPOINT set, let it die exactly there, and
+check that a re-run completes the work. Points in use: evict.after_snapshot,
+evict.after_switch, rehydrate.after_first_batch, archive.after_switch.
+"""
+
+import os
+import signal
+
+
+def point(name: str) -> None:
+    if os.environ.get("VP_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
