@@ -85,6 +85,52 @@ def cmd_collections_list(args) -> int:
     return 0
 
 
+def cmd_collections_rules(args) -> int:
+    from vector_platform.catalog import tiers as tier_sql
+
+    vp = _platform()
+    changes: dict[str, Any] = {}
+    for flag in ("evict_after_days", "archive_after_days"):
+        value = getattr(args, flag)
+        if value is not None:
+            changes[flag] = None if value == 0 else value
+    if args.rehydrate_on_query is not None:
+        changes["rehydrate_on_query"] = args.rehydrate_on_query
+    if changes:
+        rules = vp.set_rules(args.name, **changes)
+    else:
+        with vp.pool().connection() as conn:
+            states = tier_sql.tier_states(conn, [args.name])
+        if not states:
+            raise KeyError(f"unknown collection {args.name!r}")
+        rules = states[0].rules
+    if args.json:
+        _print_json({"collection": args.name, "rules": rules.to_json()})
+    else:
+        print(
+            f"{args.name}: evict after {rules.evict_after_days or '-'} idle days, archive after "
+            f"{rules.archive_after_days or '-'} cold days, rehydrate on query: {'yes' if rules.rehydrate_on_query else 'no'}"
+        )
+    return 0
+
+
+def cmd_tier(args) -> int:
+    vp = _platform()
+    outcome = vp.tier(args.name, args.tier, wait=args.wait)
+    if isinstance(outcome, str):
+        print(f"run {outcome} submitted ({args.name} -> {args.tier}); follow it in the Dagster UI, or run again with --wait")
+        return 0
+    if not args.wait:
+        print(f"no dagster-daemon serves the instance: the move ran here (run {outcome.run_id})", file=sys.stderr)
+    return _report_runs([outcome])
+
+
+def cmd_serve(args) -> int:
+    from vector_platform.http import serve
+
+    return serve(host=args.host, port=args.port)
+
+
 def cmd_ingest(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -153,9 +199,15 @@ def cmd_search(args) -> int:
     if not queries:
         print("error: give a QUERY or --queries FILE", file=sys.stderr)
         return 2
+    filters = None
+    if args.filters:
+        try:
+            filters = json.loads(args.filters)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--filters is not JSON ({err})") from None
     vp = _platform()
     for query in queries:
-        result = vp.search(query, args.collection, k=args.k, exact=args.exact)
+        result = vp.search(query, args.collection, k=args.k, exact=args.exact, filters=filters)
         _print_result(result, args.json)
     return 0
 
@@ -174,8 +226,12 @@ def cmd_status(args) -> int:
     for c in status["collections"]:
         print(
             f"{c['name']:<20} tier={c['tier']:<8} docs={c['documents']:<7} chunks={c['chunks']:<7} "
-            f"vectors={c['vectors']:<7} dead_letters={c['dead_letters']:<4} pg={c['bytes_postgres'] / 2**20:.1f} MiB"
+            f"vectors={c['vectors']:<7} dead_letters={c['dead_letters']:<4} pg={c['bytes_postgres'] / 2**20:.1f} MiB "
+            f"store={c['bytes_object_store'] / 2**20:.1f} MiB last_queried={c['last_queried_at'] or '-'}"
         )
+        if c["tier_events"]:
+            e = c["tier_events"][0]
+            print(f"{'':<20} last move: {e['from']} -> {e['to']} ({e['reason']}) at {e['at']}, {e['rows']} rows, {e['seconds']:.1f} s")
     return 0
 
 
@@ -301,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     cset.add_argument("name")
     _add_setting_flags(cset)
     cset.set_defaults(func=cmd_collections_set)
+    rules = coll.add_parser("rules", help="show or change a collection's tier rules (enforced by tiering_sensor)")
+    rules.add_argument("name")
+    rules.add_argument("--evict-after-days", type=float, help="evict after N days without queries (0: off)")
+    rules.add_argument("--archive-after-days", type=float, help="archive after N days cold (0: off)")
+    rules.add_argument("--rehydrate-on-query", action=argparse.BooleanOptionalAction, default=None,
+                       help="rehydrate a cold collection when it is queried (answered cold meanwhile)")
+    rules.add_argument("--json", action="store_true")
+    rules.set_defaults(func=cmd_collections_rules)
     lst = coll.add_parser("list", help="list collections")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_collections_list)
@@ -321,7 +385,19 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--exact", action="store_true", help="exact search, bypassing the HNSW index")
     search.add_argument("--queries", help="a file with one query per line (the model loads once)")
     search.add_argument("--json", action="store_true", help="one JSON object per query per line")
+    search.add_argument("--filters", help='metadata filter, JSON containment: \'{"year": 2024}\'')
     search.set_defaults(func=cmd_search)
+
+    tier = sub.add_parser("tier", help="move a collection between tiers: active | cold | archived (runs its Dagster job)")
+    tier.add_argument("name")
+    tier.add_argument("tier", choices=["active", "cold", "archived"])
+    tier.add_argument("--wait", action="store_true", help="wait for the run and print its result (default: print the run id)")
+    tier.set_defaults(func=cmd_tier)
+
+    serve = sub.add_parser("serve", help="the HTTP search API (POST /search, GET /collections, GET /healthz)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(func=cmd_serve)
 
     status = sub.add_parser("status", help="collections, tiers, counts and sizes")
     status.add_argument("--json", action="store_true")
@@ -380,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (InvalidName, KeyError, ValueError, FileNotFoundError) as err:
+    except (InvalidName, KeyError, ValueError, FileNotFoundError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 2

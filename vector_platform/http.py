@@ -1,0 +1,150 @@
+"""The HTTP search API: a thin Starlette app over `Platform.search`, served by uvicorn.
+
+    POST /search       {"query": "..." | "vector": [...], "collections": [...], "k": 10, "filters": {...}, "exact": false}
+                       -> the same JSON as `vector-platform search --json`
+    GET  /collections  -> name, tier, serving model and models of every collection
+    GET  /healthz      -> {"status": "ok"} when the database answers
+
+When VP_API_KEY is set every request needs it, as `X-API-Key: <key>` or
+`Authorization: Bearer <key>`, compared in constant time. Bodies are capped at
+VP_HTTP_MAX_BODY_BYTES (default 1 MiB) and k at VP_HTTP_MAX_K (default 100). Errors are JSON
+(`{"error": ...}`) without stack traces. Binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+log = logging.getLogger(__name__)
+SEARCH_FIELDS = {"query", "vector", "collections", "k", "filters", "exact"}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | None = None, max_k: int | None = None) -> Starlette:
+    """The app. `platform` defaults to `Platform()` on the environment's settings; `api_key`
+    to $VP_API_KEY (unset: no key needed)."""
+    from vector_platform import catalog
+    from vector_platform.api import Platform
+
+    vp = platform or Platform()
+    key = api_key if api_key is not None else os.environ.get("VP_API_KEY") or None
+    max_body = max_body_bytes or int(os.environ.get("VP_HTTP_MAX_BODY_BYTES", str(2**20)))
+    k_limit = max_k or int(os.environ.get("VP_HTTP_MAX_K", "100"))
+
+    def authorised(request: Request) -> bool:
+        if key is None:
+            return True
+        given = request.headers.get("x-api-key") or ""
+        bearer = request.headers.get("authorization") or ""
+        if not given and bearer.lower().startswith("bearer "):
+            given = bearer[7:]
+        return hmac.compare_digest(given.encode(), key.encode())
+
+    async def read_json(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_body:
+            raise HttpError(413, f"request body over {max_body} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:
+                raise HttpError(413, f"request body over {max_body} bytes")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise HttpError(400, f"the body is not JSON ({err})") from None
+
+    async def search(request: Request) -> JSONResponse:
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise HttpError(400, "the body must be a JSON object")
+        unknown = set(body) - SEARCH_FIELDS
+        if unknown:
+            raise HttpError(400, f"unknown fields: {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(SEARCH_FIELDS))})")
+        collections = body.get("collections")
+        if not isinstance(collections, list) or not collections or not all(isinstance(c, str) for c in collections):
+            raise HttpError(400, "collections must be a non-empty list of names")
+        k = body.get("k", 10)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k_limit:
+            raise HttpError(400, f"k must be an integer between 1 and {k_limit}")
+        exact = body.get("exact", False)
+        if not isinstance(exact, bool):
+            raise HttpError(400, "exact must be true or false")
+        vector = body.get("vector")
+        if vector is not None and (not isinstance(vector, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector)):
+            raise HttpError(400, "vector must be a list of numbers")
+        query = body.get("query")
+        if query is not None and not isinstance(query, str):
+            raise HttpError(400, "query must be a string")
+        result = await run_in_threadpool(
+            vp.search, query, collections, k=k, exact=exact, vector=vector, filters=body.get("filters")
+        )
+        return JSONResponse(result.as_json())
+
+    async def collections(request: Request) -> JSONResponse:
+        def read():
+            with vp.pool().connection() as conn:
+                return [
+                    {"name": c.name, "tier": c.tier, "serving_model": c.serving_model, "models": list(c.models)}
+                    for c in catalog.list_collections(conn)
+                ]
+
+        return JSONResponse({"collections": await run_in_threadpool(read)})
+
+    async def healthz(request: Request) -> JSONResponse:
+        def ping():
+            with vp.pool().connection() as conn:
+                conn.execute("SELECT 1")
+
+        await run_in_threadpool(ping)
+        return JSONResponse({"status": "ok"})
+
+    def guarded(handler):
+        async def endpoint(request: Request) -> JSONResponse:
+            if not authorised(request):
+                return JSONResponse({"error": "missing or wrong API key"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            try:
+                return await handler(request)
+            except HttpError as err:
+                return JSONResponse({"error": str(err)}, status_code=err.status)
+            except (ValueError, KeyError) as err:  # the platform's own input errors (AllArchived included)
+                message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+                return JSONResponse({"error": str(message)}, status_code=400)
+            except Exception:  # noqa: BLE001 - logged here, never sent to the client
+                log.exception("request failed: %s %s", request.method, request.url.path)
+                return JSONResponse({"error": "internal error (see the server's log)"}, status_code=500)
+
+        return endpoint
+
+    return Starlette(
+        routes=[
+            Route("/search", guarded(search), methods=["POST"]),
+            Route("/collections", guarded(collections), methods=["GET"]),
+            Route("/healthz", guarded(healthz), methods=["GET"]),
+        ]
+    )
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080, platform=None) -> int:
+    import uvicorn
+
+    app = create_app(platform)
+    print(f"serving the search API on http://{host}:{port} (POST /search, GET /collections, GET /healthz)"
+          + ("; API key required" if os.environ.get("VP_API_KEY") else ""), flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    return 0
