@@ -21,6 +21,9 @@ from vector_platform.object_store import ObjectStore
 from vector_platform.settings import default_object_store_url, vp_home
 
 
+_bootstrapped: set[str] = set()
+
+
 class PostgresResource(dg.ConfigurableResource):
     """The PostgreSQL + pgvector database that holds the catalog and the vector tables."""
 
@@ -38,9 +41,12 @@ class PostgresResource(dg.ConfigurableResource):
         return dsn or db.embedded_dsn(Path(self.home) if self.home else vp_home())
 
     def pool(self) -> ConnectionPool:
-        pool = db.get_pool(self.resolved_dsn(), self.pool_size)
-        with pool.connection() as conn:
-            catalog.bootstrap(conn)
+        dsn = self.resolved_dsn()
+        pool = db.get_pool(dsn, self.pool_size)
+        if dsn not in _bootstrapped:  # once per process: the hot path (search) borrows nothing here
+            with pool.connection() as conn:
+                catalog.bootstrap(conn)
+            _bootstrapped.add(dsn)
         return pool
 
 

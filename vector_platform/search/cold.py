@@ -6,10 +6,11 @@ the way down; a mismatch is an error, never served), converted into a local disk
 file read memory-mapped — and loaded into an in-memory LRU. Both caches are bounded in bytes
 (`VP_COLD_MEMORY_BYTES`, default 1 GiB; `VP_COLD_DISK_BYTES`, default 8 GiB).
 
-Distances are computed as pgvector computes them (float32 products and sums, the cosine
-ratio in double precision, L2 re-ranked from the exact differences), so a chunk scores the
-same here as in its active table and hits of both tiers merge by score. numpy's matrix-vector
-product runs on one BLAS thread: on a small shared machine more threads only add overhead.
+Every row is ranked by one float32 matrix-vector product; the rows within rounding of the
+k-th are then scored exactly as pgvector scores them (float32 products and sums, the cosine
+ratio in double precision, L2 from the differences), so a chunk scores the same here as in
+its active table and hits of both tiers merge by score. The product runs on one BLAS thread:
+concurrent searches on a small machine do better than one search on every core.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 
 from vector_platform.catalog.tiers import SnapshotReceipt
 from vector_platform.models import ModelSpec
@@ -47,6 +48,7 @@ class ColdData:
     snapshot_id: int
     vectors: np.ndarray  # (n, dims) float32
     norms2: np.ndarray  # (n,) float32, as pgvector sums them
+    inv_norms: np.ndarray  # (n,) float32, 1 / |v| (for the float32 ranking)
     rows: pa.Table  # chunk_id, doc_id, text, metadata (memory-mapped)
     nbytes: int
 
@@ -158,76 +160,99 @@ def _load(folder: Path, receipt: SnapshotReceipt) -> ColdData:
     if vectors.shape != (receipt.rows, receipt.manifest["dims"]):
         raise ValueError(f"local copy of snapshot {receipt.id} has shape {vectors.shape}")
     norms2 = np.einsum("ij,ij->i", vectors, vectors)
+    with np.errstate(divide="ignore"):
+        inv_norms = (1.0 / np.sqrt(norms2.astype(np.float64))).astype(np.float32)
     rows = pa.ipc.open_file(pa.memory_map(str(folder / "rows.arrow"))).read_all()
-    return ColdData(receipt.id, vectors, norms2, rows, vectors.nbytes + norms2.nbytes)
+    return ColdData(receipt.id, vectors, norms2, inv_norms, rows, vectors.nbytes + norms2.nbytes + inv_norms.nbytes)
 
 
-def distances(data: ColdData, spec: ModelSpec, query: np.ndarray) -> np.ndarray:
-    """pgvector's distance from `query` to every row (float64; NaN where pgvector gives NaN)."""
-    q = np.ascontiguousarray(query, dtype=np.float32)
-    with threadpool_limits(limits=1, user_api="blas"):
+_blas = None
+
+
+def _one_blas_thread():
+    """A context with numpy's BLAS on one thread (the controller scans libraries once)."""
+    global _blas
+    if _blas is None:
+        _blas = ThreadpoolController()
+    return _blas.limit(limits=1, user_api="blas")
+
+
+# A float32 ranking is within ~1e-6 of the exact one; rows this close to the k-th are re-scored.
+SLACK = 1e-4
+
+
+def _approximate(data: ColdData, spec: ModelSpec, q: np.ndarray) -> np.ndarray:
+    """A float32 distance for every row, within float32 rounding of pgvector's (lower is nearer)."""
+    with _one_blas_thread():
         dots = data.vectors @ q
     if spec.distance == "cosine":
-        qn2 = np.float32(q @ q)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            similarity = dots.astype(np.float64) / np.sqrt(data.norms2.astype(np.float64) * float(qn2))
-        return 1.0 - np.clip(similarity, -1.0, 1.0)
+        qn = np.float32(1.0 / np.sqrt(np.float64(q @ q)))
+        return 1.0 - dots * data.inv_norms * qn
+    if spec.distance == "inner_product":
+        return -dots
+    return np.sqrt(np.maximum(data.norms2 - 2 * dots + np.float32(q @ q), 0))
+
+
+def exact_distances(data: ColdData, spec: ModelSpec, q: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """pgvector's distances for the given rows: float32 products and sums, then as pgvector
+    finishes them (cosine: the ratio in double precision, clamped; L2: from the differences)."""
+    rows = data.vectors[index]
+    if spec.distance == "l2":
+        diff = rows - q
+        return np.sqrt(np.einsum("ij,ij->i", diff, diff).astype(np.float64))
+    dots = rows @ q
     if spec.distance == "inner_product":
         return -dots.astype(np.float64)
-    # l2: ||v||^2 - 2 v.q + ||q||^2 ranks; the candidates' exact distances are computed below.
-    qn2 = np.float32(q @ q)
-    return np.sqrt(np.maximum(data.norms2 - 2 * dots + qn2, 0)).astype(np.float64)
-
-
-def _exact_l2(data: ColdData, index: np.ndarray, query: np.ndarray) -> np.ndarray:
-    diff = data.vectors[index] - query.astype(np.float32)
-    return np.sqrt(np.einsum("ij,ij->i", diff, diff).astype(np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        similarity = dots.astype(np.float64) / np.sqrt(data.norms2[index].astype(np.float64) * float(np.float32(q @ q)))
+    return 1.0 - np.clip(similarity, -1.0, 1.0)
 
 
 def nearest(
     data: ColdData, spec: ModelSpec, query: np.ndarray, k: int, filters: dict[str, Any] | None = None
 ) -> list[tuple[int, float]]:
-    """The k nearest rows (index, distance), best first; with filters, the k nearest that match."""
+    """The k nearest rows (index, distance), best first; with filters, the k nearest that match.
+
+    Every row is ranked in float32; the rows within SLACK of the k-th are re-scored exactly as
+    pgvector scores them, and the answer is ordered by those exact distances.
+    """
     if data.count == 0:
         return []
-    dist = distances(data, spec, query)
-    dist = np.where(np.isnan(dist), np.inf, dist)
-    if spec.distance == "l2":
-        # Re-rank with exact differences: every row within the expansion's rounding error of
-        # the k-th candidate is a candidate.
-        want = min(data.count, k if not filters else data.count)
-        kth = np.partition(dist, want - 1)[want - 1] if want < data.count else dist.max()
-        slack = 1e-3 * (1.0 + kth)
-        candidates = np.flatnonzero(dist <= kth + slack)
-        dist_c = _exact_l2(data, candidates, query)
-        order = candidates[np.lexsort((candidates, dist_c))]
-        exact = dict(zip(candidates.tolist(), dist_c.tolist()))
-        ranked = ((int(i), exact[int(i)]) for i in order)
-    elif not filters:
-        top = np.argpartition(dist, k - 1)[:k] if k < data.count else np.arange(data.count)
-        top = top[np.lexsort((top, dist[top]))]
-        return [(int(i), float(dist[i])) for i in top if np.isfinite(dist[i])]
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    approx = _approximate(data, spec, q)
+    approx = np.where(np.isnan(approx), np.inf, approx)
+    if not filters:
+        if k < data.count:
+            kth = np.partition(approx, k - 1)[k - 1]
+            candidates = np.flatnonzero(approx <= kth + SLACK)
+        else:
+            candidates = np.arange(data.count)
     else:
-        order = np.lexsort((np.arange(data.count), dist))
-        ranked = ((int(i), float(dist[i])) for i in order)
-    out: list[tuple[int, float]] = []
-    metadata = data.rows.column("metadata") if filters else None
-    for i, d in ranked:
-        if not np.isfinite(d):
-            break
-        if filters and not filter_language.contains(json.loads(metadata[i].as_py()), filters):
-            continue
-        out.append((i, d))
-        if len(out) == k:
-            break
-    return out
+        metadata = data.rows.column("metadata")
+        matched: list[int] = []
+        bound = np.inf
+        for i in np.argsort(approx, kind="stable"):
+            if approx[i] > bound or not np.isfinite(approx[i]):
+                break
+            if filter_language.contains(json.loads(metadata[int(i)].as_py()), filters):
+                matched.append(int(i))
+                if len(matched) == k:
+                    bound = approx[i] + SLACK
+        candidates = np.asarray(matched, dtype=np.int64)
+    if not len(candidates):
+        return []
+    exact = exact_distances(data, spec, q, candidates)
+    order = np.lexsort((candidates, exact))[:k]
+    return [(int(candidates[j]), float(exact[j])) for j in order if np.isfinite(exact[j])]
 
 
 def rows_of(data: ColdData, indices: list[int]) -> list[dict[str, Any]]:
-    """chunk_id, doc_id, text and metadata of the given rows (read from the mapped file)."""
-    if not indices:
-        return []
-    taken = data.rows.take(pa.array(indices, type=pa.int64())).to_pylist()
-    for row in taken:
+    """chunk_id, doc_id, text and metadata of the given rows, read from the mapped file row by
+    row (a `take` over the whole chunked table would copy far more than k rows)."""
+    columns = {name: data.rows.column(name) for name in ROW_COLUMNS}
+    out = []
+    for i in indices:
+        row = {name: column[i].as_py() for name, column in columns.items()}
         row["metadata"] = json.loads(row["metadata"])
-    return taken
+        out.append(row)
+    return out
