@@ -31,6 +31,11 @@ setup(
         # OpenAI BPE (cl100k/o200k) counted offline: tiktoken downloads its tables at run time.
         "bpe-openai>=0.1.4",
         "rich>=13",
+        # The HTTP search API: a well-kept ASGI stack (dagster-webserver already runs on both).
+        "starlette>=0.37",
+        "uvicorn>=0.29",
+        # One BLAS thread for cold search's matrix-vector product, set per call without a restart.
+        "threadpoolctl>=3.1",
     ],
     extras_require={
         "test": ["pytest>=8", "moto[server]>=5.0"],
