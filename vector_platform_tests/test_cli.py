@@ -35,8 +35,8 @@ def test_cli_contract_end_to_end(pg_dsn, tmp_path, unique_name):
         assert set(r) == {"query", "hits", "stats", "warnings"}
         assert len(r["hits"]) == 2
         for hit in r["hits"]:
-            assert set(hit) == {"collection", "chunk_id", "doc_id", "score", "text", "metadata", "source_tier"}
-            assert hit["source_tier"] == "active" and hit["collection"] == unique_name
+            assert set(hit) == {"collection", "chunk_id", "doc_id", "score", "text", "metadata", "source_tier", "exact"}
+            assert hit["source_tier"] == "active" and hit["exact"] is False and hit["collection"] == unique_name
     assert results[0]["hits"][0]["doc_id"] == "bread.html"
     assert results[1]["hits"][0]["doc_id"] == "postgres.md"
 

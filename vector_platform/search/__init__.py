@@ -79,13 +79,17 @@ class SearchResult:
 class Runtime:
     """Per process and database: the facts cache, the search pool, the query log."""
 
-    def __init__(self, dsn: str, main_pool: ConnectionPool):
+    def __init__(self, dsn: str):
         self.dsn = dsn
         self.facts = FactsCache(dsn)
-        self.pool = db.get_search_pool(dsn)
-        self.log = QueryLog(lambda: main_pool)
+        self.log = QueryLog(lambda: db.get_pool(dsn))
         # planner settings each search connection holds (see active._apply_settings)
         self.sessions: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, str]] = weakref.WeakKeyDictionary()
+
+    @property
+    def pool(self) -> ConnectionPool:
+        """Looked up on each use: pools closed (e.g. by `db.close_pools`) are replaced."""
+        return db.get_search_pool(self.dsn)
 
 
 _runtimes: dict[str, Runtime] = {}
@@ -97,7 +101,7 @@ def runtime(pool: ConnectionPool) -> Runtime:
     dsn = pool.conninfo
     with _runtimes_lock:
         if dsn not in _runtimes:
-            _runtimes[dsn] = Runtime(dsn, pool)
+            _runtimes[dsn] = Runtime(dsn)
         return _runtimes[dsn]
 
 
@@ -158,21 +162,28 @@ def search(
         return vectors[spec.key]
 
     with rt.pool.connection() as conn:
-        session = rt.sessions.setdefault(conn, {})
         targets = [(name, rt.facts.get(conn, name)) for name in dict.fromkeys(collections)]
-        known = [f for _, f in targets if f is not None]
-        if known and all(f.tier == "archived" for f in known):
-            raise AllArchived(
-                "every collection searched is archived (" + ", ".join(f.name for f in known) + "): archived collections "
-                "keep only their catalog rows and cannot be searched"
-            )
+    known = [f for _, f in targets if f is not None]
+    if known and all(f.tier == "archived" for f in known):
+        raise AllArchived(
+            "every collection searched is archived (" + ", ".join(f.name for f in known) + "): archived collections "
+            "keep only their catalog rows and cannot be searched"
+        )
+    # The query is embedded, and cold snapshots are read, without holding a search connection:
+    # a slow model or a first cold load must not starve active searches of connections.
+    for _, facts in targets:
+        if facts is not None and facts.tier != "archived" and facts.spec is not None:
+            vector_for(facts.spec)
+    outcomes: dict[str, tuple[str, Any]] = {}
+    settled: dict[str, Facts] = {}
+    with rt.pool.connection() as conn:
+        session = rt.sessions.setdefault(conn, {})
         for name, facts in targets:
-            if facts is None:
-                result.warnings.append(f"unknown collection {name!r} skipped")
+            if facts is None or facts.tier == "cold":
                 continue
             for attempt in (1, 2):
                 try:
-                    outcome = _search_one(conn, session, facts, vector_for, k, exact, filters, store, tally)
+                    outcomes[name] = _search_one(conn, session, facts, vector_for, k, exact, filters, store, tally)
                     break
                 except (psycopg.errors.UndefinedTable, psycopg.errors.InternalError, psycopg.errors.ObjectInUse):
                     # The tier changed under a cached fact (e.g. the table was dropped by an evict):
@@ -182,24 +193,39 @@ def search(
                     rt.facts.invalidate(name)
                     facts = read_facts(conn, name)
                     if facts is None:
-                        outcome = ("warning", f"collection {name!r} was removed while searched")
+                        outcomes[name] = ("warning", f"collection {name!r} was removed while searched")
                         break
-            kind, payload = outcome
-            if kind == "warning":
-                result.warnings.append(payload)
-                continue
-            if kind == "archived":
-                archived.append(name)
-                continue
-            hits, spec, fingerprint, mode, elapsed, fallback = payload
-            lists.append(hits)
-            fingerprints[name] = fingerprint
-            queried.append(name)
-            if fallback:
-                exact_fallbacks.append(name)
-            if facts.tier == "cold" and facts.rules.rehydrate_on_query:
-                rehydrate.append(name)
-            logged.append((name, spec.key, mode, k, elapsed, len(hits), query, vector_for(spec)))
+                    if facts.tier == "cold":  # searched below, outside the connection
+                        break
+            settled[name] = facts
+    for name, facts in targets:
+        facts = settled.get(name, facts)
+        if facts is not None and facts.tier == "cold" and name not in outcomes:
+            if facts.spec is not None:
+                vector_for(facts.spec)
+            outcomes[name] = _search_one(None, None, facts, vector_for, k, exact, filters, store, tally)
+            settled[name] = facts
+    for name, facts in targets:
+        if facts is None:
+            result.warnings.append(f"unknown collection {name!r} skipped")
+            continue
+        facts = settled.get(name, facts)
+        kind, payload = outcomes[name]
+        if kind == "warning":
+            result.warnings.append(payload)
+            continue
+        if kind == "archived":
+            archived.append(name)
+            continue
+        hits, spec, fingerprint, mode, elapsed, fallback = payload
+        lists.append(hits)
+        fingerprints[name] = fingerprint
+        queried.append(name)
+        if fallback:
+            exact_fallbacks.append(name)
+        if facts.tier == "cold" and facts.rules.rehydrate_on_query:
+            rehydrate.append(name)
+        logged.append((name, spec.key, mode, k, elapsed, len(hits), query, vector_for(spec)))
     if archived:
         result.warnings.append("archived collections skipped (vectors deleted; catalog rows only): " + ", ".join(archived))
     if rehydrate:

@@ -15,6 +15,7 @@ concurrent searches on a small machine do better than one search on every core.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ class ColdData:
     vectors: np.ndarray  # (n, dims) float32
     norms2: np.ndarray  # (n,) float32, as pgvector sums them
     inv_norms: np.ndarray  # (n,) float32, 1 / |v| (for the float32 ranking)
+    max_norm: float
     rows: pa.Table  # chunk_id, doc_id, text, metadata (memory-mapped)
     nbytes: int
 
@@ -68,12 +70,15 @@ class ColdCache:
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], threading.Lock] = {}
 
-    def folder(self, store: ObjectStore, snapshot_id: int) -> Path:
-        return self.root / hashlib.sha1(store.url.encode()).hexdigest()[:12] / str(snapshot_id)
+    def folder(self, store: ObjectStore, receipt: SnapshotReceipt) -> Path:
+        """Named by the store and the snapshot's unique prefix: a catalog restored from a
+        backup (ids reused) never meets another snapshot's local copy."""
+        unique = hashlib.sha1(receipt.prefix.encode()).hexdigest()[:16]
+        return self.root / hashlib.sha1(store.url.encode()).hexdigest()[:12] / f"{receipt.id}-{unique}"
 
     def get(self, store: ObjectStore, receipt: SnapshotReceipt) -> tuple[ColdData, str]:
         """(data, where it came from: memory | local_disk | object_store)."""
-        key = (store.url, receipt.id)
+        key = (store.url, receipt.prefix)
         with self._lock:
             data = self._memory.get(key)
             if data is not None:
@@ -85,13 +90,23 @@ class ColdCache:
                 data = self._memory.get(key)
                 if data is not None:
                     return data, "memory"
-            folder = self.folder(store, receipt.id)
+            folder = self.folder(store, receipt)
             source = "local_disk"
             if not (folder / "READY").exists():
                 self._materialise(store, receipt, folder)
                 source = "object_store"
-            data = _load(folder, receipt)
-            os.utime(folder / "READY")  # recency for the disk LRU
+            try:
+                data = _load(folder, receipt)
+            except (OSError, ValueError, pa.ArrowException):
+                if source == "object_store":
+                    raise
+                # A damaged local copy (truncated, partly deleted): fetch it again, once.
+                shutil.rmtree(folder, ignore_errors=True)
+                self._materialise(store, receipt, folder)
+                source = "object_store"
+                data = _load(folder, receipt)
+            with contextlib.suppress(OSError):
+                os.utime(folder / "READY")  # recency for the disk LRU
             with self._lock:
                 self._memory[key] = data
                 self._trim_memory()
@@ -104,11 +119,10 @@ class ColdCache:
             _, dropped = self._memory.popitem(last=False)
             total -= dropped.nbytes
 
-    def forget(self, snapshot_id: int | None = None) -> None:
-        """Drop snapshots from memory (all when None); the disk cache stays."""
+    def forget(self) -> None:
+        """Drop every snapshot from memory; the disk cache stays."""
         with self._lock:
-            for key in [k for k in self._memory if snapshot_id is None or k[1] == snapshot_id]:
-                del self._memory[key]
+            self._memory.clear()
 
     def _materialise(self, store: ObjectStore, receipt: SnapshotReceipt, folder: Path) -> None:
         """Fetch and verify the snapshot, and convert it into the local format, atomically."""
@@ -143,10 +157,19 @@ class ColdCache:
 
     def _trim_disk(self, keep: Path) -> None:
         """Delete the least recently used snapshot folders beyond the disk budget."""
-        folders = [p.parent for p in self.root.glob("*/*/READY")]
-        sizes = {f: sum(x.stat().st_size for x in f.iterdir() if x.is_file()) for f in folders}
+        folders, sizes, used = [], {}, {}
+        for ready in self.root.glob("*/*/READY"):
+            folder = ready.parent
+            if ".tmp-" in folder.name:  # still being written
+                continue
+            try:
+                sizes[folder] = sum(x.stat().st_size for x in folder.iterdir() if x.is_file())
+                used[folder] = ready.stat().st_mtime
+            except OSError:  # removed meanwhile by another process
+                continue
+            folders.append(folder)
         total = sum(sizes.values())
-        for folder in sorted(folders, key=lambda f: (f / "READY").stat().st_mtime):
+        for folder in sorted(folders, key=used.__getitem__):
             if total <= self.disk_bytes:
                 break
             if folder == keep:
@@ -163,34 +186,47 @@ def _load(folder: Path, receipt: SnapshotReceipt) -> ColdData:
     with np.errstate(divide="ignore"):
         inv_norms = (1.0 / np.sqrt(norms2.astype(np.float64))).astype(np.float32)
     rows = pa.ipc.open_file(pa.memory_map(str(folder / "rows.arrow"))).read_all()
-    return ColdData(receipt.id, vectors, norms2, inv_norms, rows, vectors.nbytes + norms2.nbytes + inv_norms.nbytes)
+    max_norm = float(np.sqrt(norms2.max())) if len(norms2) else 0.0
+    return ColdData(receipt.id, vectors, norms2, inv_norms, max_norm, rows, vectors.nbytes + norms2.nbytes + inv_norms.nbytes)
 
 
-_blas = None
+_blas_limited = False
+_blas_lock = threading.Lock()
 
 
-def _one_blas_thread():
-    """A context with numpy's BLAS on one thread (the controller scans libraries once)."""
-    global _blas
-    if _blas is None:
-        _blas = ThreadpoolController()
-    return _blas.limit(limits=1, user_api="blas")
+def one_blas_thread() -> None:
+    """Put numpy's BLAS on one thread for the rest of the process, once. Changing the count
+    per call is not thread-safe (a concurrent search could restore it under another), and
+    on a small machine concurrent searches do better with one thread each."""
+    global _blas_limited
+    with _blas_lock:
+        if not _blas_limited:
+            ThreadpoolController().limit(limits=1, user_api="blas")
+            _blas_limited = True
 
 
-# A float32 ranking is within ~1e-6 of the exact one; rows this close to the k-th are re-scored.
-SLACK = 1e-4
+def _slack(data: ColdData, spec: ModelSpec, q: np.ndarray) -> float:
+    """A bound on the float32 ranking's error (products and sums of dims terms), with margin:
+    rows within it of the k-th are re-scored exactly."""
+    eps = 4 * data.vectors.shape[1] * np.finfo(np.float32).eps
+    if spec.distance == "cosine":
+        return max(1e-5, 2 * eps)
+    scale = float(np.sqrt(q @ q)) * data.max_norm
+    if spec.distance == "inner_product":
+        return max(1e-5, 2 * eps * scale)
+    return max(1e-5, 2 * eps * (data.max_norm**2 + float(q @ q)))  # on squared distances
 
 
 def _approximate(data: ColdData, spec: ModelSpec, q: np.ndarray) -> np.ndarray:
     """A float32 distance for every row, within float32 rounding of pgvector's (lower is nearer)."""
-    with _one_blas_thread():
-        dots = data.vectors @ q
+    one_blas_thread()
+    dots = data.vectors @ q
     if spec.distance == "cosine":
         qn = np.float32(1.0 / np.sqrt(np.float64(q @ q)))
         return 1.0 - dots * data.inv_norms * qn
     if spec.distance == "inner_product":
         return -dots
-    return np.sqrt(np.maximum(data.norms2 - 2 * dots + np.float32(q @ q), 0))
+    return data.norms2 - 2 * dots + np.float32(q @ q)  # squared: ranks as the distance does
 
 
 def exact_distances(data: ColdData, spec: ModelSpec, q: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -213,18 +249,21 @@ def nearest(
 ) -> list[tuple[int, float]]:
     """The k nearest rows (index, distance), best first; with filters, the k nearest that match.
 
-    Every row is ranked in float32; the rows within SLACK of the k-th are re-scored exactly as
-    pgvector scores them, and the answer is ordered by those exact distances.
+    Every row is ranked in float32; the rows within the ranking's error bound of the k-th are
+    re-scored exactly as pgvector scores them, and the answer is ordered by those distances.
     """
     if data.count == 0:
         return []
     q = np.ascontiguousarray(query, dtype=np.float32)
+    if spec.storage_type == "halfvec":  # pgvector casts the query to halfvec too
+        q = q.astype(np.float16).astype(np.float32)
     approx = _approximate(data, spec, q)
+    slack = _slack(data, spec, q)
     approx = np.where(np.isnan(approx), np.inf, approx)
     if not filters:
         if k < data.count:
             kth = np.partition(approx, k - 1)[k - 1]
-            candidates = np.flatnonzero(approx <= kth + SLACK)
+            candidates = np.flatnonzero(approx <= kth + slack)
         else:
             candidates = np.arange(data.count)
     else:
@@ -237,7 +276,7 @@ def nearest(
             if filter_language.contains(json.loads(metadata[int(i)].as_py()), filters):
                 matched.append(int(i))
                 if len(matched) == k:
-                    bound = approx[i] + SLACK
+                    bound = approx[i] + slack
         candidates = np.asarray(matched, dtype=np.int64)
     if not len(candidates):
         return []

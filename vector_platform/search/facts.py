@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
 from vector_platform import catalog
 from vector_platform.catalog import tiers as tier_sql
@@ -27,6 +28,9 @@ from vector_platform.models import ModelSpec
 from vector_platform.settings import CollectionSettings
 
 log = logging.getLogger(__name__)
+# Even with the listener up, an entry is re-read after this long (a connection that died
+# silently delivers no notices and raises nothing).
+MAX_AGE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,7 @@ class FactsCache:
 
     def __init__(self, dsn: str):
         self.dsn = dsn
-        self._facts: dict[str, Facts | None] = {}
+        self._facts: dict[str, tuple[Facts | None, float]] = {}
         self._generation = 0
         self._lock = threading.Lock()
         self._listening = threading.Event()
@@ -78,14 +82,15 @@ class FactsCache:
 
     def get(self, conn: psycopg.Connection, name: str) -> Facts | None:
         with self._lock:
-            if name in self._facts:
-                return self._facts[name]
+            cached = self._facts.get(name)
+            if cached is not None and time.monotonic() - cached[1] < MAX_AGE_S:
+                return cached[0]
             generation = self._generation
         facts = read_facts(conn, name)
         with self._lock:
             # Keep it only if no notice arrived while it was read and the listener is up.
             if generation == self._generation and self._listening.is_set():
-                self._facts[name] = facts
+                self._facts[name] = (facts, time.monotonic())
         return facts
 
     def invalidate(self, name: str | None = None) -> None:
@@ -102,8 +107,11 @@ class FactsCache:
     def _listen(self) -> None:
         while not self._stopped.is_set():
             try:
-                with psycopg.connect(self.dsn, autocommit=True, application_name="vector_platform catalog listener") as conn:
-                    conn.execute(f"LISTEN {CHANGES_CHANNEL}")
+                with psycopg.connect(
+                    self.dsn, autocommit=True, application_name="vector_platform catalog listener",
+                    keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
+                ) as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANGES_CHANNEL)))
                     self.invalidate()  # anything cached before this point may have missed a notice
                     self._listening.set()
                     while not self._stopped.is_set():

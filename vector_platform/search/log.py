@@ -18,6 +18,7 @@ import threading
 from collections import deque
 from typing import Callable
 
+import psycopg
 from psycopg_pool import ConnectionPool
 
 from vector_platform.catalog import tiers as tier_sql
@@ -48,6 +49,9 @@ class QueryLog:
                 if len(self._entries) >= MAX_PENDING:
                     self._entries.popleft()
                     self.dropped += 1
+                text = entry[6]
+                if isinstance(text, str) and "\x00" in text:  # text columns cannot hold NUL
+                    entry = (*entry[:6], text.replace("\x00", ""), *entry[7:])
                 self._entries.append((*entry, at))
             for name in queried:
                 if name not in self._last_queried or self._last_queried[name] < at:
@@ -82,16 +86,28 @@ class QueryLog:
                 rehydrate, self._rehydrate = self._rehydrate, {}
             if not (entries or queried or rehydrate):
                 return
+            # Bookkeeping the tier rules read first, on its own: a log row the database refuses
+            # must not hold back last_queried_at (an idle rule would evict a busy collection).
             try:
                 with self._pool().connection() as conn, conn.transaction():
-                    if entries:
-                        log_queries(conn, entries)
                     tier_sql.note_queries(conn, queried, rehydrate)
             except Exception:
-                with self._lock:  # put everything back for the next attempt
-                    self._entries.extendleft(reversed(entries))
+                with self._lock:  # put it back for the next attempt
                     for name, at in queried.items():
                         self._last_queried[name] = max(at, self._last_queried.get(name, at))
                     for name, at in rehydrate.items():
                         self._rehydrate.setdefault(name, at)
+                    self._entries.extendleft(reversed(entries))
+                raise
+            if not entries:
+                return
+            try:
+                with self._pool().connection() as conn, conn.transaction():
+                    log_queries(conn, entries)
+            except psycopg.DataError as err:  # a row the database cannot store: drop the batch, say so
+                self.dropped += len(entries)
+                log.warning("query log: %d entries dropped (%s)", len(entries), err)
+            except Exception:
+                with self._lock:
+                    self._entries.extendleft(reversed(entries))
                 raise

@@ -191,7 +191,8 @@ def _rehydrate(pool, store, report: MoveReport, run_id, say, started, work_dir: 
     for model_key, receipt in receipts.items():
         if receipt is None:
             raise MoveRefused(f"the snapshot of {collection}/{model_key} is no longer recorded; nothing restored")
-        _restore(pool, store, collection, model_key, receipt, coll.settings, say, work_dir / f"{uuid.uuid4().hex}")
+        # Named by the snapshot: a re-run after a crash finds what was already fetched and checked.
+        _restore(pool, store, collection, model_key, receipt, coll.settings, say, work_dir / f"snapshot-{receipt.id}")
         report.snapshots[model_key] = receipt.id
         if receipt.rows == 0:
             report.warnings.append(f"snapshot {receipt.id} of {collection}/{model_key} is empty: the collection comes back with no vectors")
@@ -228,7 +229,11 @@ def _restore(pool, store, collection, model_key, receipt: SnapshotReceipt, setti
     try:
         paths = snapshots.fetch_verified(store, receipt, work)
         columns = sql.SQL(", ").join(map(sql.Identifier, tables.ROW_COLUMNS + ("embedding", "updated_at")))
-        copy = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(tables.table_id(table), columns)
+        # The binary COPY carries pgvector's `vector` format; a halfvec table is filled through a
+        # temp table of `vector` and a cast (pgvector's own conversion, exact for these values).
+        direct = spec.storage_type == "vector"
+        target = tables.table_id(table) if direct else sql.Identifier("vp_restore_stage")
+        copy = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(target, columns)
         for batch in snapshots.read_batches(paths, after=after, batch_rows=RESTORE_BATCH_ROWS):
             data = batch.to_pydict()
             rows = [
@@ -239,8 +244,24 @@ def _restore(pool, store, collection, model_key, receipt: SnapshotReceipt, setti
             ]
             vectors = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(len(rows), receipt.manifest["dims"])
             payload = encode_vector_rows(rows, vectors, updated_at=data["updated_at"])
-            with pool.connection() as conn, conn.transaction(), conn.cursor() as cur, cur.copy(copy) as out:
-                out.write(payload)
+            with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                if not direct:
+                    cur.execute(
+                        sql.SQL("CREATE TEMP TABLE vp_restore_stage (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(tables.table_id(table))
+                    )
+                    cur.execute(sql.SQL("ALTER TABLE vp_restore_stage ALTER COLUMN embedding TYPE vector({})").format(sql.Literal(spec.dims)))
+                with cur.copy(copy) as out:
+                    out.write(payload)
+                if not direct:
+                    cur.execute(
+                        sql.SQL("INSERT INTO {t} ({c}) SELECT {c_cast} FROM vp_restore_stage").format(
+                            t=tables.table_id(table), c=columns,
+                            c_cast=sql.SQL(", ").join(
+                                [sql.Identifier(c) for c in tables.ROW_COLUMNS]
+                                + [sql.SQL("embedding::{}").format(tables.column_type(spec)), sql.Identifier("updated_at")]
+                            ),
+                        )
+                    )
             faults.point("rehydrate.after_first_batch")
     finally:
         snapshots.clear_local(work)

@@ -12,6 +12,24 @@ from vector_platform.defs.tiers.jobs import MOVE_JOBS, archive_job, evict_job, r
 from vector_platform.tiers.rules import due_moves
 
 
+DECISION_TAG = "vector_platform/decision"
+MAX_ATTEMPTS = 5
+FAILED = (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+
+
+def _attempt_key(instance: dg.DagsterInstance, key: str) -> str:
+    """The run key for a decision: its own while no run of it failed; after a failed run
+    (store down, a crash), a new key per failure, up to MAX_ATTEMPTS, so the move is retried on
+    the next tick instead of being deduplicated forever."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={DECISION_TAG: key}), limit=MAX_ATTEMPTS + 1)
+    failed = sum(1 for r in runs if r.status in FAILED)
+    if failed == 0:
+        return key
+    if runs[0].status in FAILED:  # newest first: the last attempt failed
+        return f"{key}:retry{failed}" if failed < MAX_ATTEMPTS else f"{key}:retry{failed - 1}"  # the latter: give up
+    return f"{key}:retry{failed}"  # that retry is queued, running or done
+
+
 @dg.sensor(
     jobs=[evict_job, rehydrate_job, archive_job],
     minimum_interval_seconds=int(os.environ.get("VP_TIERING_INTERVAL_S", "60")),
@@ -32,11 +50,11 @@ def tiering_sensor(context: dg.SensorEvaluationContext, postgres: PostgresResour
     return dg.SensorResult(
         run_requests=[
             dg.RunRequest(
-                run_key=d.run_key,
+                run_key=_attempt_key(context.instance, d.run_key),
                 job_name=MOVE_JOBS[d.target],
                 partition_key=d.collection,
                 run_config={"ops": {f"{MOVE_JOBS[d.target].replace('_job', '')}_collection": {"config": {"reason": "rule"}}}},
-                tags={"vector_platform/rule": d.rule, "vector_platform/why": d.why[:200]},
+                tags={"vector_platform/rule": d.rule, "vector_platform/why": d.why[:200], DECISION_TAG: d.run_key},
             )
             for d in decisions
         ],
