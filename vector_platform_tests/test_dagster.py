@@ -30,12 +30,14 @@ def test_one_lineage_graph_with_checks_and_descriptions():
         "vector_table": ["embeddings"],
         "hnsw_index": ["vector_table"],
         "serving_view": ["hnsw_index"],
+        "cold_snapshot": ["vector_table"],
     }
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert checks == {
         ("embeddings", "embeddings_are_valid"),
         ("vector_table", "no_chunk_lost"),
         ("hnsw_index", "index_recall_meets_target"),
+        ("cold_snapshot", "snapshot_matches_table"),
     }
     for key in graph.get_all_asset_keys():
         assert graph.get(key).description and len(graph.get(key).description) > 80
