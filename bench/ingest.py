@@ -12,12 +12,10 @@ and as its last line `ingest_ratio=<ours / bare COPY>`.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -27,32 +25,13 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from vector_platform import tables  # noqa: E402
 from vector_platform.search import active  # noqa: E402
 from vector_platform.metrics import percentile, recall_at_k  # noqa: E402
 from vector_platform.models import MINILM  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
-
-
-def load_rows(n: int, seed: int = 0):
-    base = np.load(DATA / "corpus_minilm.npy")
-    ids = json.loads((DATA / "minilm_ids.json").read_text())["corpus_ids"]
-    texts = {}
-    with (DATA / "corpus.jsonl").open() as f:
-        for line in f:
-            d = json.loads(line)
-            texts[d["_id"]] = f"{d['title']}\n\n{d['text']}"
-    rng = np.random.default_rng(seed)
-    tiles = -(-n // len(base))
-    vectors = np.vstack([base if t == 0 else base + rng.normal(0, 0.02, base.shape).astype(np.float32) for t in range(tiles)])[:n]
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    rows = []
-    for i in range(n):
-        doc = ids[i % len(ids)]
-        tile = i // len(ids)
-        rows.append((uuid.UUID(int=i + 1), f"{doc}-{tile}", 0, f"{i:064x}", texts[doc], {"tile": tile, "doc": doc}, None))
-    return rows, vectors.astype(np.float32)
 
 
 def bare_copy(conn, table: str, rows, vectors) -> float:
@@ -105,7 +84,7 @@ def main() -> None:
         setup.execute("CREATE EXTENSION IF NOT EXISTS vector")
         setup.execute("CREATE SCHEMA IF NOT EXISTS vp_vectors")
 
-    rows, vectors = load_rows(args.rows)
+    rows, vectors = common.scifact(args.rows)
     print(f"rows: {len(rows)} x {vectors.shape[1]} d, text {sum(len(r[4]) for r in rows) / len(rows):.0f} chars/row avg")
     ours, bare = [], []
     with psycopg.connect(dsn) as conn:
@@ -131,7 +110,7 @@ def main() -> None:
         print(f"HNSW build (m=16, ef_construction=64): {report.seconds:.1f} s, {report.bytes / 2**20:.0f} MiB, maintenance_work_mem {report.maintenance_work_mem_mb} MB")
         conn.autocommit = False
 
-        queries = np.load(DATA / "queries_minilm.npy")[: args.queries]
+        queries = np.load(common.DATA / "queries_minilm.npy")[: args.queries]
         relation = tables.table_id("bench_ours")
         truth = [[r[0] for r in active.nearest(conn, relation, MINILM, q, 10, exact=True, columns=sql.SQL("chunk_id"))] for q in queries]
         for ef in (40, 100):

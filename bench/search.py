@@ -22,7 +22,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql

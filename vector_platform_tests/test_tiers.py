@@ -13,9 +13,9 @@ from psycopg import sql
 
 from vector_platform import catalog, tables
 from vector_platform.catalog.tiers import InvalidMove
-from vector_platform.search import AllArchived, cold_cache, filters as filter_language, flush_query_log
+from vector_platform.search import AllArchived, cold_cache, filters as filter_language
 
-from .conftest import FAKES, build_platform, write_jsonl
+from .conftest import FAKES, write_jsonl
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 

@@ -10,10 +10,9 @@ import urllib.error
 import urllib.request
 
 import dagster as dg
-import psycopg
 import pytest
 
-from vector_platform import catalog, clock, tables
+from vector_platform import clock
 from vector_platform.defs.tiers.sensors import tiering_sensor
 from vector_platform.search import flush_query_log
 
