@@ -14,11 +14,12 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import dagster as dg
 
-from vector_platform import catalog, db, runs, tables
+from vector_platform import backfills, catalog, db, runs, tables
 from vector_platform.catalog import cache_index
 from vector_platform.catalog import documents as docs_sql
 from vector_platform.defs.partitions import collection_partitions, model_partitions
@@ -27,6 +28,9 @@ from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource
 from vector_platform.models import ModelSpec
 from vector_platform.runs import RunSummary
 from vector_platform.catalog import tiers as tier_sql
+from vector_platform.catalog import upgrades as upgrade_sql
+from vector_platform.defs.ingest.assets import embeddings, hnsw_index, vector_table
+from vector_platform.upgrade.swap import SwapRefused, retire_expired
 from vector_platform.catalog.tiers import TierRules, check_move
 from vector_platform.defs.tiers.jobs import MOVE_JOBS
 from vector_platform.object_store import ObjectStore
@@ -56,6 +60,21 @@ def prepare_instance_env() -> None:
         os.environ["VP_DAGSTER_ARTIFACTS"] = str(vp_home() / "dagster" / "artifacts")
     if "VP_DAGSTER_PG_URL" not in os.environ and not os.environ.get("VP_PG_DSN"):
         os.environ["VP_DAGSTER_PG_URL"] = db.dagster_storage_url(vp_home())
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@dataclass
+class UpgradeOutcome:
+    to: str
+    collections: list[str]
+    backfill_id: str | None = None
+    status: str | None = None  # the backfill's final status, when waited for
+    runs: list[RunSummary] = field(default_factory=list)  # in-process upgrades
+    swaps: dict[str, dict] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 class Platform:
@@ -170,12 +189,21 @@ class Platform:
         self._register_partitions(coll)
         config = {"ops": {"source_documents": {"config": {"allow_deletes": allow_deletes}}}}
         runs = [self._run("ingest_documents_job", name, config)]
-        for model_key in coll.models:
-            if not runs[-1].success:
-                return runs
+        if not runs[-1].success:
+            return runs
+        # Every attached model is written (during an upgrade: the serving model and its shadow,
+        # so neither falls behind); the serving model first, so a failing shadow never holds
+        # up what serves.
+        ordered = sorted(coll.models, key=lambda m: m != coll.serving_model)
+        serving_ok = False
+        for model_key in ordered:
             key = dg.MultiPartitionKey({"collection": name, "model": model_key})
             runs.append(self._run("embed_and_index_job", key))
-        if runs[-1].success:
+            if model_key == coll.serving_model:
+                serving_ok = runs[-1].success
+                if not serving_ok:
+                    return runs
+        if serving_ok:
             runs.append(self._run("serving_view_job", name))
         return runs
 
@@ -239,6 +267,128 @@ class Platform:
             return runs.submit(self.instance, job, name, config)
         return self._run(job, name, config)
 
+    # ------------------------------------------------------------ model upgrades
+
+    def upgrade(
+        self,
+        names: Sequence[str],
+        to: str,
+        wait: bool = True,
+        swap: bool = True,
+        say: Callable[[str], None] = _say,
+    ) -> UpgradeOutcome:
+        """Upgrade collections to model `to`: attach it (a shadow table per collection; ingest
+        writes both models from now on), then materialize embeddings -> vector_table ->
+        hnsw_index for the new partitions with their checks, the quality gate included.
+
+        A Platform on the code location's own resources launches one Dagster asset backfill
+        (the UI's backfills page shows it; a dagster-daemon executes it, started for the
+        duration when none runs and `wait`). One bound to other resources (tests, notebooks)
+        runs the same jobs here instead. With `wait` and `swap`, each collection whose gate
+        passed is swapped to the new model; the others keep serving their model, and say why.
+        """
+        names = list(dict.fromkeys(names))
+        if not names:
+            raise ValueError("name at least one collection to upgrade")
+        with self.pool().connection() as conn:
+            catalog.get_model(conn, to)
+            for name in names:
+                coll = catalog.get_collection(conn, name)
+                if coll.tier != "active":
+                    raise ValueError(f"collection {name!r} is {coll.tier}: rehydrate it before upgrading its model")
+                if coll.serving_model == to:
+                    raise ValueError(f"collection {name!r} already serves {to!r}")
+        for name in names:
+            with self.pool().connection() as conn:
+                catalog.attach_model(conn, name, to)
+            self._register_partitions(self.collection(name))
+        outcome = UpgradeOutcome(to=to, collections=names)
+        if self._run_mode == "in_process":  # bound to other resources: the daemon could not run them
+            for name in names:
+                with self.pool().connection() as conn:
+                    upgrade_sql.start_upgrade(conn, name, to, None)
+                outcome.runs.append(self._run("embed_and_index_job", dg.MultiPartitionKey({"collection": name, "model": to})))
+            if wait and swap:
+                self._swap_gated(outcome, say)
+            return outcome
+        outcome.backfill_id = backfills.launch(
+            self.instance, self.defs, [embeddings.key, vector_table.key, hnsw_index.key], [(n, to) for n in names],
+            title=f"upgrade {', '.join(names)} to {to}"[:255],
+            description=f"Model upgrade to {to}: shadow tables, checks and the quality gate.",
+            tags={"vector_platform/purpose": "model_upgrade", "vector_platform/upgrade_to": to},
+        )
+        with self.pool().connection() as conn:
+            for name in names:
+                upgrade_sql.start_upgrade(conn, name, to, outcome.backfill_id)
+        if not wait:
+            return outcome
+        with backfills.ensure_daemon(self.instance, say):
+            outcome.status = backfills.wait(self.instance, outcome.backfill_id, say).value
+            if swap:
+                self._swap_gated(outcome, say)
+        return outcome
+
+    def retry_upgrade(self, backfill_id: str, wait: bool = True, swap: bool = True, say: Callable[[str], None] = _say) -> UpgradeOutcome:
+        """Re-execute a finished upgrade backfill from failure: only what it did not materialize."""
+        parent = self.instance.get_backfill(backfill_id)
+        if parent is None:
+            raise KeyError(f"no backfill {backfill_id!r} in this instance")
+        to = parent.tags.get("vector_platform/upgrade_to")
+        with self.pool().connection() as conn:
+            names = [r[0] for r in conn.execute(
+                "SELECT name FROM vector_platform.collections WHERE upgrade_backfill_id = %s ORDER BY name", (backfill_id,))]
+        outcome = UpgradeOutcome(to=to or "", collections=names)
+        outcome.backfill_id = backfills.retry_failed(self.instance, self.defs, backfill_id)
+        with self.pool().connection() as conn:
+            for name in names:
+                upgrade_sql.start_upgrade(conn, name, to, outcome.backfill_id)
+        if not wait:
+            return outcome
+        with backfills.ensure_daemon(self.instance, say):
+            outcome.status = backfills.wait(self.instance, outcome.backfill_id, say).value
+            if swap and to:
+                self._swap_gated(outcome, say)
+        return outcome
+
+    def _swap_gated(self, outcome: "UpgradeOutcome", say) -> None:
+        for name in outcome.collections:
+            try:
+                outcome.swaps[name] = self.swap(name, outcome.to).metadata.get("serving_view", {})
+            except SwapRefused as err:
+                outcome.refused[name] = str(err)
+                say(f"{name}: not swapped: {err}")
+
+    def swap(self, name: str, to: str) -> RunSummary:
+        """Serve model `to` (gated: refused unless its latest quality gate passed); runs
+        serving_view with `swap_to`. Raises SwapRefused with the gate's numbers."""
+        return self._serving_change(name, {"swap_to": to})
+
+    def rollback(self, name: str) -> RunSummary:
+        """Serve the previous model again, while its table is retained."""
+        return self._serving_change(name, {"rollback": True})
+
+    def _serving_change(self, name: str, config: dict) -> RunSummary:
+        self.collection(name)
+        run = self._run("serving_view_job", name, {"ops": {"serving_view": {"config": config}}})
+        if not run.success:
+            raise SwapRefused(run.error or f"serving_view failed (run {run.run_id})")
+        return run
+
+    def set_qrels(self, name: str, path: str | Path, queries: str | Path | None = None) -> tuple[int, int]:
+        """Load labelled queries for the upgrade gate's nDCG@10 from BEIR files: a qrels TSV
+        (query-id, corpus-id, score; header optional) and queries.jsonl ({"_id", "text"}), or a
+        BEIR dataset folder holding both. Replaces the collection's previous ones."""
+        from vector_platform.upgrade.qrels import read_beir
+
+        self.collection(name)
+        query_texts, judgements = read_beir(Path(path), Path(queries) if queries else None)
+        with self.pool().connection() as conn:
+            return upgrade_sql.replace_qrels(conn, name, query_texts, judgements)
+
+    def retire_previous_models(self) -> list[tuple[str, str]]:
+        """Drop previous models' tables whose retention (retain_previous_days) has run out."""
+        return retire_expired(self.pool(), self.postgres.resolved_dsn(), say=_say)
+
     def set_rules(self, name: str, **rules: Any) -> TierRules:
         """Change a collection's tier rules: evict_after_days, archive_after_days (None: off),
         rehydrate_on_query. Unnamed rules stay as they are."""
@@ -267,10 +417,6 @@ class Platform:
         return {"embedded": True, **db.embedded_status(Path(self.postgres.home) if self.postgres.home else vp_home())}
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
 def _collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
     counts = docs_sql.collection_counts(conn, coll.name)
     dead = catalog.count_open(conn, coll.name)
@@ -291,6 +437,13 @@ def _collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
             if model_key == coll.serving_model:
                 vectors = rows
     state = tier_sql.tier_states(conn, [coll.name])[0]
+    upgrade = upgrade_sql.upgrade_state(conn, coll.name)
+    gates = {}
+    for model_key in coll.models:
+        gate = upgrade_sql.latest_gate(conn, coll.name, model_key)
+        if gate is not None:
+            gates[model_key] = {"id": gate.id, "passed": gate.passed, "reasons": gate.reasons, "figures": gate.figures,
+                                "evaluated_at": gate.evaluated_at.isoformat()}
     snapshots = [
         {"id": r.id, "model": r.model_key, "rows": r.rows, "bytes": r.bytes, "uri": r.uri, "created_at": r.created_at.isoformat(),
          "serving": r.id in tier_sql.cold_snapshots(conn, coll.name).values()}
@@ -304,6 +457,11 @@ def _collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
         "source": coll.source,
         "serving_model": coll.serving_model,
         "models": list(coll.models),
+        "upgrade": {
+            "to": upgrade.upgrade_to, "backfill_id": upgrade.upgrade_backfill_id, "previous_model": upgrade.previous_model,
+            "previous_retained_until": upgrade.previous_retain_until.isoformat() if upgrade.previous_retain_until else None,
+            "gates": gates, "swaps": upgrade_sql.swaps(conn, coll.name),
+        },
         "documents": counts["documents"],
         "documents_deleted": counts["documents_deleted"],
         "chunks": counts["chunks"],

@@ -63,13 +63,17 @@ def measure_recall(
     k: int = 10,
     sample: int = 100,
     seed: int = 7,
+    queries: list[np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """recall@k of the HNSW index vs exact search on real logged queries, topped up with stored vectors."""
+    """recall@k of the HNSW index vs exact search on real logged queries, topped up with stored vectors.
+
+    `queries`: query vectors to use instead of the ones logged for this model (a shadow model
+    has none logged: its gate passes the logged texts embedded with it)."""
     with pool.connection() as conn:
         spec = catalog.get_model(conn, model_key)
         table = catalog.vector_table_name(conn, collection, model_key)
         relation = tables.table_id(table)
-        queries = logged_query_vectors(conn, collection, model_key, sample)
+        queries = list(queries[:sample]) if queries is not None else logged_query_vectors(conn, collection, model_key, sample)
         from_log = len(queries)
         if len(queries) < sample:
             with conn.transaction():

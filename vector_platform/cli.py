@@ -30,6 +30,9 @@ SETTING_FLAGS = {
     "chunk_overlap_tokens": int,
     "max_delete_fraction": float,
     "recall_target": float,
+    "upgrade_ndcg_margin": float,
+    "upgrade_latency_factor": float,
+    "retain_previous_days": float,
 }
 
 
@@ -320,6 +323,62 @@ def cmd_models_list(args) -> int:
     return 0
 
 
+def _report_upgrade(outcome) -> int:
+    if outcome.backfill_id:
+        state = outcome.status or "submitted (a dagster-daemon executes it; follow it on the UI's backfills page)"
+        print(f"backfill {outcome.backfill_id}: {state}")
+    failed = _report_runs(outcome.runs) if outcome.runs else 0
+    for name, meta in outcome.swaps.items():
+        print(f"{name}: now serving {outcome.to} (was {meta.get('from_model')}; previous kept until {meta.get('previous_retained_until')})")
+    for name, reason in outcome.refused.items():
+        print(f"{name}: NOT swapped: {reason}")
+    if outcome.status and outcome.status not in ("COMPLETED", "COMPLETED_SUCCESS"):
+        print(f"re-run only what failed: vector-platform models retry {outcome.backfill_id} --wait")
+        failed = 1
+    return 1 if failed or outcome.refused else 0
+
+
+def cmd_models_upgrade(args) -> int:
+    outcome = _platform().upgrade(args.collections, args.to, wait=args.wait, swap=not args.no_swap)
+    return _report_upgrade(outcome)
+
+
+def cmd_models_retry(args) -> int:
+    outcome = _platform().retry_upgrade(args.backfill_id, wait=args.wait, swap=not args.no_swap)
+    return _report_upgrade(outcome)
+
+
+def cmd_models_swap(args) -> int:
+    run = _platform().swap(args.name, args.to)
+    meta = run.metadata.get("serving_view", {})
+    print(f"{args.name}: serving {meta.get('to_model')} (was {meta.get('from_model')}, gate {meta.get('gate_id')}); "
+          f"previous kept until {meta.get('previous_retained_until')}")
+    return 0
+
+
+def cmd_models_rollback(args) -> int:
+    run = _platform().rollback(args.name)
+    meta = run.metadata.get("serving_view", {})
+    print(f"{args.name}: rolled back to {meta.get('to_model')} (from {meta.get('from_model')}); "
+          f"{meta.get('from_model')} kept until {meta.get('previous_retained_until')}")
+    return 0
+
+
+def cmd_models_retire(args) -> int:
+    retired = _platform().retire_previous_models()
+    for collection, model in retired:
+        print(f"{collection}: retired {model} (table dropped; snapshots kept)")
+    if not retired:
+        print("nothing to retire: no previous model is past its retention")
+    return 0
+
+
+def cmd_collections_qrels(args) -> int:
+    queries, judgements = _platform().set_qrels(args.name, args.file, args.queries)
+    print(f"{args.name}: {queries} labelled queries, {judgements} judgements (used by the upgrade gate's nDCG@10)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from vector_platform.demo import run_demo
 
@@ -365,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rehydrate a cold collection when it is queried (answered cold meanwhile)")
     rules.add_argument("--json", action="store_true")
     rules.set_defaults(func=cmd_collections_rules)
+    qrels = coll.add_parser("qrels", help="load labelled queries (BEIR qrels) for the upgrade gate's nDCG@10")
+    qrels.add_argument("name")
+    qrels.add_argument("file", help="a qrels TSV (query-id, corpus-id, score) or a BEIR dataset folder")
+    qrels.add_argument("--queries", help="queries.jsonl (default: beside the qrels file, or one folder up)")
+    qrels.set_defaults(func=cmd_collections_qrels)
     lst = coll.add_parser("list", help="list collections")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_collections_list)
@@ -419,13 +483,36 @@ def build_parser() -> argparse.ArgumentParser:
     madd.add_argument("--model-name", required=True, help="the API's model name (or the local model's)")
     madd.add_argument("--dims", type=int, required=True)
     madd.add_argument("--distance", default="cosine", choices=["cosine", "l2", "inner_product"])
-    madd.add_argument("--storage-type", default="vector", choices=["vector", "halfvec"])
+    madd.add_argument("--storage-type", default="vector", choices=["vector", "halfvec"],
+                      help="halfvec halves the table and index; vector models over 2,000 dims get a halfvec index")
     madd.add_argument("--max-tokens", type=int, default=8191)
     madd.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default $OPENAI_BASE_URL)")
     madd.add_argument("--dimensions-param", type=int, help="send `dimensions` to the API (models that shorten vectors)")
     madd.add_argument("--option", action="append", help="KEY=VALUE model option (limits: max_inputs_per_request, "
                       "max_tokens_per_request, max_in_flight, requests_per_minute, tokens_per_minute, timeout_s, api_key_env…)")
     madd.set_defaults(func=cmd_models_add)
+    mup = models.add_parser(
+        "upgrade", help="move collections to another model: one Dagster backfill into shadow tables, a quality gate, a swap"
+    )
+    mup.add_argument("collections", nargs="+")
+    mup.add_argument("--to", required=True, help="the new model's key (register it first with `models add`)")
+    mup.add_argument("--wait", action="store_true", help="wait for the backfill (starting a dagster-daemon if none runs), then swap")
+    mup.add_argument("--no-swap", action="store_true", help="with --wait: build and gate the shadows, keep serving the old model")
+    mup.set_defaults(func=cmd_models_upgrade)
+    mretry = models.add_parser("retry", help="re-execute a failed upgrade backfill from failure (only what failed)")
+    mretry.add_argument("backfill_id")
+    mretry.add_argument("--wait", action="store_true")
+    mretry.add_argument("--no-swap", action="store_true")
+    mretry.set_defaults(func=cmd_models_retry)
+    mswap = models.add_parser("swap", help="serve another attached model (refused unless its quality gate passed)")
+    mswap.add_argument("name")
+    mswap.add_argument("--to", required=True)
+    mswap.set_defaults(func=cmd_models_swap)
+    mroll = models.add_parser("rollback", help="serve the previous model again (while its table is retained)")
+    mroll.add_argument("name")
+    mroll.set_defaults(func=cmd_models_rollback)
+    mretire = models.add_parser("retire", help="drop previous models' tables past retain_previous_days")
+    mretire.set_defaults(func=cmd_models_retire)
     mlist = models.add_parser("list", help="registered models")
     mlist.add_argument("--json", action="store_true")
     mlist.set_defaults(func=cmd_models_list)

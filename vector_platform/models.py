@@ -36,6 +36,11 @@ OPERATIONAL_OPTIONS = frozenset(
 )
 
 
+# pgvector's HNSW limits: 2,000 dimensions for `vector`, 4,000 for `halfvec`.
+MAX_VECTOR_INDEX_DIMS = 2000
+MAX_INDEXED_DIMS = 4000
+
+
 class ModelConflict(ValueError):
     """A model key registered again with a different identity."""
 
@@ -59,11 +64,22 @@ class ModelSpec:
             raise ValueError(f"unknown distance {self.distance!r}; expected one of {sorted(DISTANCES)}")
         if self.storage_type not in STORAGE_TYPES:
             raise ValueError(f"unknown storage type {self.storage_type!r}; expected one of {sorted(STORAGE_TYPES)}")
-        limit = 4000 if self.storage_type == "halfvec" else 2000  # pgvector's HNSW limits
-        if not 1 <= self.dims <= limit:
-            raise ValueError(f"{self.storage_type} HNSW indexes take 1..{limit} dimensions, got {self.dims}")
+        if not 1 <= self.dims <= MAX_INDEXED_DIMS:
+            raise ValueError(
+                f"HNSW indexes take 1..{MAX_INDEXED_DIMS} dimensions (as halfvec; {MAX_VECTOR_INDEX_DIMS} as vector), "
+                f"got {self.dims}"
+            )
         if self.max_tokens < 8:
             raise ValueError(f"max_tokens must be at least 8, got {self.max_tokens}")
+
+    @property
+    def index_type(self) -> str:
+        """The type the HNSW index holds: the storage type, except `vector` models over
+        pgvector's 2,000-dimension `vector` index limit, indexed as a halfvec expression
+        (and searched through the identical cast, or the planner ignores the index)."""
+        if self.storage_type == "vector" and self.dims > MAX_VECTOR_INDEX_DIMS:
+            return "halfvec"
+        return self.storage_type
 
     @property
     def normalise(self) -> bool:

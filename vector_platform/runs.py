@@ -106,7 +106,7 @@ def run_in_process(defs: dg.Definitions, instance: dg.DagsterInstance, job_name:
     return summarise(job_name, str(partition_key), result.run_id, result.success, result.all_events, "in_process")
 
 
-def _workspace_args() -> list[str]:
+def workspace_args() -> list[str]:
     workspace = os.environ.get("VP_WORKSPACE") or str(Path(__file__).resolve().parent.parent / "workspace.yaml")
     if Path(workspace).exists():
         return ["-w", workspace]
@@ -126,7 +126,7 @@ def submit(instance: dg.DagsterInstance, job_name: str, partition_key, run_confi
     run_id = str(uuid.uuid4())
     dagster = Path(sys.executable).parent / "dagster"
     command = [
-        str(dagster) if dagster.exists() else "dagster", "job", "launch", *_workspace_args(), "-j", job_name,
+        str(dagster) if dagster.exists() else "dagster", "job", "launch", *workspace_args(), "-j", job_name,
         "--run-id", run_id, "--tags", json.dumps(partition_tags(partition_key)),
     ]
     if run_config:

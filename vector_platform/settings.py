@@ -36,6 +36,13 @@ class CollectionSettings:
     max_document_bytes: int = 20 * 1024 * 1024
     # An ingest that would soft-delete more than this share of the live documents is refused.
     max_delete_fraction: float = 0.5
+    # Model upgrades: a shadow model's nDCG@10 on labelled queries may trail the serving
+    # model's by at most this much, and its search p95 may be at most this factor slower
+    # (latencies under 5 ms always pass: below that the machine's noise dominates).
+    upgrade_ndcg_margin: float = 0.02
+    upgrade_latency_factor: float = 2.0
+    # After a swap the previous model's table is kept this long for `models rollback`.
+    retain_previous_days: float = 7.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -60,6 +67,12 @@ class CollectionSettings:
             raise ValueError(f"max_delete_fraction must be between 0 and 1, got {self.max_delete_fraction}")
         if not 0.0 <= self.recall_target <= 1.0:
             raise ValueError(f"recall_target must be between 0 and 1, got {self.recall_target}")
+        if not 0.0 <= self.upgrade_ndcg_margin <= 1.0:
+            raise ValueError(f"upgrade_ndcg_margin must be between 0 and 1, got {self.upgrade_ndcg_margin}")
+        if self.upgrade_latency_factor < 1.0:
+            raise ValueError(f"upgrade_latency_factor must be at least 1, got {self.upgrade_latency_factor}")
+        if self.retain_previous_days < 0:
+            raise ValueError(f"retain_previous_days cannot be negative, got {self.retain_previous_days}")
         if self.max_document_bytes < 1:
             raise ValueError("max_document_bytes must be positive")
 

@@ -48,6 +48,18 @@ def operator(spec: ModelSpec) -> sql.Composable:
     return sql.SQL(OPERATORS[spec.distance])
 
 
+def indexed_expression(spec: ModelSpec) -> sql.Composable:
+    """What the HNSW index is built on: `embedding`, or `(embedding::halfvec(d))` for vector
+    models too wide for a vector index. A query's ORDER BY must use this very expression."""
+    if spec.index_type == spec.storage_type:
+        return sql.SQL("embedding")
+    return sql.SQL("(embedding::{}({}))").format(sql.SQL(spec.index_type), sql.Literal(spec.dims))
+
+
+def index_opclass(spec: ModelSpec) -> sql.Composable:
+    return sql.SQL(f"{spec.index_type}_{OPCLASS_SUFFIX[spec.distance]}")
+
+
 def score_from_distance(spec: ModelSpec, distance: float) -> float:
     """Higher is better in every metric: cosine similarity, negated L2, inner product."""
     if spec.distance == "cosine":
@@ -177,7 +189,7 @@ class IndexReport:
 
 def graph_bytes_estimate(rows: int, spec: ModelSpec, m: int) -> int:
     """Roughly what pgvector's in-memory HNSW graph needs: vectors + 2m neighbours on layer 0."""
-    vector_bytes = spec.dims * (2 if spec.storage_type == "halfvec" else 4) + 8
+    vector_bytes = spec.dims * (2 if spec.index_type == "halfvec" else 4) + 8
     neighbour_bytes = 2 * m * 10 + 64
     return rows * (vector_bytes + neighbour_bytes)
 
@@ -253,7 +265,7 @@ def ensure_hnsw(
     if existing and (existing["m"], existing["ef_construction"]) == (m, ef_construction):
         return IndexReport(existing["name"], "kept", 0.0, existing["bytes"], rows, 0, dropped)
     work_mem_mb = int(min(max_work_mem_mb, max(64, graph_bytes_estimate(rows, spec, m) * 1.3 / 2**20)))
-    opclass = sql.SQL(f"{spec.storage_type}_{OPCLASS_SUFFIX[spec.distance]}")
+    opclass, expression = index_opclass(spec), indexed_expression(spec)
     params = sql.SQL("WITH (m = {}, ef_construction = {})").format(sql.Literal(m), sql.Literal(ef_construction))
     started = time.perf_counter()
     try:
@@ -261,8 +273,8 @@ def ensure_hnsw(
         conn.execute("SELECT set_config('max_parallel_maintenance_workers', %s, false)", (str(parallel_workers),))
         if existing is None:
             conn.execute(
-                sql.SQL("CREATE INDEX {} ON {} USING hnsw (embedding {}) {}").format(
-                    sql.Identifier(name), table_id(table), opclass, params
+                sql.SQL("CREATE INDEX {} ON {} USING hnsw ({} {}) {}").format(
+                    sql.Identifier(name), table_id(table), expression, opclass, params
                 )
             )
             if not _index_is_valid(conn, name):
@@ -273,8 +285,8 @@ def ensure_hnsw(
             tmp = bounded_identifier(table, suffix="_hnsw_new")
             conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(VECTORS, tmp)))
             conn.execute(
-                sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} USING hnsw (embedding {}) {}").format(
-                    sql.Identifier(tmp), table_id(table), opclass, params
+                sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} USING hnsw ({} {}) {}").format(
+                    sql.Identifier(tmp), table_id(table), expression, opclass, params
                 )
             )
             if not _index_is_valid(conn, tmp):
@@ -296,12 +308,24 @@ def ensure_hnsw(
 # ---------------------------------------------------------------- serving view
 
 def publish_view(conn: psycopg.Connection, collection: str, table: str) -> None:
-    """Point the collection's serving view at `table`, atomically (in the caller's transaction)."""
+    """Point the collection's serving view at `table`, atomically (in the caller's transaction).
+
+    The view carries the fingerprint of the table's vectors as a constant column: search asks
+    for its query's fingerprint (`WHERE fingerprint = ...`, folded by the planner into a
+    one-time filter), so a query embedded for one model never ranks another model's vectors,
+    even while a swap replaces the view under it and the dimensions are equal."""
+    row = conn.execute(
+        "SELECT fingerprint FROM vector_platform.collection_models WHERE collection = %s AND table_name = %s",
+        (collection, table),
+    ).fetchone()
+    if row is None or not row[0]:
+        raise ValueError(f"{VECTORS}.{table} is not a vector table of collection {collection!r}")
     conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(view_id(collection)))
     conn.execute(
         sql.SQL(
-            "CREATE VIEW {} AS SELECT chunk_id, doc_id, seq, content_hash, text, metadata, source_ts, embedding FROM {}"
-        ).format(view_id(collection), table_id(table))
+            "CREATE VIEW {} AS SELECT chunk_id, doc_id, seq, content_hash, text, metadata, source_ts, embedding, "
+            "{}::text AS fingerprint FROM {}"
+        ).format(view_id(collection), sql.Literal(row[0]), table_id(table))
     )
     announce_change(conn, collection)
 

@@ -3,6 +3,8 @@
 import json
 import subprocess
 
+from vector_platform.models import MINILM
+
 from .conftest import cli, cli_env
 
 
@@ -35,8 +37,10 @@ def test_cli_contract_end_to_end(pg_dsn, tmp_path, unique_name):
         assert set(r) == {"query", "hits", "stats", "warnings"}
         assert len(r["hits"]) == 2
         for hit in r["hits"]:
-            assert set(hit) == {"collection", "chunk_id", "doc_id", "score", "text", "metadata", "source_tier", "exact"}
+            assert set(hit) == {"collection", "chunk_id", "doc_id", "score", "text", "metadata", "source_tier", "exact",
+                                "model", "fingerprint"}
             assert hit["source_tier"] == "active" and hit["exact"] is False and hit["collection"] == unique_name
+            assert hit["model"] == MINILM.key and hit["fingerprint"] == MINILM.fingerprint
     assert results[0]["hits"][0]["doc_id"] == "bread.html"
     assert results[1]["hits"][0]["doc_id"] == "postgres.md"
 

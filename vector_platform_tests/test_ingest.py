@@ -48,7 +48,8 @@ def test_ingest_twice_is_idempotent_and_embeds_nothing_new(make_platform, fake_e
     vp.add_collection(unique_name, source)
     runs = vp.ingest(unique_name)
     assert [r.success for r in runs] == [True, True, True], [r.error for r in runs]
-    assert runs[1].checks == {"embeddings_are_valid": True, "no_chunk_lost": True, "index_recall_meets_target": True}
+    assert runs[1].checks == {"embeddings_are_valid": True, "no_chunk_lost": True, "index_recall_meets_target": True,
+        "shadow_passes_quality_gate": True}
     first = _rows(pg_dsn, unique_name)
     assert len(first) == _chunk_count(pg_dsn, unique_name) > 60  # long documents became several chunks
     embedded_first = len(fake_embedder.texts)

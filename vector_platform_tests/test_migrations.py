@@ -141,8 +141,7 @@ def test_release_1_embedding_cache_files_are_adopted_not_re_embedded(pg_server, 
     (legacy / f"{1:020d}-{uuid.uuid4().hex}.parquet").write_bytes(buf.getvalue())
 
     vp = build_platform(dsn, dagster_instance, objects.as_uri())
-    with psycopg.connect(dsn) as conn:
-        source = catalog.get_collection(conn, "legacy").source
+    source = vp.collection("legacy").source  # the platform migrates the catalog before reading it
     vp.add_collection("legacy_copy", source)
     calls = fake_embedder.calls
     runs = vp.ingest("legacy_copy")

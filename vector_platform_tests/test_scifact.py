@@ -56,7 +56,8 @@ def test_scifact_subset_search_matches_exact_search(make_platform, s3_url, tmp_p
     runs = vp.ingest(unique_name)
     assert all(r.success for r in runs), [r.error for r in runs]
     checks = runs[1].checks
-    assert checks == {"embeddings_are_valid": True, "no_chunk_lost": True, "index_recall_meets_target": True}
+    assert checks == {"embeddings_are_valid": True, "no_chunk_lost": True, "index_recall_meets_target": True,
+        "shadow_passes_quality_gate": True}
     assert runs[1].metadata["hnsw_index"]["action"] == "built"
     status = {c["name"]: c for c in vp.status()["collections"]}[unique_name]
     assert status["documents"] == SUBSET and status["vectors"] == status["chunks"] > SUBSET
@@ -96,7 +97,8 @@ def test_scifact_subset_search_matches_exact_search(make_platform, s3_url, tmp_p
     assert all(r.success for r in runs), [r.error for r in runs]
     assert runs[1].metadata["embeddings"]["embedded"] == 0
     assert runs[1].metadata["hnsw_index"]["action"] == "kept"
-    assert runs[1].checks == {"embeddings_are_valid": True, "no_chunk_lost": True, "index_recall_meets_target": True}
+    assert runs[1].checks == {"embeddings_are_valid": True, "no_chunk_lost": True, "index_recall_meets_target": True,
+        "shadow_passes_quality_gate": True}
 
 
 def _assert_same_ranking(got, expected, tol=1e-5):

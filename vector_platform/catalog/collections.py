@@ -98,12 +98,14 @@ def table_name_for(collection: str, model_key: str) -> str:
 
 
 def attach_model(conn: psycopg.Connection, collection: str, model_key: str) -> str:
-    """Attach a model to a collection; returns the vector table's name (fixed once chosen)."""
+    """Attach a model to a collection (again, if it was retired); returns the vector table's
+    name (fixed once chosen)."""
     spec = get_model(conn, model_key)
     conn.execute(
         """
         INSERT INTO vector_platform.collection_models (collection, model_key, table_name, fingerprint)
-        VALUES (%s, %s, %s, %s) ON CONFLICT (collection, model_key) DO NOTHING
+        VALUES (%s, %s, %s, %s) ON CONFLICT (collection, model_key) DO UPDATE SET retired_at = NULL
+        WHERE collection_models.retired_at IS NOT NULL
         """,
         (collection, model_key, table_name_for(collection, model_key), spec.fingerprint),
     )
@@ -118,7 +120,8 @@ def get_collection(
     row = conn.execute(
         """
         SELECT c.name, c.source, c.settings, c.serving_model, c.tier,
-               coalesce(array_agg(m.model_key ORDER BY m.added_at) FILTER (WHERE m.model_key IS NOT NULL), '{}')
+               coalesce(array_agg(m.model_key ORDER BY m.added_at)
+                        FILTER (WHERE m.model_key IS NOT NULL AND m.retired_at IS NULL), '{}')
         FROM vector_platform.collections c
         LEFT JOIN vector_platform.collection_models m ON m.collection = c.name
         WHERE c.name = %s GROUP BY c.name

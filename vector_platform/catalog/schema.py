@@ -68,7 +68,26 @@ def migrate(conn: psycopg.Connection) -> list[int]:
             applied.append(number)
         backfill_fingerprints(conn)
         register_builtin_models(conn)
+        if version < 4 <= LATEST_VERSION:
+            _republish_serving_views(conn)
     return applied
+
+
+def _republish_serving_views(conn: psycopg.Connection) -> None:
+    """Serving views made before 0004 lack the fingerprint column search pins: recreate them."""
+    from vector_platform import tables
+
+    rows = conn.execute(
+        """
+        SELECT c.name, m.table_name FROM vector_platform.collections c
+        JOIN vector_platform.collection_models m ON m.collection = c.name AND m.model_key = c.serving_model
+        WHERE to_regclass(format('%%I.%%I', %s::text, c.name)) IS NOT NULL
+          AND to_regclass(format('%%I.%%I', %s::text, m.table_name)) IS NOT NULL
+        """,
+        (SERVING, VECTORS),
+    ).fetchall()
+    for collection, table in rows:
+        tables.publish_view(conn, collection, table)
 
 
 def bootstrap(conn: psycopg.Connection) -> None:

@@ -46,6 +46,10 @@ class AllArchived(ValueError):
     """Every collection a search named is archived: nothing can answer it."""
 
 
+class _ServingChanged(Exception):
+    """The serving view holds another model's vectors than the cached facts said (a swap)."""
+
+
 @dataclass
 class Hit:
     collection: str
@@ -57,6 +61,8 @@ class Hit:
     source_tier: str
     exact: bool
     snapshot_id: int | None = None
+    model: str = ""  # the model key whose vectors answered
+    fingerprint: str = ""  # the fingerprint of those vectors
 
     def as_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -185,10 +191,14 @@ def search(
                 try:
                     outcomes[name] = _search_one(conn, session, facts, vector_for, k, exact, filters, store, tally)
                     break
-                except (psycopg.errors.UndefinedTable, psycopg.errors.InternalError, psycopg.errors.ObjectInUse):
-                    # The tier changed under a cached fact (e.g. the table was dropped by an evict):
-                    # read the facts afresh and ask again in the collection's new tier.
+                except (psycopg.errors.UndefinedTable, psycopg.errors.InternalError, psycopg.errors.ObjectInUse,
+                        _ServingChanged) as err:
+                    # The tier or the serving model changed under a cached fact (a table dropped by
+                    # an evict, a view swapped to a new model): read the facts afresh and ask again.
                     if attempt == 2:
+                        if isinstance(err, _ServingChanged):
+                            outcomes[name] = ("warning", f"collection {name!r} skipped: its serving model changed twice while searched")
+                            break
                         raise
                     rt.facts.invalidate(name)
                     facts = read_facts(conn, name)
@@ -277,15 +287,27 @@ def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, stor
     if not facts.has_view:
         return "warning", f"collection {name!r} has no serving view yet; ingest it first"
     spec = facts.spec
+    if facts.fingerprint != spec.fingerprint:
+        return "warning", (
+            f"collection {name!r} refused: its table holds vectors of fingerprint {facts.fingerprint}, "
+            f"not of model {spec.key!r} ({spec.fingerprint}); vectors of different fingerprints are never compared"
+        )
     qvec = vector_for(spec)
     relation = tables.view_id(name)
     began = time.perf_counter()
-    rows = active.nearest(conn, relation, spec, qvec, k, exact, facts.settings.hnsw_ef_search, filters, session=session)
+    pin = facts.fingerprint
+    rows = active.nearest(
+        conn, relation, spec, qvec, k, exact, facts.settings.hnsw_ef_search, filters, session=session, fingerprint=pin
+    )
     mode, fallback = ("exact" if exact else "ann"), False
+    if len(rows) < k:
+        serving = active.view_fingerprint(conn, relation)
+        if serving is not None and serving != pin:
+            raise _ServingChanged(name)
     if len(rows) < k and not exact and active.count_matching(conn, relation, filters, k) > len(rows):
         # The index scan stopped short of k rows that exist (a very selective filter):
         # exact search finds them all.
-        rows = active.nearest(conn, relation, spec, qvec, k, True, filters=filters, session=session)
+        rows = active.nearest(conn, relation, spec, qvec, k, True, filters=filters, session=session, fingerprint=pin)
         mode, fallback = "exact_fallback", True
     elapsed = (time.perf_counter() - began) * 1000
     t = tally.setdefault("active", _Tally())
@@ -294,7 +316,8 @@ def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, stor
     t.collections += 1
     is_exact = mode != "ann"
     hits = [
-        Hit(name, str(chunk_id), doc_id, tables.score_from_distance(spec, float(distance)), text, metadata, "active", is_exact)
+        Hit(name, str(chunk_id), doc_id, tables.score_from_distance(spec, float(distance)), text, metadata, "active",
+            is_exact, None, spec.key, pin)
         for chunk_id, doc_id, text, metadata, distance in rows
     ]
     return "hits", (hits, spec, facts.fingerprint, mode, elapsed, fallback)
@@ -307,8 +330,11 @@ def _search_cold(facts: Facts, vector_for, k, filters, store, tally) -> tuple[st
     if store is None:
         return "warning", f"cold collection {name!r} skipped: no object store to read its snapshot from"
     spec = facts.spec
-    if receipt.manifest.get("model_key") != spec.key:
-        return "warning", f"cold collection {name!r} skipped: its snapshot holds {receipt.manifest.get('model_key')!r} vectors, not the serving model {spec.key!r}"
+    if receipt.manifest.get("model_key") != spec.key or receipt.manifest.get("fingerprint") != spec.fingerprint:
+        return "warning", (
+            f"cold collection {name!r} skipped: its snapshot holds {receipt.manifest.get('model_key')!r} vectors "
+            f"(fingerprint {receipt.manifest.get('fingerprint')}), not the serving model {spec.key!r} ({spec.fingerprint})"
+        )
     qvec = vector_for(spec)
     began = time.perf_counter()
     try:
@@ -325,7 +351,8 @@ def _search_cold(facts: Facts, vector_for, k, filters, store, tally) -> tuple[st
     t.rows_scanned += data.count
     t.data_from[name] = source
     hits = [
-        Hit(name, row["chunk_id"], row["doc_id"], tables.score_from_distance(spec, distance), row["text"], row["metadata"], "cold", True, receipt.id)
+        Hit(name, row["chunk_id"], row["doc_id"], tables.score_from_distance(spec, distance), row["text"], row["metadata"],
+            "cold", True, receipt.id, spec.key, receipt.manifest["fingerprint"])
         for (_, distance), row in zip(found, rows)
     ]
     return "hits", (hits, spec, receipt.manifest.get("fingerprint"), "cold_exact", elapsed, False)

@@ -61,18 +61,38 @@ def _apply_settings(conn: psycopg.Connection, settings: dict[str, str], session:
 _queries: dict[tuple, str] = {}
 
 
-def _nearest_query(conn, relation: sql.Composable, spec: ModelSpec, filtered: bool, columns: sql.Composable | None) -> str:
-    """The SELECT, composed once per shape (composing costs as much as a tenth of a query)."""
-    key = (repr(relation), repr(columns), spec.distance, spec.storage_type, filtered)
+def _order_by(spec: ModelSpec, exact: bool) -> sql.Composable:
+    """The ORDER BY expression. ANN on a model indexed as a halfvec expression (a vector model
+    over 2,000 dimensions) must repeat the index's expression exactly, or the planner cannot
+    use the index; exact search ranks at full precision."""
+    if exact or spec.index_type == spec.storage_type:
+        return sql.SQL("embedding {op} %(q)s::{vtype}").format(op=operator(spec), vtype=sql.SQL(spec.storage_type))
+    cast = sql.SQL("{}({})").format(sql.SQL(spec.index_type), sql.Literal(spec.dims))
+    return sql.SQL("embedding::{cast} {op} %(q)s::{cast}").format(cast=cast, op=operator(spec))
+
+
+def _nearest_query(
+    conn, relation: sql.Composable, spec: ModelSpec, filtered: bool, columns: sql.Composable | None, exact: bool,
+    pinned: bool = False,
+) -> str:
+    """The SELECT, composed once per shape (composing costs as much as a tenth of a query).
+    The distance returned is always the full-precision one, as exact search and the cold
+    tier compute it."""
+    halfvec_index = spec.index_type != spec.storage_type
+    key = (repr(relation), repr(columns), spec.distance, spec.storage_type, spec.dims if halfvec_index else 0,
+           exact if halfvec_index else None, filtered, pinned)
     query = _queries.get(key)
     if query is None:
-        where = sql.SQL("WHERE metadata @> %(filters)s") if filtered else sql.SQL("")
+        conditions = ([sql.SQL("fingerprint = %(fingerprint)s")] if pinned else []) + (
+            [sql.SQL("metadata @> %(filters)s")] if filtered else []
+        )
+        where = sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         query = sql.SQL(
             "SELECT {columns}, embedding {op} %(q)s::{vtype} AS distance FROM {rel} {where} "
-            "ORDER BY embedding {op} %(q)s::{vtype} LIMIT %(k)s"
+            "ORDER BY {order} LIMIT %(k)s"
         ).format(
             columns=columns or sql.SQL("chunk_id, doc_id, text, metadata"), op=operator(spec),
-            vtype=sql.SQL(spec.storage_type), rel=relation, where=where,
+            vtype=sql.SQL(spec.storage_type), rel=relation, where=where, order=_order_by(spec, exact),
         ).as_string(conn)
         _queries[key] = query
     return query
@@ -89,16 +109,21 @@ def nearest(
     filters: dict[str, Any] | None = None,
     columns: sql.Composable | None = None,
     session: dict[str, str] | None = None,
+    fingerprint: str | None = None,
 ) -> list[tuple]:
     """Top-k rows by the model's distance; each row ends with the distance.
+
+    `fingerprint`: on a serving view, only rows of vectors with this fingerprint (the view
+    holds one model's table, so this is all rows or none: a view swapped to another model
+    since the query was embedded answers nothing rather than something wrong).
 
     `session`: the settings a search-only connection already holds (see `_apply_settings`);
     None on a shared connection, where settings last one transaction.
     """
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
-    query = _nearest_query(conn, relation, spec, bool(filters), columns)
-    params = {"q": np.asarray(vector, dtype=np.float32), "k": k}
+    query = _nearest_query(conn, relation, spec, bool(filters), columns, exact, pinned=fingerprint is not None)
+    params = {"q": np.asarray(vector, dtype=np.float32), "k": k, "fingerprint": fingerprint}
     if filters:
         params["filters"] = Jsonb(filters)
     settings = plan_settings(exact, max(ef_search, k), iterative=bool(filters))
@@ -109,9 +134,17 @@ def nearest(
         with conn.transaction():
             _apply_settings(conn, settings, None)
             rows = conn.execute(query, params, prepare=False).fetchall()
-    if filters and not exact:  # relaxed order: results may come slightly out of order
+    if not exact and (filters or spec.index_type != spec.storage_type):
+        # relaxed order may return rows slightly out of order, and a halfvec index orders by
+        # the rounded distance: order by the full-precision distance returned
         rows.sort(key=lambda r: r[-1])
     return rows
+
+
+def view_fingerprint(conn: psycopg.Connection, relation: sql.Composable) -> str | None:
+    """The fingerprint of the vectors a serving view holds (None when it is empty)."""
+    row = conn.execute(sql.SQL("SELECT fingerprint FROM {} LIMIT 1").format(relation), prepare=False).fetchone()
+    return row[0] if row else None
 
 
 def count_matching(conn: psycopg.Connection, relation: sql.Composable, filters: dict[str, Any] | None, up_to: int) -> int:
@@ -122,13 +155,13 @@ def count_matching(conn: psycopg.Connection, relation: sql.Composable, filters: 
 
 
 def explain_nearest(
-    conn: psycopg.Connection, relation: sql.Composable, spec: ModelSpec, vector: np.ndarray, exact: bool, ef_search: int = 100
+    conn: psycopg.Connection, relation: sql.Composable, spec: ModelSpec, vector: np.ndarray, exact: bool,
+    ef_search: int = 100, fingerprint: str | None = None,
 ) -> str:
     """The plan `nearest` really runs (for check metadata and tests)."""
-    query = sql.SQL("EXPLAIN SELECT chunk_id FROM {rel} ORDER BY embedding {op} %(q)s::{vtype} LIMIT 10").format(
-        rel=relation, op=operator(spec), vtype=sql.SQL(spec.storage_type)
-    )
+    query = "EXPLAIN " + _nearest_query(conn, relation, spec, False, sql.SQL("chunk_id"), exact, fingerprint is not None)
+    params = {"q": np.asarray(vector, dtype=np.float32), "k": 10, "fingerprint": fingerprint}
     with conn.transaction():
         _apply_settings(conn, plan_settings(exact, ef_search, iterative=False), None)
-        plan = conn.execute(query, {"q": np.asarray(vector, dtype=np.float32)}, prepare=False).fetchall()
+        plan = conn.execute(query, params, prepare=False).fetchall()
     return "\n".join(r[0] for r in plan)

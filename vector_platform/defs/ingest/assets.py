@@ -7,19 +7,23 @@ only what is left.
 """
 
 import os
+from typing import Optional
+
 import dagster as dg
 from pydantic import Field
 
 from vector_platform import catalog, tables
 from vector_platform.defs.partitions import (
-    collection_and_model,
     collection_model_partitions,
     collection_partitions,
+    partition_pairs,
+    vector_backfill_policy,
 )
 from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource
 from vector_platform.defs.writing import writing
 from vector_platform.ingest import steps
-from vector_platform.progress import reporter
+from vector_platform.progress import notify, reporter
+from vector_platform.upgrade import swap as swapping
 
 
 def _attached_model(pool, collection: str, model_key: str):
@@ -32,6 +36,43 @@ def _attached_model(pool, collection: str, model_key: str):
                 f"(attached: {', '.join(coll.models) or 'none'})"
             )
         return coll, catalog.get_model(conn, model_key)
+
+
+def for_each_partition(context: dg.AssetExecutionContext, work) -> dg.MaterializeResult:
+    """Run `work(collection, model_key) -> metadata` for each partition of the run.
+
+    One partition: its metadata. A backfill's range: each partition is tried; those that
+    succeed are recorded as materialized on their own (so a retry of the backfill re-runs only
+    the failed ones), and the step fails naming the partitions that failed and why.
+    """
+    pairs = partition_pairs(context)
+    if len(pairs) == 1:
+        return dg.MaterializeResult(metadata=work(*pairs[0]))
+    done, failed = {}, {}
+    for collection, model_key in pairs:
+        try:
+            done[(collection, model_key)] = work(collection, model_key)
+        except Exception as err:  # noqa: BLE001 - the others still run; the step fails below
+            context.log.error(f"{collection}|{model_key} failed: {err}")
+            failed[(collection, model_key)] = err
+    if failed:
+        for (collection, model_key), metadata in done.items():
+            context.log_event(dg.AssetMaterialization(
+                asset_key=context.asset_key,
+                partition=dg.MultiPartitionKey({"collection": collection, "model": model_key}),
+                metadata=metadata,
+            ))
+        raise dg.Failure(
+            f"{len(failed)} of {len(pairs)} partitions failed: "
+            + "; ".join(f"{c}|{m}: {err}" for (c, m), err in failed.items()),
+            allow_retries=False,
+        )
+    rows = sum(int(m.get("dagster/row_count", 0)) for m in done.values())
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": rows, "partitions": len(done),
+        "per_partition": dg.MetadataValue.json({f"{c}|{m}": {k: v for k, v in meta.items() if isinstance(v, (int, float, str))}
+                                                for (c, m), meta in done.items()}),
+    })
 
 
 class SourceConfig(dg.Config):
@@ -107,6 +148,7 @@ def chunks(
     deps=[chunks],
     group_name="vectors",
     kinds={"python", "parquet"},
+    backfill_policy=vector_backfill_policy,
 )
 def embeddings(
     context: dg.AssetExecutionContext,
@@ -118,24 +160,25 @@ def embeddings(
     cache (Parquet on the object store, keyed by the model's fingerprint and the chunk's content
     hash, indexed in the catalog). Only content with no vector yet is sent to the model;
     rejected vectors become dead letters with the reason."""
-    collection, model_key = collection_and_model(context)
     pool = postgres.pool()
-    _, spec = _attached_model(pool, collection, model_key)
     store = object_store.store()
-    model = embedder.for_model(spec)
-    with writing(context, postgres, collection, model_key):
-        stats = steps.embed_chunks(
-            pool, store, model, collection, model_key, batch_size=model.batch_size(embedder.batch_size),
-            progress=reporter(context.log),
-        )
-    return dg.MaterializeResult(
-        metadata={
+
+    def work(collection: str, model_key: str) -> dict:
+        _, spec = _attached_model(pool, collection, model_key)
+        model = embedder.for_model(spec)
+        with writing(context, postgres, collection, model_key):
+            stats = steps.embed_chunks(
+                pool, store, model, collection, model_key, batch_size=model.batch_size(embedder.batch_size),
+                progress=reporter(context.log),
+            )
+        return {
             "dagster/row_count": stats.chunks,
             "cache": store.uri(f"embedding_cache/{spec.fingerprint}"),
             "model_fingerprint": spec.fingerprint,
             **stats.as_metadata(),
         }
-    )
+
+    return for_each_partition(context, work)
 
 
 @dg.asset(
@@ -144,6 +187,7 @@ def embeddings(
     group_name="vectors",
     kinds={"postgres", "pgvector"},
     pool="vector_db",
+    backfill_policy=vector_backfill_policy,
 )
 def vector_table(
     context: dg.AssetExecutionContext, postgres: PostgresResource, object_store: ObjectStoreResource
@@ -152,19 +196,20 @@ def vector_table(
     source timestamp and embedding, keyed by the deterministic chunk_id. Missing rows are
     loaded by binary COPY, one transaction per batch; rows of deleted or changed documents
     are removed."""
-    collection, model_key = collection_and_model(context)
     pool = postgres.pool()
-    _, spec = _attached_model(pool, collection, model_key)
-    with writing(context, postgres, collection, model_key):
-        figures = steps.load_vectors(pool, object_store.store(), collection, model_key, progress=reporter(context.log))
-    return dg.MaterializeResult(
-        metadata={
+
+    def work(collection: str, model_key: str) -> dict:
+        _, spec = _attached_model(pool, collection, model_key)
+        with writing(context, postgres, collection, model_key):
+            figures = steps.load_vectors(pool, object_store.store(), collection, model_key, progress=reporter(context.log))
+        return {
             "dagster/row_count": figures["rows"],
             "dagster/table_name": figures["table"],
             "model_fingerprint": spec.fingerprint,
             **figures,
         }
-    )
+
+    return for_each_partition(context, work)
 
 
 @dg.asset(
@@ -173,27 +218,30 @@ def vector_table(
     group_name="vectors",
     kinds={"postgres", "pgvector"},
     pool="vector_db",
+    backfill_policy=vector_backfill_policy,
 )
 def hnsw_index(context: dg.AssetExecutionContext, postgres: PostgresResource) -> dg.MaterializeResult:
     """The HNSW index on the vector table, built after the bulk load with the collection's m and
     ef_construction and maintenance_work_mem sized to the graph. Kept when its parameters are
     unchanged (upserts maintain it); rebuilt concurrently, the old one serving meanwhile, when
-    they change. Every build is checked valid; an invalid leftover is dropped and rebuilt."""
-    collection, model_key = collection_and_model(context)
+    they change. Every build is checked valid; an invalid leftover is dropped and rebuilt.
+    Models over 2,000 dimensions are indexed as a halfvec expression."""
     pool = postgres.pool()
-    coll, spec = _attached_model(pool, collection, model_key)
-    with writing(context, postgres, collection, model_key), pool.connection() as conn:
-        table = catalog.vector_table_name(conn, collection, model_key)
-        if not tables.table_exists(conn, table):
-            raise dg.Failure(f"no vector table for {collection}/{model_key}: materialize vector_table first")
-        report = tables.ensure_hnsw(
-            conn, table, spec, coll.settings.hnsw_m, coll.settings.hnsw_ef_construction,
-            max_work_mem_mb=int(os.environ.get("VP_HNSW_MAX_WORK_MEM_MB", "1024")),
-        )
-    return dg.MaterializeResult(
-        metadata={
+
+    def work(collection: str, model_key: str) -> dict:
+        coll, spec = _attached_model(pool, collection, model_key)
+        with writing(context, postgres, collection, model_key), pool.connection() as conn:
+            table = catalog.vector_table_name(conn, collection, model_key)
+            if not tables.table_exists(conn, table):
+                raise dg.Failure(f"no vector table for {collection}/{model_key}: materialize vector_table first")
+            report = tables.ensure_hnsw(
+                conn, table, spec, coll.settings.hnsw_m, coll.settings.hnsw_ef_construction,
+                max_work_mem_mb=int(os.environ.get("VP_HNSW_MAX_WORK_MEM_MB", "1024")),
+            )
+        return {
             "index": report.name,
             "action": report.action,
+            "index_type": spec.index_type,
             "build_seconds": round(report.seconds, 3),
             "bytes": report.bytes,
             "dagster/row_count": report.rows,
@@ -202,7 +250,17 @@ def hnsw_index(context: dg.AssetExecutionContext, postgres: PostgresResource) ->
             "maintenance_work_mem_mb": report.maintenance_work_mem_mb,
             "dropped_invalid_indexes": ", ".join(report.dropped_invalid) or "none",
         }
+
+    return for_each_partition(context, work)
+
+
+class ServingConfig(dg.Config):
+    swap_to: Optional[str] = Field(
+        default=None,
+        description="Serve this model instead: an upgrade's shadow whose quality gate passed (refused otherwise, "
+        "with the gate's numbers).",
     )
+    rollback: bool = Field(default=False, description="Serve the previous model again (while its table is retained).")
 
 
 @dg.asset(
@@ -211,11 +269,41 @@ def hnsw_index(context: dg.AssetExecutionContext, postgres: PostgresResource) ->
     group_name="serving",
     kinds={"postgres"},
 )
-def serving_view(context: dg.AssetExecutionContext, postgres: PostgresResource) -> dg.MaterializeResult:
+def serving_view(context: dg.AssetExecutionContext, config: ServingConfig, postgres: PostgresResource) -> dg.MaterializeResult:
     """What search reads for a collection: a view in schema vp_serving over the serving model's
-    vector table, replaced atomically in one transaction when the serving model changes."""
+    vector table, carrying the fingerprint of its vectors. A swap to an upgrade's shadow model
+    (config swap_to) needs that model's quality gate to have passed; the view, the serving
+    model and the swap's record change in one transaction, so readers see the old model or the
+    new, never neither. `rollback` returns to the previous model while it is retained."""
     collection = context.partition_key
-    with writing(context, postgres, collection), postgres.pool().connection() as conn:
+    pool = postgres.pool()
+    if config.swap_to or config.rollback:
+        if config.swap_to and config.rollback:
+            raise dg.Failure("give swap_to or rollback, not both", allow_retries=False)
+
+        def say(message: str) -> None:
+            context.log.warning(message)
+            notify(message)
+
+        try:
+            if config.rollback:
+                report = swapping.rollback(pool, postgres.resolved_dsn(), collection, "dagster", context.run_id, say)
+            else:
+                report = swapping.swap(pool, postgres.resolved_dsn(), collection, config.swap_to, "dagster", context.run_id, say)
+        except swapping.SwapRefused as err:
+            raise dg.Failure(str(err), allow_retries=False) from None
+        with pool.connection() as conn:
+            table = catalog.vector_table_name(conn, collection, report.to_model)
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": report.rows,
+                "dagster/table_name": f"{catalog.SERVING}.{collection}",
+                "serving_model": report.to_model,
+                "vector_table": f"{catalog.VECTORS}.{table}",
+                **report.as_metadata(),
+            }
+        )
+    with writing(context, postgres, collection), pool.connection() as conn:
         coll = catalog.get_collection(conn, collection)
         table = catalog.vector_table_name(conn, collection, coll.serving_model)
         if not tables.table_exists(conn, table):

@@ -1,0 +1,153 @@
+"""Asset backfills through the Dagster instance: what the UI's "Materialize selected" over
+partitions (GraphQL `launchPartitionBackfill`) and "Re-execute from failure" create.
+
+A backfill is a record in the instance; the dagster-daemon's backfill daemon turns it into
+runs (the assets' multi-run backfill policy packs several partitions per run), and the UI's
+backfills page shows it. There is no `dagster asset backfill` command, so we write the same
+record the GraphQL mutation writes, with Dagster's own `PartitionBackfill`.
+
+Without a daemon nothing executes a backfill: `ensure_daemon` starts one for the duration
+of a `--wait` (the same workspace and instance as `make dev`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import dagster as dg
+from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, BulkActionStatus, PartitionBackfill
+from dagster._core.storage.tags import PARENT_BACKFILL_ID_TAG, ROOT_BACKFILL_ID_TAG
+from dagster._core.utils import make_new_backfill_id
+
+from vector_platform import runs
+
+SUCCESS = {BulkActionStatus.COMPLETED, BulkActionStatus.COMPLETED_SUCCESS}
+BACKFILL_TAG = "dagster/backfill"
+
+
+def partition_key(collection: str, model_key: str) -> dg.MultiPartitionKey:
+    return dg.MultiPartitionKey({"collection": collection, "model": model_key})
+
+
+def launch(
+    instance: dg.DagsterInstance,
+    defs: dg.Definitions,
+    assets: Sequence[dg.AssetKey],
+    pairs: Sequence[tuple[str, str]],
+    title: str,
+    description: str = "",
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Record an asset backfill of `assets` over the (collection, model) partitions; returns its id."""
+    backfill = PartitionBackfill.from_asset_partitions(
+        backfill_id=make_new_backfill_id(),
+        asset_graph=defs.resolve_asset_graph(),
+        partition_names=[str(partition_key(c, m)) for c, m in pairs],
+        asset_selection=list(assets),
+        backfill_timestamp=time.time(),
+        tags=tags or {},
+        dynamic_partitions_store=instance,
+        all_partitions=False,
+        title=title,
+        description=description,
+        run_config=None,
+    )
+    instance.add_backfill(backfill)
+    return backfill.backfill_id
+
+
+def retry_failed(instance: dg.DagsterInstance, defs: dg.Definitions, backfill_id: str) -> str:
+    """A new backfill of what the finished one did not materialize (the UI's "Re-execute from
+    failure"): failed partitions and the steps they blocked, nothing that succeeded."""
+    backfill = instance.get_backfill(backfill_id)
+    if backfill is None:
+        raise KeyError(f"no backfill {backfill_id!r} in this instance")
+    if backfill.status not in BULK_ACTION_TERMINAL_STATUSES:
+        raise RuntimeError(f"backfill {backfill_id} is still {backfill.status.value}: wait for it to finish")
+    data = backfill.get_asset_backfill_data(defs.resolve_asset_graph())
+    missing = data.target_subset - data.materialized_subset
+    if missing.num_partitions_and_non_partitioned_assets == 0:
+        raise RuntimeError(f"backfill {backfill_id} materialized everything it targeted: nothing to retry")
+    retry = PartitionBackfill.from_asset_graph_subset(
+        backfill_id=make_new_backfill_id(),
+        asset_graph_subset=missing,
+        dynamic_partitions_store=instance,
+        tags={**backfill.tags, PARENT_BACKFILL_ID_TAG: backfill_id,
+              ROOT_BACKFILL_ID_TAG: backfill.tags.get(ROOT_BACKFILL_ID_TAG, backfill_id)},
+        backfill_timestamp=time.time(),
+        title=f"Re-execution of {backfill.title}" if backfill.title else None,
+        description=backfill.description,
+        run_config=backfill.run_config,
+    )
+    instance.add_backfill(retry)
+    return retry.backfill_id
+
+
+def wait(
+    instance: dg.DagsterInstance,
+    backfill_id: str,
+    say: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
+    timeout_s: float = 6 * 3600,
+    poll_s: float = 1.0,
+) -> BulkActionStatus:
+    """Follow a backfill until it ends; says each run that finishes."""
+    started = time.monotonic()
+    reported: set[str] = set()
+    while True:
+        backfill = instance.get_backfill(backfill_id)
+        if backfill is None:
+            raise KeyError(f"no backfill {backfill_id!r} in this instance")
+        for run in instance.get_runs(dg.RunsFilter(tags={BACKFILL_TAG: backfill_id})):
+            if run.status in runs.TERMINAL and run.run_id not in reported:
+                reported.add(run.run_id)
+                span = run.tags.get("dagster/asset_partition_range_start")
+                keys = f"{span}..{run.tags.get('dagster/asset_partition_range_end')}" if span else run.tags.get("dagster/partition", "")
+                say(f"backfill {backfill_id}: run {run.run_id[:8]} [{keys}] {run.status.value.lower()}")
+        if backfill.status in BULK_ACTION_TERMINAL_STATUSES:
+            return backfill.status
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"backfill {backfill_id} still {backfill.status.value} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def backfill_runs(instance: dg.DagsterInstance, backfill_id: str) -> list[dg.DagsterRun]:
+    return list(instance.get_runs(dg.RunsFilter(tags={BACKFILL_TAG: backfill_id})))
+
+
+@contextmanager
+def ensure_daemon(instance: dg.DagsterInstance, say: Callable[[str], None]) -> Iterator[bool]:
+    """Yields True when a daemon already serves the instance; otherwise runs `dagster-daemon`
+    (the same workspace and instance) until the block ends, and yields False."""
+    if runs.daemon_is_running(instance):
+        yield True
+        return
+    daemon_bin = Path(sys.executable).parent / "dagster-daemon"
+    command = [str(daemon_bin) if daemon_bin.exists() else "dagster-daemon", "run", *runs.workspace_args()]
+    say("no dagster-daemon serves this instance: starting one for this backfill")
+    process = subprocess.Popen(command, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not runs.daemon_is_running(instance):
+            if process.poll() is not None:
+                raise RuntimeError(f"dagster-daemon exited ({process.returncode}): {process.stderr.read().decode()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("dagster-daemon did not start within 180 s")
+            time.sleep(1)
+        yield False
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        # Its heartbeats would look fresh for a while: later commands must not queue runs for it.
+        instance.wipe_daemon_heartbeats()

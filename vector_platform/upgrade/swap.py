@@ -1,0 +1,163 @@
+"""Serving swaps: point a collection at another model's table, in one transaction.
+
+- `swap` to an upgrade's shadow model needs its latest quality gate to have passed for the
+  model's fingerprint, a valid HNSW index, and a table that covers every live chunk; the
+  refusal says which and carries the gate's numbers.
+- `rollback` returns to the previous model while its table is retained (no gate: it served
+  before), again only if its table is complete (ingest writes every attached model).
+- `retire_expired` drops previous tables whose retention ran out, keeping the attachment
+  (history) and any snapshot.
+
+Each holds the collection's writer lock (no ingest, move or other swap meanwhile); readers
+keep reading: the serving view is replaced inside one transaction, so a search sees the old
+table or the new one, and one that raced the swap retries on the new model (see search).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Callable
+
+from psycopg_pool import ConnectionPool
+
+from vector_platform import catalog, checks, clock, tables
+from vector_platform.catalog import tiers as tier_sql
+from vector_platform.catalog import upgrades as upgrade_sql
+from vector_platform.locks import writer_lock
+
+
+class SwapRefused(RuntimeError):
+    """A swap or rollback that would serve an ungated, failing or incomplete table."""
+
+
+@dataclass
+class SwapReport:
+    collection: str
+    kind: str  # swap | rollback | unchanged
+    from_model: str | None
+    to_model: str
+    gate_id: int | None
+    rows: int
+    retain_until: dt.datetime | None
+
+    def as_metadata(self) -> dict:
+        return {
+            "kind": self.kind, "from_model": self.from_model or "none", "to_model": self.to_model,
+            "gate_id": self.gate_id if self.gate_id is not None else "none", "rows": self.rows,
+            "previous_retained_until": self.retain_until.isoformat() if self.retain_until else "none",
+        }
+
+
+def _ready_table(conn, pool, collection: str, model_key: str) -> tuple[str, int]:
+    """The model's table, refused unless it exists, has a valid HNSW index and covers every live chunk."""
+    table = catalog.vector_table_name(conn, collection, model_key)
+    if model_key in upgrade_sql.retired_models(conn, collection) or not tables.table_exists(conn, table):
+        raise SwapRefused(f"{collection}: model {model_key!r} has no vector table (retired, or never built)")
+    if tables.current_index(conn, table) is None:
+        raise SwapRefused(f"{collection}: the table of {model_key!r} has no valid HNSW index yet")
+    figures = checks.count_lost_chunks(pool, collection, model_key)
+    if figures["lost"] or figures["orphans"]:
+        raise SwapRefused(
+            f"{collection}: the table of {model_key!r} is behind ({figures['lost']} live chunks without a vector or "
+            f"dead letter, {figures['orphans']} rows of deleted chunks); ingest the collection, then swap"
+        )
+    rows, _ = tables.table_stats(conn, table)
+    return table, rows
+
+
+def swap(
+    pool: ConnectionPool,
+    dsn: str,
+    collection: str,
+    to_model: str,
+    actor: str = "manual",
+    run_id: str | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> SwapReport:
+    """Serve `to_model`, gated. Idempotent: swapping to the serving model changes nothing."""
+    with writer_lock(dsn, collection, say=say), pool.connection() as conn:
+        coll = catalog.get_collection(conn, collection)
+        if coll.serving_model == to_model:
+            return SwapReport(collection, "unchanged", to_model, to_model, None, 0, None)
+        if coll.tier != "active":
+            raise SwapRefused(f"{collection} is {coll.tier}: its serving model changes with its snapshot (cold upgrade)")
+        if to_model not in coll.models:
+            raise SwapRefused(f"{collection}: model {to_model!r} is not attached (models upgrade attaches it)")
+        spec = catalog.get_model(conn, to_model)
+        gate = upgrade_sql.latest_gate(conn, collection, to_model)
+        if gate is None:
+            raise SwapRefused(
+                f"{collection}: no quality gate result for {to_model!r}; the upgrade backfill runs it with hnsw_index "
+                "(check shadow_passes_quality_gate)"
+            )
+        if gate.fingerprint != spec.fingerprint:
+            raise SwapRefused(f"{collection}: the gate result of {to_model!r} was measured on other vectors (fingerprint {gate.fingerprint})")
+        if not gate.passed:
+            raise SwapRefused(
+                f"{collection}: the quality gate of {to_model!r} failed ({'; '.join(gate.reasons)}). Figures: {gate.summary()}. "
+                f"{coll.serving_model!r} keeps serving"
+            )
+        table, rows = _ready_table(conn, pool, collection, to_model)
+        retain_until = clock.now() + dt.timedelta(days=coll.settings.retain_previous_days)
+        with conn.transaction():
+            tier_sql.lock_collection_row(conn, collection)
+            tables.publish_view(conn, collection, table)
+            upgrade_sql.set_serving(conn, collection, to_model, coll.serving_model, retain_until)
+            upgrade_sql.record_swap(conn, collection, "swap", coll.serving_model, to_model, gate.id, clock.now(), actor, run_id)
+    return SwapReport(collection, "swap", coll.serving_model, to_model, gate.id, rows, retain_until)
+
+
+def rollback(
+    pool: ConnectionPool,
+    dsn: str,
+    collection: str,
+    actor: str = "manual",
+    run_id: str | None = None,
+    say: Callable[[str], None] = lambda message: None,
+) -> SwapReport:
+    """Serve the previous model again (while its table is retained); the rolled-back model
+    becomes the previous one, so the rollback itself can be undone."""
+    with writer_lock(dsn, collection, say=say), pool.connection() as conn:
+        coll = catalog.get_collection(conn, collection)
+        state = upgrade_sql.upgrade_state(conn, collection)
+        if state.previous_model is None:
+            raise SwapRefused(f"{collection}: nothing to roll back to (no previous model retained)")
+        if coll.tier != "active":
+            raise SwapRefused(f"{collection} is {coll.tier}: rehydrate it before rolling back")
+        table, rows = _ready_table(conn, pool, collection, state.previous_model)
+        retain_until = clock.now() + dt.timedelta(days=coll.settings.retain_previous_days)
+        with conn.transaction():
+            tier_sql.lock_collection_row(conn, collection)
+            tables.publish_view(conn, collection, table)
+            upgrade_sql.set_serving(conn, collection, state.previous_model, coll.serving_model, retain_until)
+            upgrade_sql.record_swap(
+                conn, collection, "rollback", coll.serving_model, state.previous_model, None, clock.now(), actor, run_id
+            )
+    return SwapReport(collection, "rollback", coll.serving_model, state.previous_model, None, rows, retain_until)
+
+
+def retire_expired(
+    pool: ConnectionPool, dsn: str, now: dt.datetime | None = None, say: Callable[[str], None] = lambda m: None
+) -> list[tuple[str, str]]:
+    """Drop previous models' tables whose retention ran out; returns (collection, model) retired.
+
+    The catalog attachment stays (history), so ingest stops writing the model; snapshots of it
+    are kept (they have their own receipts)."""
+    now = now or clock.now()
+    with pool.connection() as conn:
+        due = upgrade_sql.expired_previous(conn, now)
+    retired = []
+    for collection, model_key in due:
+        with writer_lock(dsn, collection, say=say), pool.connection() as conn:
+            state = upgrade_sql.upgrade_state(conn, collection)
+            if state.previous_model != model_key or state.previous_retain_until is None or state.previous_retain_until > now:
+                continue  # rolled back or swapped again meanwhile
+            if state.serving_model == model_key:
+                continue
+            table = catalog.vector_table_name(conn, collection, model_key)
+            with conn.transaction():
+                tables.drop_table(conn, table)
+                upgrade_sql.mark_retired(conn, collection, model_key, now)
+            retired.append((collection, model_key))
+    return retired
