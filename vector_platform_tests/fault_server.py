@@ -42,6 +42,7 @@ class Faults:
     stall_s: float = 5.0
     latency_s: float = 0.0
     poison_marker: str | None = None
+    forbidden_marker: str | None = None  # a 403 for any request holding it (a key without access)
     down_until: float = 0.0  # time.monotonic() before which every request gets a 503
     max_inputs: int | None = None  # a 400 above this many inputs, as real APIs do
     rpm_limit: float | None = None  # a real rate limit: 429 once exceeded (a sliding minute)
@@ -62,9 +63,12 @@ class Counters:
 
 
 class FaultServer:
-    def __init__(self, dims: int = 384, known: dict[str, np.ndarray] | None = None, seed: int = 0):
+    def __init__(self, dims: int = 384, known: dict[str, np.ndarray] | None = None, seed: int = 0, space=None):
+        """`space`: maps the vector the server would answer to another model's vector space
+        (a rotation, a projection) or, given "random", answers a random vector per text."""
         self.dims = dims
         self.known = known or {}
+        self.space = space
         self.faults = Faults()
         self.counters = Counters()
         self.random = random.Random(seed)
@@ -93,11 +97,20 @@ class FaultServer:
         self._thread.join(10)
 
     def vector(self, text: str) -> np.ndarray:
+        if self.space == "random":
+            vec = np.random.default_rng(zlib.crc32(text.encode())).standard_normal(self.dims).astype(np.float32)
+            return vec / np.linalg.norm(vec)
+        if self.space is not None:
+            return self.space(self._base_vector(text))
+        return self._base_vector(text)
+
+    def _base_vector(self, text: str) -> np.ndarray:
         if text in self.known:
             return self.known[text]
-        vec = np.zeros(self.dims, np.float32)
+        dims = len(next(iter(self.known.values()))) if self.known else self.dims  # the base space's
+        vec = np.zeros(dims, np.float32)
         for token in text.lower().split()[:256]:
-            vec += np.random.default_rng(zlib.crc32(token.encode())).standard_normal(self.dims).astype(np.float32)
+            vec += np.random.default_rng(zlib.crc32(token.encode())).standard_normal(dims).astype(np.float32)
         norm = np.linalg.norm(vec)
         return vec / norm if norm else vec
 
@@ -128,6 +141,8 @@ class FaultServer:
             return self._fault("429", JSONResponse({"error": {"message": "rate limit"}}, 429, {"retry-after-ms": str(wait_ms)}))
         if f.max_inputs and len(inputs) > f.max_inputs:
             return JSONResponse({"error": {"message": f"too many inputs: {len(inputs)} > {f.max_inputs}"}}, status_code=400)
+        if f.forbidden_marker and any(f.forbidden_marker in text for text in inputs):
+            return self._fault("forbidden", JSONResponse({"error": {"message": "this key may not embed that"}}, status_code=403))
         if f.poison_marker:
             for i, text in enumerate(inputs):
                 if f.poison_marker in text:

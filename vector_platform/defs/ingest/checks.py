@@ -115,7 +115,7 @@ def shadow_passes_quality_gate(
         if model_key == state.previous_model:
             results[key] = (True, {"role": "previous", "gate": "kept for rollback: it served before"})
             continue
-        recorded = gate.run_gate(pool, embed, collection, model_key, run_id=context.run_id)
+        recorded = gate.run_gate(pool, embed, collection, model_key, run_id=context.run.run_id)
         metadata = {"role": "shadow", "gate_id": recorded.id, "summary": recorded.summary(),
                     "reasons": "; ".join(recorded.reasons) or "none",
                     **{k: v for k, v in recorded.figures.items() if v is not None}}

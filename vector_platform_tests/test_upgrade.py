@@ -1,0 +1,225 @@
+"""Model upgrades on real SciFact vectors: a shadow table per collection, the quality gate,
+the atomic swap under a running search loop, rollback, dual writes, fingerprints pinned, and
+wide (3,072-d) and halfvec models indexed and searched through their index."""
+
+import threading
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector
+
+from vector_platform import catalog, tables
+from vector_platform.catalog import upgrades as upgrade_sql
+from vector_platform.metrics import recall_at_k
+from vector_platform.search import active, flush_query_log
+from vector_platform.upgrade.swap import SwapRefused
+
+from . import upgrade_data as data
+from .conftest import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def servers():
+    out = {
+        "mini": data.server(),
+        "rotated": data.server(space=data.rotation()),
+        "random": data.server(space="random"),
+    }
+    yield out
+    for srv in out.values():
+        srv.stop()
+
+
+def _models(vp, servers, suffix: str) -> dict[str, str]:
+    keys = {}
+    for name, srv in servers.items():
+        key = f"{name}_{suffix}"
+        vp.add_model(data.spec(key, srv))
+        keys[name] = key
+    return keys
+
+
+def _ingested(vp, tmp_path, name: str, model: str, docs, **settings) -> None:
+    vp.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", docs), model=model, **settings)
+    runs = vp.ingest(name)
+    assert all(r.success for r in runs), [r.error for r in runs]
+
+
+def test_upgrade_is_gated_swapped_under_search_and_rolled_back(make_platform, servers, tmp_path, unique_name):
+    vp = make_platform()
+    keys = _models(vp, servers, unique_name[-6:])
+    name = unique_name
+    _ingested(vp, tmp_path, name, keys["mini"], data.docs_with_judged(700))
+    stored = vp.set_qrels(name, data.SCIFACT)  # the BEIR folder: queries.jsonl + qrels/test.tsv
+    assert stored[0] >= 300
+    texts = list(data.queries().values())[:40]
+    before = {q: [h.doc_id for h in vp.search(q, [name]).hits] for q in texts[:20]}  # logged: the gate's real queries
+    flush_query_log(vp.pool())
+    mini_fp = data.spec(keys["mini"], servers["mini"]).fingerprint
+
+    stop, errors, empties, seen = threading.Event(), [], [], []
+
+    def search_loop():
+        i = 0
+        while not stop.is_set():
+            try:
+                result = vp.search(texts[i % len(texts)], [name], k=10)
+                if not result.hits:
+                    empties.append(texts[i % len(texts)])
+                seen.append({(h.model, h.fingerprint) for h in result.hits})
+            except Exception as err:  # noqa: BLE001 - counted, the test fails on any
+                errors.append(repr(err))
+            i += 1
+
+    loop = threading.Thread(target=search_loop)
+    loop.start()
+    try:
+        outcome = vp.upgrade([name], keys["rotated"], say=lambda m: None)
+    finally:
+        stop.set()
+        loop.join(30)
+
+    [run] = outcome.runs
+    assert run.success, run.error
+    assert run.checks["shadow_passes_quality_gate"] is True
+    assert outcome.refused == {} and outcome.swaps[name]["to_model"] == keys["rotated"]
+    assert errors == [] and empties == []
+    assert all(len(models) == 1 for models in seen)  # never two models in one answer
+    assert len(seen) > 20 and {m for s in seen for m, _ in s} == {keys["mini"], keys["rotated"]}
+
+    rotated_fp = data.spec(keys["rotated"], servers["rotated"]).fingerprint
+    after = vp.search(texts[0], [name])
+    assert {(h.model, h.fingerprint) for h in after.hits} == {(keys["rotated"], rotated_fp)}
+    # The rotation keeps every cosine: the same documents come back, so the query was embedded
+    # by the new model for the new table (a MiniLM query against rotated vectors finds noise).
+    for q, docs in before.items():
+        assert [h.doc_id for h in vp.search(q, [name]).hits][:5] == docs[:5]
+
+    status = {c["name"]: c for c in vp.status()["collections"]}[name]
+    gate = status["upgrade"]["gates"][keys["rotated"]]
+    assert gate["passed"] and gate["figures"]["recall"] >= 0.95 and gate["figures"]["logged_queries"] >= 20
+    assert abs(gate["figures"]["ndcg_shadow"] - gate["figures"]["ndcg_serving"]) < 0.01
+    assert gate["figures"]["ndcg_serving"] > 0.5 and gate["figures"]["overlap_at_10"] > 0.9
+    assert status["serving_model"] == keys["rotated"] and status["upgrade"]["previous_model"] == keys["mini"]
+
+    # Dual write: a new document lands in both models' tables.
+    docs = data.docs_with_judged(700) + data.docs_with_judged(701)[-1:]
+    write_jsonl(tmp_path / f"{name}.jsonl", docs)
+    runs = vp.ingest(name)
+    assert all(r.success for r in runs), [r.error for r in runs]
+    status = {c["name"]: c for c in vp.status()["collections"]}[name]
+    assert status["tables"][keys["mini"]]["rows"] == status["tables"][keys["rotated"]]["rows"] == 701
+
+    vp.rollback(name)
+    back = vp.search(texts[0], [name])
+    assert {h.model for h in back.hits} == {keys["mini"]} and back.hits[0].fingerprint == mini_fp
+    status = {c["name"]: c for c in vp.status()["collections"]}[name]
+    assert [s["kind"] for s in status["upgrade"]["swaps"]] == ["rollback", "swap"]
+    assert status["upgrade"]["previous_model"] == keys["rotated"]  # the rollback can itself be undone
+
+
+def test_a_bad_model_fails_the_gate_and_the_old_model_keeps_serving(make_platform, servers, tmp_path, unique_name):
+    vp = make_platform()
+    keys = _models(vp, servers, unique_name[-6:])
+    name = unique_name
+    _ingested(vp, tmp_path, name, keys["mini"], data.docs_with_judged(500))
+    vp.set_qrels(name, data.SCIFACT / "qrels" / "test.tsv")  # a qrels file: queries.jsonl found one folder up
+    outcome = vp.upgrade([name], keys["random"], say=lambda m: None)
+    [run] = outcome.runs
+    assert run.checks["shadow_passes_quality_gate"] is False and not run.success
+    assert name in outcome.refused and "nDCG@10" in outcome.refused[name] and "failed" in outcome.refused[name]
+    with pytest.raises(SwapRefused, match=r"quality gate .* failed .*nDCG@10 0\.\d+ trails"):
+        vp.swap(name, keys["random"])
+    result = vp.search("Cancer cells use glycolysis", [name])
+    assert result.hits and {h.model for h in result.hits} == {keys["mini"]}
+    with psycopg.connect(vp.postgres.resolved_dsn()) as conn:
+        gate = upgrade_sql.latest_gate(conn, name, keys["random"])
+        assert not gate.passed and gate.figures["ndcg_shadow"] < 0.2 < gate.figures["ndcg_serving"]
+        assert upgrade_sql.upgrade_state(conn, name).serving_model == keys["mini"]
+    with pytest.raises(SwapRefused, match="nothing to roll back"):
+        vp.rollback(name)
+
+
+def test_a_model_without_a_gate_result_is_never_swapped_in(make_platform, servers, tmp_path, unique_name):
+    vp = make_platform()
+    keys = _models(vp, servers, unique_name[-6:])
+    _ingested(vp, tmp_path, unique_name, keys["mini"], data.docs_with_judged(400))
+    vp.add_collection(unique_name, model=keys["rotated"])  # attached by hand: no upgrade, no gate yet
+    with pytest.raises(SwapRefused, match="no quality gate result"):
+        vp.swap(unique_name, keys["rotated"])
+    with pytest.raises(SwapRefused, match="not attached"):
+        vp.swap(unique_name, keys["random"])
+
+
+def test_wide_and_halfvec_models_are_indexed_and_searched_through_their_index(make_platform, tmp_path, unique_name):
+    wide_server = data.server(space=data.rotation(384, 3072, seed=5), dims=3072)
+    plain_server = data.server()
+    try:
+        vp = make_platform()
+        suffix = unique_name[-6:]
+        served_by = {"vector": plain_server, "halfvec": plain_server, "wide": wide_server}
+        specs = {
+            "vector": data.spec(f"vec_{suffix}", plain_server),
+            "halfvec": data.spec(f"half_{suffix}", plain_server, storage_type="halfvec"),
+            "wide": data.spec(f"wide_{suffix}", wide_server, dims=3072),
+        }
+        docs = data.docs_with_judged(800)
+        for kind, spec in specs.items():
+            vp.add_model(spec)
+            # A small ef_search, so that HNSW misses a few neighbours and the comparison means something.
+            _ingested(vp, tmp_path, f"{unique_name}_{kind}", spec.key, docs, hnsw_ef_search=12)
+        assert specs["wide"].index_type == "halfvec" and specs["halfvec"].index_type == "halfvec"
+        queries = list(data.queries().values())[:100]
+        recalls = {}
+        with psycopg.connect(vp.postgres.resolved_dsn(), autocommit=True) as conn:
+            register_vector(conn)
+            for kind, spec in specs.items():
+                name = f"{unique_name}_{kind}"
+                table = catalog.vector_table_name(conn, name, spec.key)
+                indexdef = conn.execute(
+                    "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE c.relname = %s", (tables.index_name(table),)).fetchone()[0]
+                assert ("::halfvec(3072)" in indexdef) == (kind == "wide") and "hnsw" in indexdef
+                q = np.asarray(vp.embed_query(spec, queries[0]), np.float32)
+                plan = active.explain_nearest(conn, tables.view_id(name), spec, q / np.linalg.norm(q), exact=False,
+                                              fingerprint=spec.fingerprint)
+                assert "Index Scan using" in plan and tables.index_name(table) in plan, plan
+                recall = []
+                for text in queries:
+                    vector = served_by[kind].vector(text)  # what the model's server answers for the text
+                    ann = vp.search(vector=vector, collections=[name], k=10)
+                    assert ann.stats["exact_fallback"] == []
+                    exact = vp.search(vector=vector, collections=[name], k=10, exact=True)
+                    assert [h.fingerprint for h in ann.hits] == [spec.fingerprint] * 10
+                    recall.append(recall_at_k([h.chunk_id for h in ann.hits], [h.chunk_id for h in exact.hits]))
+                    if kind == "wide":  # ANN orders through halfvec, but scores at full precision, as exact does
+                        exact_scores = {h.chunk_id: h.score for h in exact.hits}
+                        for h in ann.hits:
+                            if h.chunk_id in exact_scores:
+                                assert abs(h.score - exact_scores[h.chunk_id]) < 1e-6
+                recalls[kind] = float(np.mean(recall))
+        print(f"recall@10 at ef_search 12: {recalls}")
+        assert 0.8 <= recalls["vector"] < 1.0 and recalls["wide"] >= 0.8
+        assert recalls["halfvec"] >= recalls["vector"] - 0.01
+    finally:
+        wide_server.stop()
+        plain_server.stop()
+
+
+def test_qrels_files_are_checked_before_anything_is_stored(make_platform, tmp_path, unique_name, servers):
+    vp = make_platform()
+    keys = _models(vp, {"mini": servers["mini"]}, unique_name[-6:])
+    vp.add_collection(unique_name, write_jsonl(tmp_path / "d.jsonl", data.docs_with_judged(10)), model=keys["mini"])
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "what is it"}\n', encoding="utf-8")
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("query-id\tcorpus-id\tscore\nq1\td1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.tsv:2: expected"):
+        vp.set_qrels(unique_name, bad)
+    good = tmp_path / "good.tsv"
+    good.write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\nq9\td2\t1\n", encoding="utf-8")
+    assert vp.set_qrels(unique_name, good) == (1, 1)  # q9 has no text: left out
+    with psycopg.connect(vp.postgres.resolved_dsn()) as conn:
+        assert upgrade_sql.labelled_queries(conn, unique_name) == [("q1", "what is it", {"d1": 2})]
+    with pytest.raises(FileNotFoundError):
+        vp.set_qrels(unique_name, tmp_path / "missing.tsv")
