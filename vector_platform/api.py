@@ -66,6 +66,11 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def _title(full: str, short: str) -> str:
+    """A Dagster title (at most 100 characters)."""
+    return full if len(full) <= 100 else short[:100]
+
+
 @dataclass
 class UpgradeOutcome:
     to: str
@@ -313,8 +318,8 @@ class Platform:
             return outcome
         outcome.backfill_id = backfills.launch(
             self.instance, self.defs, [embeddings.key, vector_table.key, hnsw_index.key], [(n, to) for n in names],
-            title=f"upgrade {', '.join(names)} to {to}"[:255],
-            description=f"Model upgrade to {to}: shadow tables, checks and the quality gate.",
+            title=_title(f"upgrade {', '.join(names)} to {to}", f"upgrade {len(names)} collections to {to}"),
+            description=f"Model upgrade to {to} of {', '.join(names)}: shadow tables, checks and the quality gate.",
             tags={"vector_platform/purpose": "model_upgrade", "vector_platform/upgrade_to": to},
         )
         with self.pool().connection() as conn:
@@ -351,9 +356,11 @@ class Platform:
         return outcome
 
     def _swap_gated(self, outcome: "UpgradeOutcome", say) -> None:
+        # Here and now: a swap is one short transaction under the writer lock; queueing it behind
+        # the run queue would only add latency (its run still shows in the UI).
         for name in outcome.collections:
             try:
-                outcome.swaps[name] = self.swap(name, outcome.to).metadata.get("serving_view", {})
+                outcome.swaps[name] = self._serving_change(name, {"swap_to": outcome.to}, here=True).metadata.get("serving_view", {})
             except SwapRefused as err:
                 outcome.refused[name] = str(err)
                 say(f"{name}: not swapped: {err}")
@@ -367,9 +374,13 @@ class Platform:
         """Serve the previous model again, while its table is retained."""
         return self._serving_change(name, {"rollback": True})
 
-    def _serving_change(self, name: str, config: dict) -> RunSummary:
+    def _serving_change(self, name: str, config: dict, here: bool = False) -> RunSummary:
         self.collection(name)
-        run = self._run("serving_view_job", name, {"ops": {"serving_view": {"config": config}}})
+        run_config = {"ops": {"serving_view": {"config": config}}}
+        if here:
+            run = runs.run_in_process(self.defs, self.instance, "serving_view_job", name, run_config)
+        else:
+            run = self._run("serving_view_job", name, run_config)
         if not run.success:
             raise SwapRefused(run.error or f"serving_view failed (run {run.run_id})")
         return run

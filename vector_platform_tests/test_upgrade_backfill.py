@@ -1,0 +1,106 @@
+"""`models upgrade` as a real Dagster asset backfill: the CLI records one backfill over three
+collections, starts a dagster-daemon for it (none was running), the multi-run policy packs the
+three partitions into one run; one partition fails, and `models retry` re-executes from failure
+only what was not materialized (the failed partition's embeddings, not the others')."""
+
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+from psycopg import sql
+
+from . import upgrade_data as data
+from .conftest import cli, write_jsonl
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_one(pg_server, pg_dsn, tmp_path, unique_name):
+    storage_db = f"dagster_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(storage_db)))
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "VP_RUN_MODE"}
+    env.update(
+        DAGSTER_HOME=str(home),
+        VP_DAGSTER_PG_URL=f"postgresql+psycopg2://postgres@/{storage_db}?host={pg_server.get_postmaster_info().socket_dir}",
+        VP_DAGSTER_ARTIFACTS=str(tmp_path / "artifacts"),
+        VP_PG_DSN=pg_dsn,
+        VP_HOME=str(tmp_path / "vp"),
+        VP_OBJECT_STORE=(tmp_path / "objects").as_uri(),
+        VP_BACKFILL_PARTITIONS_PER_RUN="3",
+        HF_HUB_OFFLINE="1",
+    )
+    mini, flaky = data.server(), data.server(space=data.rotation(seed=3))
+    suffix = unique_name[-6:]
+    try:
+        def run(*args, timeout=600):
+            return subprocess.run(cli(*args), env=env, capture_output=True, text=True, timeout=timeout)
+
+        for key, srv in ((f"mini_{suffix}", mini), (f"flaky_{suffix}", flaky)):
+            done = run("models", "add", key, "--model-name", f"test-{key}", "--dims", "384", "--base-url", srv.base_url,
+                       "--max-tokens", "8191", "--option", "timeout_s=5", "--option", "backoff_base_s=0.05")
+            assert done.returncode == 0, done.stderr
+        names = [f"{unique_name[:40]}_{c}" for c in "abc"]
+        corpus = data.docs_with_judged(360)
+        for i, name in enumerate(names):
+            docs = corpus[i * 120:(i + 1) * 120]
+            if i == 1:  # collection b: every text carries a word the new model's key may not embed
+                docs = [{**d, "text": d["text"] + " FORBIDDEN_TOPIC"} for d in docs]
+            source = write_jsonl(tmp_path / f"{name}.jsonl", docs)
+            assert run("collections", "add", name, "--source", str(source), "--model", f"mini_{suffix}").returncode == 0
+            done = run("ingest", name, "--quiet")  # no daemon yet: in-process runs
+            assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+        flaky.faults.forbidden_marker = "FORBIDDEN_TOPIC"
+        done = run("models", "upgrade", *names, "--to", f"flaky_{suffix}", "--wait")
+        assert done.returncode == 1, done.stdout + done.stderr[-3000:]
+        assert "starting one for this backfill" in done.stderr
+        backfill_id = done.stdout.split("backfill ")[1].split(":")[0]
+        assert f"models retry {backfill_id}" in done.stdout
+        assert all(f"{n}: NOT swapped" in done.stdout for n in names)
+
+        for key in ("DAGSTER_HOME", "VP_DAGSTER_PG_URL", "VP_DAGSTER_ARTIFACTS"):
+            os.environ[key] = env[key]
+        instance = dg.DagsterInstance.from_config(str(home))
+        try:
+            backfill = instance.get_backfill(backfill_id)
+            assert backfill.tags["vector_platform/upgrade_to"] == f"flaky_{suffix}"
+            [first_run] = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+            # One run for three partitions: the multi-run policy packed the range.
+            assert first_run.tags["dagster/asset_partition_range_start"] == f"{names[0]}|flaky_{suffix}"
+            assert first_run.tags["dagster/asset_partition_range_end"] == f"{names[2]}|flaky_{suffix}"
+            assert first_run.status == dg.DagsterRunStatus.FAILURE
+
+            flaky.faults.forbidden_marker = None
+            flaky.counters.reset()
+            done = run("models", "retry", backfill_id, "--wait")
+            assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+            retry_id = done.stdout.split("backfill ")[1].split(":")[0]
+            assert all(f"{n}: now serving flaky_{suffix}" in done.stdout for n in names)
+
+            retry_runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": retry_id}))
+            embedded = set()
+            for r in retry_runs:
+                for record in instance.get_records_for_run(r.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records:
+                    mat = record.event_log_entry.dagster_event.event_specific_data.materialization
+                    if mat.asset_key == dg.AssetKey("embeddings"):
+                        embedded.add(mat.partition)
+            assert embedded == {f"{names[1]}|flaky_{suffix}"}  # a and c were embedded by the first backfill
+            b_texts = {t for t in flaky.counters.texts if "FORBIDDEN_TOPIC" in t}
+            assert flaky.counters.inputs == len(b_texts) == 120  # only b's documents went to the model again
+        finally:
+            instance.dispose()
+
+        done = run("search", "cancer", "--collection", names[0], "--collection", names[2], "--json")
+        assert done.returncode == 0, done.stderr
+        assert f'"model": "flaky_{suffix}"' in done.stdout and f"mini_{suffix}" not in done.stdout
+    finally:
+        mini.stop()
+        flaky.stop()
