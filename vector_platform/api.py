@@ -99,7 +99,8 @@ class Platform:
         # A run submitted to the instance runs the code location's own resources from the
         # environment: only a Platform built on those may submit (tests and notebooks that
         # bind their own resources or instance run in-process).
-        self._run_mode: str | None = None if resources is None and instance is None else "in_process"
+        self._own_code_location = resources is None and instance is None
+        self._run_mode: str | None = None if self._own_code_location else "in_process"
 
     @property
     def instance(self) -> dg.DagsterInstance:
@@ -308,7 +309,7 @@ class Platform:
                 catalog.attach_model(conn, name, to)
             self._register_partitions(self.collection(name))
         outcome = UpgradeOutcome(to=to, collections=names)
-        if self._run_mode == "in_process":  # bound to other resources: the daemon could not run them
+        if not self._own_code_location:  # bound to other resources: the daemon's runs could not use them
             for name in names:
                 with self.pool().connection() as conn:
                     upgrade_sql.start_upgrade(conn, name, to, None)

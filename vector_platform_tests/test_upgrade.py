@@ -2,6 +2,7 @@
 the atomic swap under a running search loop, rollback, dual writes, fingerprints pinned, and
 wide (3,072-d) and halfvec models indexed and searched through their index."""
 
+import datetime as dt
 import threading
 
 import numpy as np
@@ -9,7 +10,7 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
-from vector_platform import catalog, tables
+from vector_platform import catalog, clock, tables
 from vector_platform.catalog import upgrades as upgrade_sql
 from vector_platform.metrics import recall_at_k
 from vector_platform.search import active, flush_query_log
@@ -117,6 +118,19 @@ def test_upgrade_is_gated_swapped_under_search_and_rolled_back(make_platform, se
     status = {c["name"]: c for c in vp.status()["collections"]}[name]
     assert [s["kind"] for s in status["upgrade"]["swaps"]] == ["rollback", "swap"]
     assert status["upgrade"]["previous_model"] == keys["rotated"]  # the rollback can itself be undone
+
+    # Retention: nothing is retired early; past retain_previous_days the previous table goes.
+    assert vp.retire_previous_models() == []
+    try:
+        clock.set_now(dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=8))
+        assert (name, keys["rotated"]) in vp.retire_previous_models()
+    finally:
+        clock.set_now(None)
+    status = {c["name"]: c for c in vp.status()["collections"]}[name]
+    assert status["models"] == [keys["mini"]] and keys["rotated"] not in status["tables"]
+    with pytest.raises(SwapRefused, match="nothing to roll back"):
+        vp.rollback(name)
+    assert vp.search(texts[1], [name]).hits  # still serving
 
 
 def test_a_bad_model_fails_the_gate_and_the_old_model_keeps_serving(make_platform, servers, tmp_path, unique_name):
