@@ -185,7 +185,8 @@ class Platform:
     def ingest(self, name: str, allow_deletes: bool = False) -> list[RunSummary]:
         """source_documents + chunks, then embeddings..hnsw_index per model, then serving_view.
 
-        Stops at the first failed run (a failed blocking check fails its run). A source that
+        Stops when the documents or the serving model's run fails (a failed blocking check fails
+        its run); a failing shadow model's run is reported without holding up serving_view. A source that
         reads as missing, empty or deleting most documents is refused unless `allow_deletes`.
         """
         coll = self.collection(name)
@@ -307,12 +308,11 @@ class Platform:
         for name in names:
             with self.pool().connection() as conn:
                 catalog.attach_model(conn, name, to)
+                upgrade_sql.start_upgrade(conn, name, to, None)  # before any run: the gate measures upgrade targets
             self._register_partitions(self.collection(name))
         outcome = UpgradeOutcome(to=to, collections=names)
         if not self._own_code_location:  # bound to other resources: the daemon's runs could not use them
             for name in names:
-                with self.pool().connection() as conn:
-                    upgrade_sql.start_upgrade(conn, name, to, None)
                 outcome.runs.append(self._run("embed_and_index_job", dg.MultiPartitionKey({"collection": name, "model": to})))
             if wait and swap:
                 self._swap_gated(outcome, say)

@@ -130,14 +130,17 @@ def ensure_daemon(instance: dg.DagsterInstance, say: Callable[[str], None]) -> I
         return
     daemon_bin = Path(sys.executable).parent / "dagster-daemon"
     command = [str(daemon_bin) if daemon_bin.exists() else "dagster-daemon", "run", *runs.workspace_args()]
-    say("no dagster-daemon serves this instance: starting one for this backfill")
-    process = subprocess.Popen(command, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    log_path = Path(instance.root_directory) / "vector_platform_daemon.log"
+    say(f"no dagster-daemon serves this instance: starting one for this backfill (log: {log_path})")
+    # Its output goes to a file: an unread pipe would fill up and stall the daemon and its runs.
+    log_file = open(log_path, "ab")  # noqa: SIM115 - closed in finally
+    process = subprocess.Popen(command, env=os.environ.copy(), stdout=log_file, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
         deadline = time.monotonic() + 180
         while not runs.daemon_is_running(instance):
             if process.poll() is not None:
-                raise RuntimeError(f"dagster-daemon exited ({process.returncode}): {process.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"dagster-daemon exited ({process.returncode}): {log_path.read_text(errors='replace')[-2000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError("dagster-daemon did not start within 180 s")
             time.sleep(1)
@@ -149,5 +152,6 @@ def ensure_daemon(instance: dg.DagsterInstance, say: Callable[[str], None]) -> I
         except (ProcessLookupError, subprocess.TimeoutExpired):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        log_file.close()
         # Its heartbeats would look fresh for a while: later commands must not queue runs for it.
         instance.wipe_daemon_heartbeats()

@@ -119,6 +119,7 @@ def replay_candidates(conn: psycopg.Connection, cool_down_s: float, max_attempts
         FROM vector_platform.dead_letters dl
         JOIN vector_platform.collections c ON c.name = dl.collection AND c.tier = 'active'
         JOIN vector_platform.collection_models m ON m.collection = dl.collection AND m.model_key = dl.model_key
+            AND m.retired_at IS NULL
         WHERE dl.stage = 'embed' AND dl.resolved_at IS NULL AND dl.attempts < %s
         GROUP BY dl.collection, dl.model_key
         HAVING max(dl.last_seen_at) <= %s

@@ -74,7 +74,7 @@ def record_gate(
 def latest_gate(conn: psycopg.Connection, collection: str, model_key: str) -> GateResult | None:
     row = conn.execute(
         f"SELECT {_GATE_COLUMNS} FROM vector_platform.quality_gates WHERE collection = %s AND model_key = %s "
-        "ORDER BY evaluated_at DESC, id DESC LIMIT 1",
+        "ORDER BY id DESC LIMIT 1",
         (collection, model_key),
     ).fetchone()
     return GateResult(*row) if row else None

@@ -309,6 +309,8 @@ def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, stor
         # exact search finds them all.
         rows = active.nearest(conn, relation, spec, qvec, k, True, filters=filters, session=session, fingerprint=pin)
         mode, fallback = "exact_fallback", True
+        if len(rows) < k and active.view_fingerprint(conn, relation) not in (None, pin):
+            raise _ServingChanged(name)
     elapsed = (time.perf_counter() - began) * 1000
     t = tally.setdefault("active", _Tally())
     t.hits += len(rows)

@@ -66,6 +66,17 @@ def _ready_table(conn, pool, collection: str, model_key: str) -> tuple[str, int]
     return table, rows
 
 
+def _no_more_dead_letters(conn, collection: str, to_model: str, serving: str | None) -> None:
+    """A chunk dead-lettered under the new model would vanish from search with the swap:
+    refuse while the shadow has more open dead letters than the serving model."""
+    new, old = catalog.count_open(conn, collection, to_model), catalog.count_open(conn, collection, serving) if serving else 0
+    if new > old:
+        raise SwapRefused(
+            f"{collection}: {new} chunks are dead-lettered under {to_model!r} ({old} under {serving!r}); they would leave "
+            "search with the swap. Replay them (vector-platform dead-letters replay NAME), then swap"
+        )
+
+
 def swap(
     pool: ConnectionPool,
     dsn: str,
@@ -84,6 +95,8 @@ def swap(
             raise SwapRefused(f"{collection} is {coll.tier}: its serving model changes with its snapshot (cold upgrade)")
         if to_model not in coll.models:
             raise SwapRefused(f"{collection}: model {to_model!r} is not attached (models upgrade attaches it)")
+        if to_model == upgrade_sql.upgrade_state(conn, collection).previous_model:
+            raise SwapRefused(f"{collection}: {to_model!r} is the previous model: use `models rollback {collection}`")
         spec = catalog.get_model(conn, to_model)
         gate = upgrade_sql.latest_gate(conn, collection, to_model)
         if gate is None:
@@ -93,15 +106,23 @@ def swap(
             )
         if gate.fingerprint != spec.fingerprint:
             raise SwapRefused(f"{collection}: the gate result of {to_model!r} was measured on other vectors (fingerprint {gate.fingerprint})")
+        if gate.passed and gate.baseline_model not in (None, coll.serving_model):
+            raise SwapRefused(
+                f"{collection}: the gate of {to_model!r} compared it with {gate.baseline_model!r}, but {coll.serving_model!r} "
+                "serves now; run hnsw_index for the shadow again (e.g. ingest the collection) to measure it again"
+            )
         if not gate.passed:
             raise SwapRefused(
                 f"{collection}: the quality gate of {to_model!r} failed ({'; '.join(gate.reasons)}). Figures: {gate.summary()}. "
                 f"{coll.serving_model!r} keeps serving"
             )
         table, rows = _ready_table(conn, pool, collection, to_model)
+        _no_more_dead_letters(conn, collection, to_model, coll.serving_model)
         retain_until = clock.now() + dt.timedelta(days=coll.settings.retain_previous_days)
         with conn.transaction():
             tier_sql.lock_collection_row(conn, collection)
+            if upgrade_sql.latest_gate(conn, collection, to_model).id != gate.id:
+                raise SwapRefused(f"{collection}: the gate of {to_model!r} was measured again meanwhile; swap again")
             tables.publish_view(conn, collection, table)
             upgrade_sql.set_serving(conn, collection, to_model, coll.serving_model, retain_until)
             upgrade_sql.record_swap(conn, collection, "swap", coll.serving_model, to_model, gate.id, clock.now(), actor, run_id)

@@ -115,6 +115,9 @@ def shadow_passes_quality_gate(
         if model_key == state.previous_model:
             results[key] = (True, {"role": "previous", "gate": "kept for rollback: it served before"})
             continue
+        if model_key != state.upgrade_to:
+            results[key] = (True, {"role": "attached", "gate": "not an upgrade target (models upgrade makes it one)"})
+            continue
         recorded = gate.run_gate(pool, embed, collection, model_key, run_id=context.run.run_id)
         metadata = {"role": "shadow", "gate_id": recorded.id, "summary": recorded.summary(),
                     "reasons": "; ".join(recorded.reasons) or "none",
