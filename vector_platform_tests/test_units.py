@@ -32,8 +32,10 @@ def test_identifiers_never_exceed_postgres_limit_and_stay_distinct():
 def test_model_spec_validation():
     with pytest.raises(ValueError, match="distance"):
         ModelSpec("m", "local", "x", 10, distance="manhattan")
-    with pytest.raises(ValueError, match="2000"):
-        ModelSpec("m", "local", "x", 3072)
+    with pytest.raises(ValueError, match="1..4000 dimensions"):
+        ModelSpec("m", "local", "x", 4001)
+    wide = ModelSpec("m", "local", "x", 3072)  # a vector model over 2,000 dims: indexed as halfvec
+    assert wide.index_type == "halfvec" and ModelSpec("m", "local", "x", 2000).index_type == "vector"
     assert ModelSpec("m", "local", "x", 3072, storage_type="halfvec").dims == 3072
 
 
