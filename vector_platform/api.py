@@ -30,8 +30,9 @@ from vector_platform.runs import RunSummary
 from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog import upgrades as upgrade_sql
 from vector_platform.defs.ingest.assets import embeddings, hnsw_index, vector_table
-from vector_platform.upgrade.swap import SwapRefused, retire_expired
+from vector_platform.upgrade.swap import SwapRefused, abandon, retire_expired
 from vector_platform.catalog.tiers import TierRules, check_move
+from vector_platform.defs.tiers.assets import cold_snapshot
 from vector_platform.defs.tiers.jobs import MOVE_JOBS
 from vector_platform.object_store import ObjectStore
 from vector_platform.search import SearchResult, flush_query_log, search
@@ -282,29 +283,39 @@ class Platform:
         to: str,
         wait: bool = True,
         swap: bool = True,
+        rehydrate: bool = False,
         say: Callable[[str], None] = _say,
     ) -> UpgradeOutcome:
-        """Upgrade collections to model `to`: attach it (a shadow table per collection; ingest
-        writes both models from now on), then materialize embeddings -> vector_table ->
-        hnsw_index for the new partitions with their checks, the quality gate included.
+        """Upgrade collections to model `to`: attach it, then build and gate the new model's vectors.
+
+        An active collection gets a shadow table (ingest writes both models from now on):
+        embeddings -> vector_table -> hnsw_index for the new partition, with their checks and
+        the quality gate. A cold one stays cold: `cold_snapshot` embeds the text of its serving
+        snapshot with the new model into a second snapshot (the source is never read), gated
+        by `snapshot_passes_quality_gate`; `rehydrate` brings it back to active after the swap.
 
         A Platform on the code location's own resources launches one Dagster asset backfill
-        (the UI's backfills page shows it; a dagster-daemon executes it, started for the
-        duration when none runs and `wait`). One bound to other resources (tests, notebooks)
-        runs the same jobs here instead. With `wait` and `swap`, each collection whose gate
-        passed is swapped to the new model; the others keep serving their model, and say why.
+        for all of them (the UI's backfills page shows it; a dagster-daemon executes it,
+        started for the duration when none runs and `wait`). One bound to other resources
+        (tests, notebooks) runs the same jobs here instead. With `wait` and `swap`, each
+        collection whose gate passed is swapped to the new model; the others keep serving
+        their model, and say why.
         """
         names = list(dict.fromkeys(names))
         if not names:
             raise ValueError("name at least one collection to upgrade")
+        cold: list[str] = []
         with self.pool().connection() as conn:
             catalog.get_model(conn, to)
             for name in names:
                 coll = catalog.get_collection(conn, name)
-                if coll.tier != "active":
-                    raise ValueError(f"collection {name!r} is {coll.tier}: rehydrate it before upgrading its model")
+                if coll.tier == "archived":
+                    raise ValueError(f"collection {name!r} is archived: it has no vectors to upgrade")
                 if coll.serving_model == to:
                     raise ValueError(f"collection {name!r} already serves {to!r}")
+                if coll.tier == "cold":
+                    cold.append(name)
+        active_names = [n for n in names if n not in cold]
         for name in names:
             with self.pool().connection() as conn:
                 catalog.attach_model(conn, name, to)
@@ -313,25 +324,28 @@ class Platform:
         outcome = UpgradeOutcome(to=to, collections=names)
         if not self._own_code_location:  # bound to other resources: the daemon's runs could not use them
             for name in names:
-                outcome.runs.append(self._run("embed_and_index_job", dg.MultiPartitionKey({"collection": name, "model": to})))
+                job = "cold_snapshot_job" if name in cold else "embed_and_index_job"
+                outcome.runs.append(self._run(job, dg.MultiPartitionKey({"collection": name, "model": to})))
             if wait and swap:
                 self._swap_gated(outcome, say)
+            if wait and swap and rehydrate:
+                self._rehydrate_swapped(outcome, cold, say)
             return outcome
         outcome.backfill_id = backfills.launch(
-            self.instance, self.defs, [embeddings.key, vector_table.key, hnsw_index.key], [(n, to) for n in names],
+            self.instance, self.defs,
+            [([embeddings.key, vector_table.key, hnsw_index.key], [(n, to) for n in active_names]),
+             ([cold_snapshot.key], [(n, to) for n in cold])],
             title=_title(f"upgrade {', '.join(names)} to {to}", f"upgrade {len(names)} collections to {to}"),
-            description=f"Model upgrade to {to} of {', '.join(names)}: shadow tables, checks and the quality gate.",
+            description=f"Model upgrade to {to} of {', '.join(names)}: shadow tables (snapshots for cold collections), "
+            "checks and the quality gate.",
             tags={"vector_platform/purpose": "model_upgrade", "vector_platform/upgrade_to": to},
         )
         with self.pool().connection() as conn:
             for name in names:
                 upgrade_sql.start_upgrade(conn, name, to, outcome.backfill_id)
-        if not wait:
-            return outcome
-        with backfills.ensure_daemon(self.instance, say):
-            outcome.status = backfills.wait(self.instance, outcome.backfill_id, say).value
-            if swap:
-                self._swap_gated(outcome, say)
+        self._follow(outcome, wait, swap, say)
+        if wait and swap and rehydrate:
+            self._rehydrate_swapped(outcome, cold, say)
         return outcome
 
     def retry_upgrade(self, backfill_id: str, wait: bool = True, swap: bool = True, say: Callable[[str], None] = _say) -> UpgradeOutcome:
@@ -341,20 +355,34 @@ class Platform:
             raise KeyError(f"no backfill {backfill_id!r} in this instance")
         to = parent.tags.get("vector_platform/upgrade_to")
         with self.pool().connection() as conn:
-            names = [r[0] for r in conn.execute(
-                "SELECT name FROM vector_platform.collections WHERE upgrade_backfill_id = %s ORDER BY name", (backfill_id,))]
+            names = [r[0] for r in conn.execute(  # those swapped already are done
+                "SELECT name FROM vector_platform.collections WHERE upgrade_backfill_id = %s AND serving_model IS DISTINCT FROM %s "
+                "ORDER BY name", (backfill_id, to))]
         outcome = UpgradeOutcome(to=to or "", collections=names)
         outcome.backfill_id = backfills.retry_failed(self.instance, self.defs, backfill_id)
         with self.pool().connection() as conn:
             for name in names:
                 upgrade_sql.start_upgrade(conn, name, to, outcome.backfill_id)
+        self._follow(outcome, wait, swap and bool(to), say)
+        return outcome
+
+    def _follow(self, outcome: "UpgradeOutcome", wait: bool, swap: bool, say) -> None:
+        """With `wait`: follow the backfill to its end (a temporary daemon when none runs), then
+        swap each collection whose gate passed."""
         if not wait:
-            return outcome
+            return
         with backfills.ensure_daemon(self.instance, say):
             outcome.status = backfills.wait(self.instance, outcome.backfill_id, say).value
-            if swap and to:
+            if swap:
                 self._swap_gated(outcome, say)
-        return outcome
+
+    def _rehydrate_swapped(self, outcome: "UpgradeOutcome", cold: list[str], say) -> None:
+        for name in cold:
+            if name in outcome.swaps:
+                say(f"{name}: swapped to {outcome.to} while cold; rehydrating it as asked")
+                run = self.tier(name, "active")
+                if not run.success:
+                    outcome.refused[name] = f"swapped, but the rehydrate failed: {run.error}"
 
     def _swap_gated(self, outcome: "UpgradeOutcome", say) -> None:
         # Here and now: a swap is one short transaction under the writer lock; queueing it behind
@@ -374,6 +402,11 @@ class Platform:
     def rollback(self, name: str) -> RunSummary:
         """Serve the previous model again, while its table is retained."""
         return self._serving_change(name, {"rollback": True})
+
+    def abandon_upgrade(self, name: str, model_key: str) -> None:
+        """Give up upgrading `name` to `model_key`: drop its shadow table (and stop serving its
+        cold snapshot), stop writing it; the attachment stays as history."""
+        abandon(self.pool(), self.postgres.resolved_dsn(), name, model_key, say=_say)
 
     def _serving_change(self, name: str, config: dict, here: bool = False) -> RunSummary:
         self.collection(name)

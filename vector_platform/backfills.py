@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import dagster as dg
+from dagster._core.definitions.events import AssetKeyPartitionKey
+from dagster._core.definitions.assets.graph.asset_graph_subset import AssetGraphSubset
 from dagster._core.execution.backfill import BULK_ACTION_TERMINAL_STATUSES, BulkActionStatus, PartitionBackfill
 from dagster._core.storage.tags import PARENT_BACKFILL_ID_TAG, ROOT_BACKFILL_ID_TAG
 from dagster._core.utils import make_new_backfill_id
@@ -39,22 +41,27 @@ def partition_key(collection: str, model_key: str) -> dg.MultiPartitionKey:
 def launch(
     instance: dg.DagsterInstance,
     defs: dg.Definitions,
-    assets: Sequence[dg.AssetKey],
-    pairs: Sequence[tuple[str, str]],
+    targets: Sequence[tuple[Sequence[dg.AssetKey], Sequence[tuple[str, str]]]],
     title: str,
     description: str = "",
     tags: dict[str, str] | None = None,
 ) -> str:
-    """Record an asset backfill of `assets` over the (collection, model) partitions; returns its id."""
-    backfill = PartitionBackfill.from_asset_partitions(
+    """Record one asset backfill; returns its id. `targets`: (assets, (collection, model) pairs)
+    groups, each asset materialized over its group's partitions (one backfill may cover
+    different assets for different partitions, e.g. tables for active collections and
+    snapshots for cold ones)."""
+    graph = defs.resolve_asset_graph()
+    wanted = {
+        AssetKeyPartitionKey(key, str(partition_key(c, m))) for assets, pairs in targets for key in assets for c, m in pairs
+    }
+    if not wanted:
+        raise ValueError("nothing to backfill")
+    backfill = PartitionBackfill.from_asset_graph_subset(
         backfill_id=make_new_backfill_id(),
-        asset_graph=defs.resolve_asset_graph(),
-        partition_names=[str(partition_key(c, m)) for c, m in pairs],
-        asset_selection=list(assets),
-        backfill_timestamp=time.time(),
-        tags=tags or {},
+        asset_graph_subset=AssetGraphSubset.from_asset_partition_set(wanted, graph),
         dynamic_partitions_store=instance,
-        all_partitions=False,
+        tags=tags or {},
+        backfill_timestamp=time.time(),
         title=title,
         description=description,
         run_config=None,

@@ -339,7 +339,9 @@ def _report_upgrade(outcome) -> int:
 
 
 def cmd_models_upgrade(args) -> int:
-    outcome = _platform().upgrade(args.collections, args.to, wait=args.wait, swap=not args.no_swap)
+    if args.rehydrate and (args.no_swap or not args.wait):
+        raise ValueError("--rehydrate needs --wait (and a swap): a cold collection comes back to active after its swap")
+    outcome = _platform().upgrade(args.collections, args.to, wait=args.wait, swap=not args.no_swap, rehydrate=args.rehydrate)
     return _report_upgrade(outcome)
 
 
@@ -361,6 +363,12 @@ def cmd_models_rollback(args) -> int:
     meta = run.metadata.get("serving_view", {})
     print(f"{args.name}: rolled back to {meta.get('to_model')} (from {meta.get('from_model')}); "
           f"{meta.get('from_model')} kept until {meta.get('previous_retained_until')}")
+    return 0
+
+
+def cmd_models_abandon(args) -> int:
+    _platform().abandon_upgrade(args.collection, args.model)
+    print(f"{args.collection}: gave up {args.model} (its shadow table dropped, no longer written; the attachment is history)")
     return 0
 
 
@@ -498,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     mup.add_argument("--to", required=True, help="the new model's key (register it first with `models add`)")
     mup.add_argument("--wait", action="store_true", help="wait for the backfill (starting a dagster-daemon if none runs), then swap")
     mup.add_argument("--no-swap", action="store_true", help="with --wait: build and gate the shadows, keep serving the old model")
+    mup.add_argument("--rehydrate", action="store_true",
+                     help="with --wait: bring cold collections back to active after their swap (they stay cold otherwise)")
     mup.set_defaults(func=cmd_models_upgrade)
     mretry = models.add_parser("retry", help="re-execute a failed upgrade backfill from failure (only what failed)")
     mretry.add_argument("backfill_id")
@@ -513,6 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     mroll.set_defaults(func=cmd_models_rollback)
     mretire = models.add_parser("retire", help="drop previous models' tables past retain_previous_days")
     mretire.set_defaults(func=cmd_models_retire)
+    mabandon = models.add_parser("abandon", help="give up an upgrade target: drop its shadow table, stop writing it")
+    mabandon.add_argument("collection")
+    mabandon.add_argument("model")
+    mabandon.set_defaults(func=cmd_models_abandon)
     mlist = models.add_parser("list", help="registered models")
     mlist.add_argument("--json", action="store_true")
     mlist.set_defaults(func=cmd_models_list)

@@ -11,6 +11,7 @@ import pytest
 from pgvector.psycopg import register_vector
 
 from vector_platform import catalog, clock, tables
+from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog import upgrades as upgrade_sql
 from vector_platform.metrics import recall_at_k
 from vector_platform.search import active, flush_query_log
@@ -25,6 +26,7 @@ def servers():
     out = {
         "mini": data.server(),
         "rotated": data.server(space=data.rotation()),
+        "rotated2": data.server(space=data.rotation(seed=7)),
         "random": data.server(space="random"),
     }
     yield out
@@ -237,3 +239,79 @@ def test_qrels_files_are_checked_before_anything_is_stored(make_platform, tmp_pa
         assert upgrade_sql.labelled_queries(conn, unique_name) == [("q1", "what is it", {"d1": 2})]
     with pytest.raises(FileNotFoundError):
         vp.set_qrels(unique_name, tmp_path / "missing.tsv")
+
+
+def test_a_cold_collection_is_upgraded_from_its_snapshot_and_stays_cold(make_platform, servers, tmp_path, unique_name):
+    vp = make_platform()
+    keys = _models(vp, servers, unique_name[-6:])
+    name = unique_name
+    _ingested(vp, tmp_path, name, keys["mini"], data.docs_with_judged(400))
+    vp.set_qrels(name, data.SCIFACT)
+    texts = list(data.queries().values())[:15]
+    before = {q: [h.doc_id for h in vp.search(q, [name]).hits] for q in texts}
+    assert vp.tier(name, "cold").success
+    (tmp_path / f"{name}.jsonl").unlink()  # the upgrade must not need the source
+    mini_fp = data.spec(keys["mini"], servers["mini"]).fingerprint
+    rotated_fp = data.spec(keys["rotated"], servers["rotated"]).fingerprint
+
+    def state():
+        return {c["name"]: c for c in vp.status()["collections"]}[name]
+
+    old_snapshot = next(s for s in state()["snapshots"] if s["serving"])
+
+    # A bad model: its snapshot is written, its gate fails, the collection keeps serving mini, cold.
+    bad = vp.upgrade([name], keys["random"], say=lambda m: None)
+    [run] = bad.runs
+    assert run.checks["snapshot_passes_quality_gate"] is False and not run.success
+    assert "nDCG@10" in bad.refused[name]
+    assert {(h.model, h.source_tier) for h in vp.search(texts[0], [name]).hits} == {(keys["mini"], "cold")}
+    vp.abandon_upgrade(name, keys["random"])  # given up: its snapshot no longer counts
+
+    good = vp.upgrade([name], keys["rotated"], say=lambda m: None)
+    [run] = good.runs
+    assert run.success and run.checks["snapshot_passes_quality_gate"] is True, run.error
+    assert run.checks["snapshot_matches_table"] is True  # the new snapshot read back in full
+    assert good.swaps[name]["to_model"] == keys["rotated"] and good.refused == {}
+    status = state()
+    assert status["tier"] == "cold" and status["serving_model"] == keys["rotated"] and status["tables"] == {}
+    serving = {s["model"]: s for s in status["snapshots"] if s["serving"]}
+    assert set(serving) == {keys["mini"], keys["rotated"]}  # the old snapshot stays for rollback
+    assert serving[keys["mini"]]["id"] == old_snapshot["id"] and serving[keys["rotated"]]["rows"] == old_snapshot["rows"]
+    with psycopg.connect(vp.postgres.resolved_dsn()) as conn:
+        new = tier_sql.get_snapshot(conn, serving[keys["rotated"]]["id"])
+        old = tier_sql.get_snapshot(conn, old_snapshot["id"])
+    assert new.manifest["fingerprint"] == rotated_fp and new.manifest["source_snapshot"] == old.id
+    assert new.table_digest == old.table_digest  # the same rows, new vectors
+    gate = status["upgrade"]["gates"][keys["rotated"]]
+    assert gate["figures"]["search"] == "cold_exact" and gate["figures"]["ndcg_serving"] > 0.5
+    assert abs(gate["figures"]["ndcg_shadow"] - gate["figures"]["ndcg_serving"]) < 0.01
+
+    # Searched cold, with the new model's query encoder: the rotation keeps every cosine, so the
+    # same documents come back only if the query was embedded by the new model too.
+    for q, docs in before.items():
+        hits = vp.search(q, [name]).hits
+        assert {(h.source_tier, h.model, h.fingerprint) for h in hits} == {("cold", keys["rotated"], rotated_fp)}
+        assert [h.doc_id for h in hits][:5] == docs[:5]
+
+    vp.rollback(name)  # cold too: back to the old snapshot
+    hits = vp.search(texts[0], [name]).hits
+    assert {(h.model, h.fingerprint, h.snapshot_id) for h in hits} == {(keys["mini"], mini_fp, old.id)}
+    vp.rollback(name)  # and undone
+
+    # A second upgrade within the retention: one model is kept for rollback, the older one retires.
+    again = vp.upgrade([name], keys["rotated2"], say=lambda m: None)
+    assert again.swaps[name]["to_model"] == keys["rotated2"], again.refused
+    status = state()
+    assert set(status["models"]) == {keys["rotated"], keys["rotated2"]}  # mini retired: no longer written
+    assert status["upgrade"]["previous_model"] == keys["rotated"]
+    assert {s["model"] for s in status["snapshots"] if s["serving"]} == {keys["rotated"], keys["rotated2"]}
+
+    assert vp.tier(name, "active").success  # rehydrated: both retained models' tables come back
+    status = state()
+    assert status["tier"] == "active" and set(status["tables"]) == {keys["rotated"], keys["rotated2"]}
+    assert status["tables"][keys["rotated"]]["fingerprint"] == rotated_fp
+    hits = vp.search(texts[0], [name]).hits
+    assert {(h.source_tier, h.model) for h in hits} == {("active", keys["rotated2"])}
+    assert [h.doc_id for h in hits][:5] == before[texts[0]][:5]
+    vp.rollback(name)
+    assert {h.model for h in vp.search(texts[0], [name]).hits} == {keys["rotated"]}

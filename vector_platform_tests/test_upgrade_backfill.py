@@ -1,8 +1,10 @@
 """`models upgrade` as a real Dagster asset backfill: the CLI records one backfill over three
-collections, starts a dagster-daemon for it (none was running), the multi-run policy packs the
-three partitions into one run; one partition fails, and `models retry` re-executes from failure
-only what was not materialized (the failed partition's embeddings, not the others')."""
+active collections and a cold one, starts a dagster-daemon for it (none was running), the
+multi-run policy packs the three table partitions into one run (the cold collection gets its
+new snapshot in a run of its own); one partition fails, and `models retry` re-executes from
+failure only what was not materialized (the failed partition's embeddings, not the others')."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -57,14 +59,20 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
             assert run("collections", "add", name, "--source", str(source), "--model", f"mini_{suffix}").returncode == 0
             done = run("ingest", name, "--quiet")  # no daemon yet: in-process runs
             assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+        cold = f"{unique_name[:40]}_d"
+        source = write_jsonl(tmp_path / f"{cold}.jsonl", data.docs_with_judged(420)[360:])
+        assert run("collections", "add", cold, "--source", str(source), "--model", f"mini_{suffix}").returncode == 0
+        assert run("ingest", cold, "--quiet").returncode == 0
+        assert run("tier", cold, "cold").returncode == 0
 
         flaky.faults.forbidden_marker = "FORBIDDEN_TOPIC"
-        done = run("models", "upgrade", *names, "--to", f"flaky_{suffix}", "--wait")
+        done = run("models", "upgrade", *names, cold, "--to", f"flaky_{suffix}", "--wait")
         assert done.returncode == 1, done.stdout + done.stderr[-3000:]
         assert "starting one for this backfill" in done.stderr
         backfill_id = done.stdout.split("backfill ")[1].split(":")[0]
         assert f"models retry {backfill_id}" in done.stdout
         assert all(f"{n}: NOT swapped" in done.stdout for n in names)
+        assert f"{cold}: now serving flaky_{suffix}" in done.stdout  # its own run passed its gate
 
         for key in ("DAGSTER_HOME", "VP_DAGSTER_PG_URL", "VP_DAGSTER_ARTIFACTS"):
             os.environ[key] = env[key]
@@ -72,7 +80,10 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
         try:
             backfill = instance.get_backfill(backfill_id)
             assert backfill.tags["vector_platform/upgrade_to"] == f"flaky_{suffix}"
-            [first_run] = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+            first_runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+            [cold_run] = [r for r in first_runs if r.tags.get("dagster/partition") == f"{cold}|flaky_{suffix}"]
+            assert cold_run.status == dg.DagsterRunStatus.SUCCESS and cold_run.asset_selection == {dg.AssetKey("cold_snapshot")}
+            [first_run] = [r for r in first_runs if r.run_id != cold_run.run_id]
             # One run for three partitions: the multi-run policy packed the range.
             assert first_run.tags["dagster/asset_partition_range_start"] == f"{names[0]}|flaky_{suffix}"
             assert first_run.tags["dagster/asset_partition_range_end"] == f"{names[2]}|flaky_{suffix}"
@@ -101,6 +112,9 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
         done = run("search", "cancer", "--collection", names[0], "--collection", names[2], "--json")
         assert done.returncode == 0, done.stderr
         assert f'"model": "flaky_{suffix}"' in done.stdout and f"mini_{suffix}" not in done.stdout
+        done = run("search", "cancer", "--collection", cold, "--json")
+        hits = json.loads(done.stdout)["hits"]
+        assert hits and {(h["source_tier"], h["model"]) for h in hits} == {("cold", f"flaky_{suffix}")}
     finally:
         mini.stop()
         flaky.stop()

@@ -134,6 +134,15 @@ def cold_snapshots(conn: psycopg.Connection, collection: str) -> dict[str, int]:
     return dict(rows)
 
 
+def set_cold_snapshot(conn: psycopg.Connection, collection: str, model_key: str, snapshot_id: int | None) -> None:
+    """Which snapshot holds `model_key`'s vectors while the collection stays cold (None: none;
+    a cold upgrade adds one, retiring a previous model removes it)."""
+    conn.execute(
+        "UPDATE vector_platform.collection_models SET cold_snapshot_id = %s WHERE collection = %s AND model_key = %s",
+        (snapshot_id, collection, model_key),
+    )
+
+
 # ---------------------------------------------------------------- the switch and its events
 
 

@@ -32,7 +32,10 @@ class GateResult:
     def summary(self) -> str:
         """One line with the gate's numbers, for refusals and logs."""
         f = self.figures
-        parts = [f"recall@10 {f.get('recall')!s} (target {f.get('recall_target')})"]
+        if f.get("search") == "cold_exact":
+            parts = ["cold snapshot, exact search"]
+        else:
+            parts = [f"recall@10 {f.get('recall')!s} (target {f.get('recall_target')})"]
         if f.get("ndcg_shadow") is not None:
             parts.append(f"nDCG@10 {f['ndcg_shadow']:.4f} vs serving {f['ndcg_serving']:.4f} (margin {f.get('ndcg_margin')})")
         if f.get("overlap_at_10") is not None:

@@ -276,7 +276,7 @@ def embed_chunks(
                 catalog.resolve_dead_letters(conn, collection, "embed", refs, "found in cache", model_key)
         todo = [(h, text, ids) for h, (text, ids) in needed.items() if h not in hit]
         for start in range(0, len(todo), batch_size):
-            _embed_batch(pool, store, embedder, collection, model_key, todo[start : start + batch_size], stats)
+            embed_batch(pool, store, embedder, collection, model_key, todo[start : start + batch_size], stats)
         done += len(page)
         progress("embeddings", done, missing)
     try:
@@ -289,7 +289,7 @@ def embed_chunks(
     return stats
 
 
-def _embed_batch(pool, store, embedder: Embedder, collection: str, model_key: str, batch, stats: EmbedStats) -> None:
+def embed_batch(pool, store, embedder: Embedder, collection: str, model_key: str, batch, stats: EmbedStats) -> None:
     spec = embedder.spec
     texts = [text for _, text, _ in batch]
     began = time.perf_counter()

@@ -76,16 +76,45 @@ _SELECT = (
 )
 
 
+# One row's share of a table digest; the same expression over a table or over rows in hand.
+_ROW_HASH = (
+    "hashtextextended(concat_ws('|', chunk_id, doc_id, seq, content_hash, md5(metadata::text), "
+    "extract(epoch FROM source_ts), extract(epoch FROM updated_at)), 0)::numeric"
+)
+
+
 def table_digest(conn: psycopg.Connection, table: str) -> tuple[int, str]:
     """(rows, digest) of a vector table: changes when any row is added, removed or rewritten
     (every write of a row sets its updated_at). Order-independent, constant memory."""
     rows, total = conn.execute(
-        sql.SQL(
-            "SELECT count(*), coalesce(sum(hashtextextended(concat_ws('|', chunk_id, doc_id, seq, content_hash, "
-            "md5(metadata::text), extract(epoch FROM source_ts), extract(epoch FROM updated_at)), 0)::numeric), 0) FROM {}"
-        ).format(tables.table_id(table))
+        sql.SQL("SELECT count(*), coalesce(sum(" + _ROW_HASH + "), 0) FROM {}").format(tables.table_id(table))
     ).fetchone()
     return rows, f"{rows}:{total}"
+
+
+class RowsDigest:
+    """`table_digest` of rows that are not in a table (yet): add Arrow pages of snapshot rows,
+    read `value` at the end. Postgres computes each page's sum, so the digest is the one the
+    table these rows are restored into will have."""
+
+    _QUERY = (
+        "SELECT coalesce(sum(" + _ROW_HASH + "), 0) FROM unnest(%s::uuid[], %s::text[], %s::int[], %s::text[], "
+        "%s::text[]::jsonb[], %s::timestamptz[], %s::timestamptz[]) "
+        "AS r(chunk_id, doc_id, seq, content_hash, metadata, source_ts, updated_at)"
+    )
+
+    def __init__(self, pool: ConnectionPool):
+        self.pool, self.rows, self.total = pool, 0, 0
+
+    def add(self, page: pa.Table) -> None:
+        columns = [page.column(name).to_pylist() for name in ("chunk_id", "doc_id", "seq", "content_hash", "metadata", "source_ts", "updated_at")]
+        with self.pool.connection() as conn:
+            self.total += int(conn.execute(self._QUERY, columns).fetchone()[0])
+        self.rows += page.num_rows
+
+    @property
+    def value(self) -> str:
+        return f"{self.rows}:{self.total}"
 
 
 @dataclass
@@ -120,50 +149,74 @@ def ensure_snapshot(
         verify_present(store, latest)
         say(f"{collection}/{model_key}: the table is unchanged since snapshot {latest.id}; not written again")
         return SnapshotResult(latest, False, time.perf_counter() - started, [])
+    manifest = new_manifest(coll, spec, table, fingerprint)
+    manifest["table_digest"] = digest
+    receipt = publish(pool, store, manifest, _table_pages(pool, table, _group_rows(spec)), spec, expected_rows=rows)
+    say(f"{collection}/{model_key}: snapshot {receipt.id} written and verified ({rows} rows, {receipt.bytes} bytes)")
+    deleted = delete_replaced(pool, store, collection, model_key, keep=receipt.id)
+    return SnapshotResult(receipt, True, time.perf_counter() - started, deleted)
+
+
+def new_manifest(coll: catalog.Collection, spec: ModelSpec, table: str, fingerprint: str) -> dict[str, Any]:
+    """The manifest of a snapshot about to be written (rows, files and digest are added later)."""
     created = clock.now()
-    prefix = f"collections/{collection}/snapshots/{model_key}/{created:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
-    manifest = {
+    prefix = f"collections/{coll.name}/snapshots/{spec.key}/{created:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+    return {
         "format_version": FORMAT_VERSION,
-        "collection": collection,
-        "model_key": model_key,
+        "collection": coll.name,
+        "model_key": spec.key,
         "fingerprint": fingerprint,
         "dims": spec.dims,
         "distance": spec.distance,
         "storage_type": spec.storage_type,
         "hnsw": {"m": coll.settings.hnsw_m, "ef_construction": coll.settings.hnsw_ef_construction},
         "table": table,
-        "table_digest": digest,
         "created_at": created.isoformat(),
         "prefix": prefix,
     }
+
+
+def publish(
+    pool: ConnectionPool,
+    store: ObjectStore,
+    manifest: dict[str, Any],
+    pages: Iterator[pa.Table],
+    spec: ModelSpec,
+    expected_rows: int | None = None,
+) -> SnapshotReceipt:
+    """Write `pages` (snapshot rows in chunk_id order) under the manifest's prefix, then the
+    manifest, read everything back and verify it, and only then write the receipt. The
+    manifest's `table_digest` may be set while the pages are consumed. On any failure the
+    files are removed (no receipt: they never counted) and the error is raised."""
+    prefix = manifest["prefix"]
     try:
-        files, id_hash, written_rows = _write_files(pool, store, table, spec, prefix)
-        if written_rows != rows:
-            raise SnapshotError(f"the table changed while it was written ({rows} rows counted, {written_rows} written)")
+        files, id_hash, written_rows = _write_files(store, pages, spec, prefix)
+        if expected_rows is not None and written_rows != expected_rows:
+            raise SnapshotError(f"the table changed while it was written ({expected_rows} rows counted, {written_rows} written)")
         manifest.update(rows=written_rows, id_hash=id_hash, files=files)
         text = tier_sql.manifest_text(manifest)
         store.put_bytes(f"{prefix}/manifest.json", text)
-        verify(store, manifest, expected_rows=rows, expected_id_hash=id_hash)
+        verify(store, manifest, expected_rows=written_rows, expected_id_hash=id_hash)
     except Exception:
         _remove_prefix(store, prefix)  # no receipt was written: these files never counted
         raise
     with pool.connection() as conn, conn.transaction():
-        receipt = tier_sql.record_snapshot(conn, manifest, store.uri(prefix), hashlib.sha256(text).hexdigest())
-    say(f"{collection}/{model_key}: snapshot {receipt.id} written and verified ({rows} rows, {receipt.bytes} bytes)")
-    deleted = delete_replaced(pool, store, collection, model_key, keep=receipt.id)
-    return SnapshotResult(receipt, True, time.perf_counter() - started, deleted)
+        return tier_sql.record_snapshot(conn, manifest, store.uri(prefix), hashlib.sha256(text).hexdigest())
+
+
+def _group_rows(spec: ModelSpec) -> int:
+    return max(1024, ROW_GROUP_BYTES // (spec.dims * 4))
 
 
 def _write_files(
-    pool: ConnectionPool, store: ObjectStore, table: str, spec: ModelSpec, prefix: str
+    store: ObjectStore, pages: Iterator[pa.Table], spec: ModelSpec, prefix: str
 ) -> tuple[list[dict[str, Any]], str, int]:
     schema = arrow_schema(spec.dims)
-    group_rows = max(1024, ROW_GROUP_BYTES // (spec.dims * 4))
+    group_rows = _group_rows(spec)
     per_file = max(group_rows, rows_per_file())
     ids = hashlib.sha256()
     files: list[dict[str, Any]] = []
     total = 0
-    pages = _table_pages(pool, table, group_rows)
     page = next(pages, None)
     while page is not None or not files:
         key = f"{prefix}/part-{len(files):05d}.parquet"
@@ -395,6 +448,6 @@ def clear_local(local_dir: Path) -> None:
 
 
 __all__ = [
-    "SnapshotCorrupt", "SnapshotError", "SnapshotResult", "arrow_schema", "delete_snapshot", "ensure_snapshot",
-    "fetch_verified", "read_batches", "table_digest", "verify", "verify_receipt",
+    "RowsDigest", "SnapshotCorrupt", "SnapshotError", "SnapshotResult", "arrow_schema", "delete_snapshot", "ensure_snapshot",
+    "fetch_verified", "new_manifest", "publish", "read_batches", "table_digest", "verify", "verify_receipt",
 ]

@@ -11,6 +11,9 @@ for both:
   its best chunk) no worse than the serving model's by more than upgrade_ndcg_margin;
 - search p95 within upgrade_latency_factor of the serving model's (or under 5 ms).
 
+A cold collection's upgrade is measured on its snapshots, searched exactly as cold search
+searches them (`evaluate_cold`): the same comparisons, no index to measure.
+
 The verdict and every figure are written to `quality_gates`; the swap reads them there.
 """
 
@@ -25,11 +28,13 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from vector_platform import catalog, checks, clock, tables
+from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog import upgrades as upgrade_sql
 from vector_platform.catalog.upgrades import GateResult
 from vector_platform.metrics import ndcg_at_k, percentile
 from vector_platform.models import ModelSpec
-from vector_platform.search import active
+from vector_platform.object_store import ObjectStore
+from vector_platform.search import active, cold
 
 TextEmbedder = Callable[[ModelSpec, Sequence[str]], Sequence[np.ndarray]]
 LATENCY_FLOOR_MS = 5.0
@@ -72,14 +77,77 @@ def _ranked_docs(rows: Sequence[tuple], k: int) -> list[str]:
     return list(seen)
 
 
-def _timed_search(conn, relation, spec, vectors, k, ef_search) -> tuple[list[list[tuple]], list[float]]:
-    results, latencies = [], []
+Searcher = Callable[[ModelSpec, Sequence[np.ndarray], int], tuple[list[list[tuple]], list[float]]]
+
+
+def _active_searcher(conn, relation, ef_search: int) -> Searcher:
+    """Search a vector table through its index, timed per query: (chunk_id, doc_id) rows."""
     columns = sql.SQL("chunk_id, doc_id")
-    for q in vectors:
-        began = time.perf_counter()
-        results.append(active.nearest(conn, relation, spec, q, k, exact=False, ef_search=ef_search, columns=columns))
-        latencies.append((time.perf_counter() - began) * 1000)
-    return results, latencies
+
+    def search(spec: ModelSpec, vectors, k: int):
+        results, latencies = [], []
+        for q in vectors:
+            began = time.perf_counter()
+            results.append(active.nearest(conn, relation, spec, q, k, exact=False, ef_search=max(ef_search, k), columns=columns))
+            latencies.append((time.perf_counter() - began) * 1000)
+        return results, latencies
+
+    return search
+
+
+def _cold_searcher(data) -> Searcher:
+    """Search a loaded cold snapshot by exact brute force (as cold search does), timed per query."""
+
+    def search(spec: ModelSpec, vectors, k: int):
+        results, latencies = [], []
+        for q in vectors:
+            began = time.perf_counter()
+            found = cold.nearest(data, spec, q, k)
+            results.append([(r["chunk_id"], r["doc_id"]) for r in cold.rows_of(data, [i for i, _ in found])])
+            latencies.append((time.perf_counter() - began) * 1000)
+        return results, latencies
+
+    return search
+
+
+def _compare(
+    figures: dict[str, Any], reasons: list[str], settings, embed: TextEmbedder,
+    shadow: ModelSpec, shadow_search: Searcher, serving: ModelSpec, serving_search: Searcher,
+    logged: list[str], labelled: list, logged_shadow: list[np.ndarray] | None = None,
+) -> None:
+    """The same queries through both models: overlap@10 and p95 on the logged queries (or the
+    labelled ones when none were logged), nDCG@10 on the labelled ones. Adds figures and reasons."""
+    texts = logged or [text for _, text, _ in labelled]
+    if texts:
+        shadow_vectors = logged_shadow if (logged and logged_shadow is not None) else _embed(embed, shadow, texts)
+        serving_vectors = _embed(embed, serving, texts)
+        shadow_search(shadow, shadow_vectors[:1], 10)  # warm both up: a first query pays for caches, not search
+        serving_search(serving, serving_vectors[:1], 10)
+        new, new_ms = shadow_search(shadow, shadow_vectors, 10)
+        old, old_ms = serving_search(serving, serving_vectors, 10)
+        overlaps = [len({r[0] for r in a} & {r[0] for r in b}) / 10 for a, b in zip(new, old)]
+        figures.update(
+            overlap_at_10=float(np.mean(overlaps)), overlap_queries=len(overlaps),
+            p95_ms_shadow=percentile(new_ms, 95), p95_ms_serving=percentile(old_ms, 95),
+        )
+        allowed = max(settings.upgrade_latency_factor * figures["p95_ms_serving"], LATENCY_FLOOR_MS)
+        if figures["p95_ms_shadow"] > allowed:
+            reasons.append(
+                f"search p95 {figures['p95_ms_shadow']:.2f} ms is over {settings.upgrade_latency_factor} x the "
+                f"serving model's {figures['p95_ms_serving']:.2f} ms"
+            )
+    if labelled:
+        qtexts = [text for _, text, _ in labelled]
+        ndcg = {}
+        for role, spec, search in (("shadow", shadow, shadow_search), ("serving", serving, serving_search)):
+            hits, _ = search(spec, _embed(embed, spec, qtexts), CHUNKS_PER_QUERY)
+            ndcg[role] = float(np.mean([ndcg_at_k(_ranked_docs(h, 10), judged, 10) for h, (_, _, judged) in zip(hits, labelled)]))
+        figures.update(ndcg_shadow=ndcg["shadow"], ndcg_serving=ndcg["serving"])
+        if ndcg["shadow"] < ndcg["serving"] - settings.upgrade_ndcg_margin:
+            reasons.append(
+                f"nDCG@10 {ndcg['shadow']:.4f} trails the serving model's {ndcg['serving']:.4f} by more than "
+                f"{settings.upgrade_ndcg_margin}"
+            )
 
 
 def evaluate(pool: ConnectionPool, embed: TextEmbedder, collection: str, model_key: str) -> Verdict:
@@ -94,7 +162,7 @@ def evaluate(pool: ConnectionPool, embed: TextEmbedder, collection: str, model_k
         serving = catalog.get_model(conn, coll.serving_model) if coll.serving_model else None
         serving_table = catalog.vector_table_name(conn, collection, serving.key) if serving else None
         if serving_table is not None and not tables.table_exists(conn, serving_table):
-            serving, serving_table = None, None  # nothing to compare with (e.g. a cold collection)
+            serving, serving_table = None, None  # nothing to compare with
         logged = upgrade_sql.logged_query_texts(conn, collection, LOGGED_QUERIES)
         labelled = upgrade_sql.labelled_queries(conn, collection)
         rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(tables.table_id(shadow_table))).fetchone()[0]
@@ -121,46 +189,67 @@ def evaluate(pool: ConnectionPool, embed: TextEmbedder, collection: str, model_k
         reasons.append("the shadow's search plan does not use its HNSW index")
 
     if serving is not None and serving.key != shadow.key:
-        texts = logged or [text for _, text, _ in labelled]
         with pool.connection() as conn:
-            shadow_rel, serving_rel = tables.table_id(shadow_table), tables.table_id(serving_table)
-            serving_vectors = _embed(embed, serving, texts)
-            shadow_vectors = logged_shadow if logged else _embed(embed, shadow, texts)
-            if texts:
-                new, new_ms = _timed_search(conn, shadow_rel, shadow, shadow_vectors, 10, settings.hnsw_ef_search)
-                old, old_ms = _timed_search(conn, serving_rel, serving, serving_vectors, 10, settings.hnsw_ef_search)
-                overlaps = [len({r[0] for r in a} & {r[0] for r in b}) / 10 for a, b in zip(new, old)]
-                figures.update(
-                    overlap_at_10=float(np.mean(overlaps)), overlap_queries=len(overlaps),
-                    p95_ms_shadow=percentile(new_ms, 95), p95_ms_serving=percentile(old_ms, 95),
-                )
-                allowed = max(settings.upgrade_latency_factor * figures["p95_ms_serving"], LATENCY_FLOOR_MS)
-                if figures["p95_ms_shadow"] > allowed:
-                    reasons.append(
-                        f"search p95 {figures['p95_ms_shadow']:.2f} ms is over {settings.upgrade_latency_factor} x the "
-                        f"serving model's {figures['p95_ms_serving']:.2f} ms"
-                    )
-            if labelled:
-                qtexts = [text for _, text, _ in labelled]
-                ndcg = {}
-                for name, spec, rel in ((shadow.key, shadow, shadow_rel), (serving.key, serving, serving_rel)):
-                    vectors = _embed(embed, spec, qtexts)
-                    hits, _ = _timed_search(conn, rel, spec, vectors, CHUNKS_PER_QUERY, max(settings.hnsw_ef_search, CHUNKS_PER_QUERY))
-                    ndcg[name] = float(np.mean([ndcg_at_k(_ranked_docs(h, 10), judged, 10) for h, (_, _, judged) in zip(hits, labelled)]))
-                figures.update(ndcg_shadow=ndcg[shadow.key], ndcg_serving=ndcg[serving.key])
-                if ndcg[shadow.key] < ndcg[serving.key] - settings.upgrade_ndcg_margin:
-                    reasons.append(
-                        f"nDCG@10 {ndcg[shadow.key]:.4f} trails the serving model's {ndcg[serving.key]:.4f} by more than "
-                        f"{settings.upgrade_ndcg_margin}"
-                    )
+            _compare(
+                figures, reasons, settings, embed,
+                shadow, _active_searcher(conn, tables.table_id(shadow_table), settings.hnsw_ef_search),
+                serving, _active_searcher(conn, tables.table_id(serving_table), settings.hnsw_ef_search),
+                logged, labelled, logged_shadow,
+            )
+    return Verdict(not reasons, figures, reasons)
+
+
+def evaluate_cold(pool: ConnectionPool, store: ObjectStore, embed: TextEmbedder, collection: str, model_key: str) -> Verdict:
+    """Measure a cold collection's new snapshot (a cold upgrade's) against its serving snapshot.
+    Both are searched as cold search does, by exact brute force: recall is exact by
+    construction, so the gate is about quality (nDCG@10, overlap@10) and latency."""
+    from vector_platform.search import cold_cache  # the searches' own cache: what the gate loads, search reuses
+
+    with pool.connection() as conn:
+        coll = catalog.get_collection(conn, collection)
+        settings = coll.settings
+        shadow = catalog.get_model(conn, model_key)
+        serving = catalog.get_model(conn, coll.serving_model)
+        served = tier_sql.cold_snapshots(conn, collection)
+        new = tier_sql.get_snapshot(conn, served[model_key]) if model_key in served else None
+        old = tier_sql.get_snapshot(conn, served[serving.key]) if serving.key in served else None
+        logged = upgrade_sql.logged_query_texts(conn, collection, LOGGED_QUERIES)
+        labelled = upgrade_sql.labelled_queries(conn, collection)
+    figures: dict[str, Any] = {
+        "search": "cold_exact", "rows": new.rows if new else 0, "snapshot_id": new.id if new else None,
+        "baseline_model": serving.key, "baseline_snapshot_id": old.id if old else None,
+        "logged_queries": len(logged), "labelled_queries": len(labelled),
+        "ndcg_margin": settings.upgrade_ndcg_margin, "latency_factor": settings.upgrade_latency_factor,
+    }
+    if new is None:
+        return Verdict(False, figures, [f"cold collection {collection!r} has no snapshot of {model_key!r} yet"])
+    if new.manifest.get("fingerprint") != shadow.fingerprint:
+        return Verdict(False, figures, [f"snapshot {new.id} holds vectors of fingerprint {new.manifest.get('fingerprint')}, "
+                                        f"not {model_key!r}'s {shadow.fingerprint}"])
+    if new.rows == 0:
+        return Verdict(False, figures, [f"snapshot {new.id} of {model_key!r} is empty"])
+    reasons: list[str] = []
+    if old is not None:
+        new_data, _ = cold_cache.get(store, new)
+        old_data, _ = cold_cache.get(store, old)
+        _compare(figures, reasons, settings, embed, shadow, _cold_searcher(new_data), serving, _cold_searcher(old_data), logged, labelled)
     return Verdict(not reasons, figures, reasons)
 
 
 def run_gate(
-    pool: ConnectionPool, embed: TextEmbedder, collection: str, model_key: str, run_id: str | None = None
+    pool: ConnectionPool, embed: TextEmbedder, collection: str, model_key: str, run_id: str | None = None,
+    store: ObjectStore | None = None,
 ) -> GateResult:
-    """Evaluate and record the gate of an upgrade target."""
-    verdict = evaluate(pool, embed, collection, model_key)
+    """Evaluate and record the gate of an upgrade target (a cold collection's on its snapshots:
+    `store` is needed to read them)."""
+    with pool.connection() as conn:
+        tier = catalog.get_collection(conn, collection).tier
+    if tier == "cold":
+        if store is None:
+            raise ValueError("the gate of a cold collection reads its snapshots: pass the object store")
+        verdict = evaluate_cold(pool, store, embed, collection, model_key)
+    else:
+        verdict = evaluate(pool, embed, collection, model_key)
     with pool.connection() as conn:
         spec = catalog.get_model(conn, model_key)
         return upgrade_sql.record_gate(

@@ -5,6 +5,8 @@
   refusal says which and carries the gate's numbers.
 - `rollback` returns to the previous model while its table is retained (no gate: it served
   before), again only if its table is complete (ingest writes every attached model).
+- A cold collection swaps between snapshots instead (`upgrade.cold` made the new one from the
+  serving one's rows): the same gate, no view to replace; it stays cold.
 - `retire_expired` drops previous tables whose retention ran out, keeping the attachment
   (history) and any snapshot.
 
@@ -66,6 +68,28 @@ def _ready_table(conn, pool, collection: str, model_key: str) -> tuple[str, int]
     return table, rows
 
 
+def _ready_snapshot(conn, collection: str, model_key: str) -> tuple[int, int]:
+    """(snapshot id, rows) of the model's snapshot that would serve the cold collection, refused
+    unless it holds the model's fingerprint and was made from the snapshot serving now (the
+    same rows), or served the collection itself before (a rollback)."""
+    spec = catalog.get_model(conn, model_key)
+    coll = catalog.get_collection(conn, collection)
+    served = tier_sql.cold_snapshots(conn, collection)
+    receipt = tier_sql.get_snapshot(conn, served[model_key]) if model_key in served else None
+    if model_key in upgrade_sql.retired_models(conn, collection) or receipt is None:
+        raise SwapRefused(f"{collection} is cold and has no snapshot of {model_key!r} (retired, or never built: models upgrade builds it)")
+    if receipt.manifest.get("fingerprint") != spec.fingerprint:
+        raise SwapRefused(f"{collection}: snapshot {receipt.id} of {model_key!r} holds vectors of another fingerprint")
+    current = served.get(coll.serving_model)
+    made_from = receipt.manifest.get("source_snapshot")
+    if made_from is not None and made_from != current:
+        raise SwapRefused(
+            f"{collection}: snapshot {receipt.id} of {model_key!r} was made from snapshot {made_from}, but {current} serves "
+            "now; run the upgrade again"
+        )
+    return receipt.id, receipt.rows
+
+
 def _no_more_dead_letters(conn, collection: str, to_model: str, serving: str | None) -> None:
     """A chunk dead-lettered under the new model would vanish from search with the swap:
     refuse while the shadow has more open dead letters than the serving model."""
@@ -91,8 +115,8 @@ def swap(
         coll = catalog.get_collection(conn, collection)
         if coll.serving_model == to_model:
             return SwapReport(collection, "unchanged", to_model, to_model, None, 0, None)
-        if coll.tier != "active":
-            raise SwapRefused(f"{collection} is {coll.tier}: its serving model changes with its snapshot (cold upgrade)")
+        if coll.tier == "archived":
+            raise SwapRefused(f"{collection} is archived: nothing serves it")
         if to_model not in coll.models:
             raise SwapRefused(f"{collection}: model {to_model!r} is not attached (models upgrade attaches it)")
         if to_model == upgrade_sql.upgrade_state(conn, collection).previous_model:
@@ -116,17 +140,37 @@ def swap(
                 f"{collection}: the quality gate of {to_model!r} failed ({'; '.join(gate.reasons)}). Figures: {gate.summary()}. "
                 f"{coll.serving_model!r} keeps serving"
             )
-        table, rows = _ready_table(conn, pool, collection, to_model)
+        if coll.tier == "cold":
+            table, (_, rows) = None, _ready_snapshot(conn, collection, to_model)
+        else:
+            table, rows = _ready_table(conn, pool, collection, to_model)
         _no_more_dead_letters(conn, collection, to_model, coll.serving_model)
         retain_until = clock.now() + dt.timedelta(days=coll.settings.retain_previous_days)
         with conn.transaction():
-            tier_sql.lock_collection_row(conn, collection)
+            tier, _ = tier_sql.lock_collection_row(conn, collection)
+            if tier != coll.tier:
+                raise SwapRefused(f"{collection} became {tier} meanwhile; swap again")
             if upgrade_sql.latest_gate(conn, collection, to_model).id != gate.id:
                 raise SwapRefused(f"{collection}: the gate of {to_model!r} was measured again meanwhile; swap again")
-            tables.publish_view(conn, collection, table)
+            if table is not None:  # a cold collection has no view: search reads its serving model's snapshot
+                tables.publish_view(conn, collection, table)
+            # One model is kept for rollback: the one serving until now. An older previous model
+            # (a second upgrade within the retention) is retired now, or it would be written forever.
+            older = upgrade_sql.upgrade_state(conn, collection).previous_model
+            if older not in (None, to_model, coll.serving_model):
+                _retire(conn, collection, older)
+                say(f"{collection}: {older!r} retired (superseded twice; {coll.serving_model!r} is kept for rollback)")
             upgrade_sql.set_serving(conn, collection, to_model, coll.serving_model, retain_until)
             upgrade_sql.record_swap(conn, collection, "swap", coll.serving_model, to_model, gate.id, clock.now(), actor, run_id)
     return SwapReport(collection, "swap", coll.serving_model, to_model, gate.id, rows, retain_until)
+
+
+def _retire(conn, collection: str, model_key: str, now: dt.datetime | None = None) -> None:
+    """In the caller's transaction: drop the model's table, stop serving its cold snapshot (the
+    snapshot's files and receipt stay), and mark the attachment retired (ingest stops writing it)."""
+    tables.drop_table(conn, catalog.vector_table_name(conn, collection, model_key))
+    tier_sql.set_cold_snapshot(conn, collection, model_key, None)
+    upgrade_sql.mark_retired(conn, collection, model_key, now or clock.now())
 
 
 def rollback(
@@ -144,13 +188,19 @@ def rollback(
         state = upgrade_sql.upgrade_state(conn, collection)
         if state.previous_model is None:
             raise SwapRefused(f"{collection}: nothing to roll back to (no previous model retained)")
-        if coll.tier != "active":
-            raise SwapRefused(f"{collection} is {coll.tier}: rehydrate it before rolling back")
-        table, rows = _ready_table(conn, pool, collection, state.previous_model)
+        if coll.tier == "archived":
+            raise SwapRefused(f"{collection} is archived: nothing serves it")
+        if coll.tier == "cold":
+            table, (_, rows) = None, _ready_snapshot(conn, collection, state.previous_model)
+        else:
+            table, rows = _ready_table(conn, pool, collection, state.previous_model)
         retain_until = clock.now() + dt.timedelta(days=coll.settings.retain_previous_days)
         with conn.transaction():
-            tier_sql.lock_collection_row(conn, collection)
-            tables.publish_view(conn, collection, table)
+            tier, _ = tier_sql.lock_collection_row(conn, collection)
+            if tier != coll.tier:
+                raise SwapRefused(f"{collection} became {tier} meanwhile; roll back again")
+            if table is not None:
+                tables.publish_view(conn, collection, table)
             upgrade_sql.set_serving(conn, collection, state.previous_model, coll.serving_model, retain_until)
             upgrade_sql.record_swap(
                 conn, collection, "rollback", coll.serving_model, state.previous_model, None, clock.now(), actor, run_id
@@ -164,7 +214,8 @@ def retire_expired(
     """Drop previous models' tables whose retention ran out; returns (collection, model) retired.
 
     The catalog attachment stays (history), so ingest stops writing the model; snapshots of it
-    are kept (they have their own receipts)."""
+    are kept (they have their own receipts). A cold collection stops counting the previous
+    model's snapshot among those that serve it (a rehydrate no longer restores it)."""
     now = now or clock.now()
     with pool.connection() as conn:
         due = upgrade_sql.expired_previous(conn, now)
@@ -176,9 +227,30 @@ def retire_expired(
                 continue  # rolled back or swapped again meanwhile
             if state.serving_model == model_key:
                 continue
-            table = catalog.vector_table_name(conn, collection, model_key)
             with conn.transaction():
-                tables.drop_table(conn, table)
-                upgrade_sql.mark_retired(conn, collection, model_key, now)
+                _retire(conn, collection, model_key, now)
             retired.append((collection, model_key))
     return retired
+
+
+def abandon(
+    pool: ConnectionPool, dsn: str, collection: str, model_key: str, say: Callable[[str], None] = lambda m: None
+) -> None:
+    """Give up an upgrade target (a failed gate, a change of mind): its table is dropped, its
+    cold snapshot no longer counts, ingest stops writing it, and the attachment stays as
+    history (retired). Refused for the serving model and for a previous one kept for rollback."""
+    with writer_lock(dsn, collection, say=say), pool.connection() as conn:
+        coll = catalog.get_collection(conn, collection)
+        state = upgrade_sql.upgrade_state(conn, collection)
+        if model_key not in coll.models:
+            raise SwapRefused(f"{collection}: model {model_key!r} is not attached (or already retired)")
+        if model_key == coll.serving_model:
+            raise SwapRefused(f"{collection}: {model_key!r} serves the collection; swap to another model first")
+        if model_key == state.previous_model:
+            raise SwapRefused(f"{collection}: {model_key!r} is kept for rollback until {state.previous_retain_until}; "
+                              "`models retire` drops it once that has passed")
+        with conn.transaction():
+            tier_sql.lock_collection_row(conn, collection)
+            _retire(conn, collection, model_key)
+            if state.upgrade_to == model_key:
+                upgrade_sql.start_upgrade(conn, collection, None, None)

@@ -287,9 +287,9 @@ def serving_view(context: dg.AssetExecutionContext, config: ServingConfig, postg
 
         try:
             if config.rollback:
-                report = swapping.rollback(pool, postgres.resolved_dsn(), collection, "dagster", context.run_id, say)
+                report = swapping.rollback(pool, postgres.resolved_dsn(), collection, "dagster", context.run.run_id, say)
             else:
-                report = swapping.swap(pool, postgres.resolved_dsn(), collection, config.swap_to, "dagster", context.run_id, say)
+                report = swapping.swap(pool, postgres.resolved_dsn(), collection, config.swap_to, "dagster", context.run.run_id, say)
         except swapping.SwapRefused as err:
             raise dg.Failure(str(err), allow_retries=False) from None
         with pool.connection() as conn:

@@ -3,7 +3,8 @@
 import dagster as dg
 
 from vector_platform import checks
-from vector_platform.defs.partitions import collection_and_model, collection_model_partitions
+from vector_platform.defs.ingest.checks import combine
+from vector_platform.defs.partitions import collection_model_partitions, partition_pairs
 from vector_platform.defs.resources import ObjectStoreResource, PostgresResource
 from vector_platform.defs.tiers.assets import cold_snapshot
 
@@ -15,6 +16,8 @@ def snapshot_matches_table(
     """Active: the table's rows and digest equal the newest receipt's and every file is on the
     store with its size. Cold: the serving snapshot read back in full matches its receipt
     (sha256 of every file, rows, chunk ids)."""
-    collection, model_key = collection_and_model(context)
-    figures = checks.snapshot_matches_table(postgres.pool(), object_store.store(), collection, model_key)
-    return dg.AssetCheckResult(passed=not figures["problems"], metadata={**figures, "problems": "; ".join(figures["problems"]) or "none"})
+    results = {}
+    for collection, model_key in partition_pairs(context):
+        figures = checks.snapshot_matches_table(postgres.pool(), object_store.store(), collection, model_key)
+        results[f"{collection}|{model_key}"] = (not figures["problems"], {**figures, "problems": "; ".join(figures["problems"]) or "none"})
+    return combine(context, results)
