@@ -81,6 +81,7 @@ class UpgradeOutcome:
     runs: list[RunSummary] = field(default_factory=list)  # in-process upgrades
     swaps: dict[str, dict] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    not_rehydrated: dict[str, str] = field(default_factory=dict)  # cold, swapped, the asked-for rehydrate failed
 
 
 class Platform:
@@ -313,6 +314,8 @@ class Platform:
                     raise ValueError(f"collection {name!r} is archived: it has no vectors to upgrade")
                 if coll.serving_model == to:
                     raise ValueError(f"collection {name!r} already serves {to!r}")
+                if upgrade_sql.upgrade_state(conn, name).previous_model == to:
+                    raise ValueError(f"{to!r} served {name!r} before and is kept for rollback: `models rollback {name}`")
                 if coll.tier == "cold":
                     cold.append(name)
         active_names = [n for n in names if n not in cold]
@@ -378,11 +381,16 @@ class Platform:
 
     def _rehydrate_swapped(self, outcome: "UpgradeOutcome", cold: list[str], say) -> None:
         for name in cold:
-            if name in outcome.swaps:
-                say(f"{name}: swapped to {outcome.to} while cold; rehydrating it as asked")
+            if name not in outcome.swaps:
+                continue
+            say(f"{name}: swapped to {outcome.to} while cold; rehydrating it as asked")
+            try:
                 run = self.tier(name, "active")
-                if not run.success:
-                    outcome.refused[name] = f"swapped, but the rehydrate failed: {run.error}"
+                error = None if run.success else run.error
+            except (ValueError, RuntimeError) as err:  # refused before any run started
+                error = str(err)
+            if error:
+                outcome.not_rehydrated[name] = error
 
     def _swap_gated(self, outcome: "UpgradeOutcome", say) -> None:
         # Here and now: a swap is one short transaction under the writer lock; queueing it behind

@@ -332,10 +332,12 @@ def _report_upgrade(outcome) -> int:
         print(f"{name}: now serving {outcome.to} (was {meta.get('from_model')}; previous kept until {meta.get('previous_retained_until')})")
     for name, reason in outcome.refused.items():
         print(f"{name}: NOT swapped: {reason}")
+    for name, reason in outcome.not_rehydrated.items():
+        print(f"{name}: swapped, still cold: the rehydrate failed: {reason} (vector-platform tier {name} active)")
     if outcome.status and outcome.status not in ("COMPLETED", "COMPLETED_SUCCESS"):
         print(f"re-run only what failed: vector-platform models retry {outcome.backfill_id} --wait")
         failed = 1
-    return 1 if failed or outcome.refused else 0
+    return 1 if failed or outcome.refused or outcome.not_rehydrated else 0
 
 
 def cmd_models_upgrade(args) -> int:
@@ -552,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # platformdirs warns on every command when XDG_RUNTIME_DIR is unset (containers); the fallback is fine.
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    # Dagster flags APIs it may still change (backfill policies, sensor owners) on every import:
+    # a note for us, not for someone running a command.
+    warnings.filterwarnings("ignore", message=r".* is currently in (beta|preview)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)

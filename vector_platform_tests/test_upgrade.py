@@ -232,6 +232,10 @@ def test_qrels_files_are_checked_before_anything_is_stored(make_platform, tmp_pa
     bad.write_text("query-id\tcorpus-id\tscore\nq1\td1\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.tsv:2: expected"):
         vp.set_qrels(unique_name, bad)
+    cut = tmp_path / "cut.tsv"  # a file cut mid-line and appended to: a 3-column line with a wild score
+    cut.write_text("q1\td1\t1\nq1\td2\t14983\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"cut.tsv:2: score 14983 is over 10"):
+        vp.set_qrels(unique_name, cut)
     good = tmp_path / "good.tsv"
     good.write_text("query-id\tcorpus-id\tscore\nq1\td1\t2\nq9\td2\t1\n", encoding="utf-8")
     assert vp.set_qrels(unique_name, good) == (1, 1)  # q9 has no text: left out
@@ -305,6 +309,11 @@ def test_a_cold_collection_is_upgraded_from_its_snapshot_and_stays_cold(make_pla
     assert set(status["models"]) == {keys["rotated"], keys["rotated2"]}  # mini retired: no longer written
     assert status["upgrade"]["previous_model"] == keys["rotated"]
     assert {s["model"] for s in status["snapshots"] if s["serving"]} == {keys["rotated"], keys["rotated2"]}
+    vp.rollback(name)  # still cold: the snapshot made two upgrades ago holds the same rows
+    assert {h.model for h in vp.search(texts[0], [name]).hits} == {keys["rotated"]}
+    vp.rollback(name)
+    with pytest.raises(ValueError, match="kept for rollback"):
+        vp.upgrade([name], keys["rotated"], say=lambda m: None)
 
     assert vp.tier(name, "active").success  # rehydrated: both retained models' tables come back
     status = state()

@@ -81,8 +81,9 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
             backfill = instance.get_backfill(backfill_id)
             assert backfill.tags["vector_platform/upgrade_to"] == f"flaky_{suffix}"
             first_runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
-            [cold_run] = [r for r in first_runs if r.tags.get("dagster/partition") == f"{cold}|flaky_{suffix}"]
-            assert cold_run.status == dg.DagsterRunStatus.SUCCESS and cold_run.asset_selection == {dg.AssetKey("cold_snapshot")}
+            [cold_run] = [r for r in first_runs if r.asset_selection == {dg.AssetKey("cold_snapshot")}]
+            assert cold_run.status == dg.DagsterRunStatus.SUCCESS
+            assert f"{cold}|flaky_{suffix}" in (cold_run.tags.get("dagster/partition"), cold_run.tags.get("dagster/asset_partition_range_start"))
             [first_run] = [r for r in first_runs if r.run_id != cold_run.run_id]
             # One run for three partitions: the multi-run policy packed the range.
             assert first_run.tags["dagster/asset_partition_range_start"] == f"{names[0]}|flaky_{suffix}"

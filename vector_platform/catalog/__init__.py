@@ -23,6 +23,7 @@ from vector_platform.catalog.dead_letters import (
     dead_letter_many,
     open_dead_letters,
     resolve_dead_letters,
+    resolve_model_letters,
 )
 from vector_platform.catalog.models import get_model, list_model_keys, register_model
 from vector_platform.catalog.schema import CATALOG, LATEST_VERSION, SERVING, VECTORS, bootstrap, migrate
@@ -31,6 +32,6 @@ __all__ = [
     "CATALOG", "LATEST_VERSION", "SERVING", "VECTORS", "bootstrap", "migrate",
     "Collection", "add_collection", "attach_model", "get_collection", "list_collections", "table_fingerprint",
     "table_name_for", "update_settings", "vector_table_name",
-    "count_open", "dead_letter_many", "open_dead_letters", "resolve_dead_letters",
+    "count_open", "dead_letter_many", "open_dead_letters", "resolve_dead_letters", "resolve_model_letters",
     "get_model", "list_model_keys", "register_model",
 ]

@@ -72,6 +72,15 @@ def resolve_dead_letters(
     return cur.rowcount
 
 
+def resolve_model_letters(conn: psycopg.Connection, collection: str, model_key: str, resolution: str) -> int:
+    """Close every open dead letter of one (collection, model), e.g. when the model is given up."""
+    return conn.execute(
+        "UPDATE vector_platform.dead_letters SET resolved_at = %s, resolution = %s "
+        "WHERE collection = %s AND model_key = %s AND resolved_at IS NULL",
+        (clock.now(), resolution, collection, model_key),
+    ).rowcount
+
+
 def open_dead_letters(conn: psycopg.Connection, collection: str | None = None) -> list[dict[str, Any]]:
     cur = conn.execute(
         """

@@ -38,6 +38,8 @@ class GateResult:
             parts = [f"recall@10 {f.get('recall')!s} (target {f.get('recall_target')})"]
         if f.get("ndcg_shadow") is not None:
             parts.append(f"nDCG@10 {f['ndcg_shadow']:.4f} vs serving {f['ndcg_serving']:.4f} (margin {f.get('ndcg_margin')})")
+        if f.get("quality_measured") is False:
+            parts.append("quality not measured (no logged or labelled queries)")
         if f.get("overlap_at_10") is not None:
             parts.append(f"overlap@10 with serving {f['overlap_at_10']:.3f}")
         if f.get("p95_ms_shadow") is not None and f.get("p95_ms_serving") is not None:

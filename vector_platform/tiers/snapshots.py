@@ -183,17 +183,21 @@ def publish(
     pages: Iterator[pa.Table],
     spec: ModelSpec,
     expected_rows: int | None = None,
+    finish: Callable[[dict[str, Any]], None] | None = None,
 ) -> SnapshotReceipt:
     """Write `pages` (snapshot rows in chunk_id order) under the manifest's prefix, then the
-    manifest, read everything back and verify it, and only then write the receipt. The
-    manifest's `table_digest` may be set while the pages are consumed. On any failure the
-    files are removed (no receipt: they never counted) and the error is raised."""
+    manifest, read everything back and verify it, and only then write the receipt. `finish`
+    sees the manifest once every page is written (rows, id_hash and files set): it may add to
+    it (e.g. the digest of rows that were never in a table) or raise to refuse the snapshot.
+    On any failure the files are removed (no receipt: they never counted) and the error is raised."""
     prefix = manifest["prefix"]
     try:
         files, id_hash, written_rows = _write_files(store, pages, spec, prefix)
         if expected_rows is not None and written_rows != expected_rows:
             raise SnapshotError(f"the table changed while it was written ({expected_rows} rows counted, {written_rows} written)")
         manifest.update(rows=written_rows, id_hash=id_hash, files=files)
+        if finish is not None:
+            finish(manifest)
         text = tier_sql.manifest_text(manifest)
         store.put_bytes(f"{prefix}/manifest.json", text)
         verify(store, manifest, expected_rows=written_rows, expected_id_hash=id_hash)

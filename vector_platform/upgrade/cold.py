@@ -16,7 +16,6 @@ Callers hold the (collection, model) writer lock: no tier move or swap runs mean
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -90,7 +89,9 @@ def upgrade_snapshot(
     with pool.connection() as conn:
         coll = catalog.get_collection(conn, collection)
         if coll.tier != "cold":
-            raise ColdUpgradeError(f"collection {collection!r} is {coll.tier}, not cold")
+            raise ColdUpgradeError(
+                f"collection {collection!r} is {coll.tier}, not cold (moved since the upgrade began?): run `models upgrade` again"
+            )
         if spec.key not in coll.models:
             raise ColdUpgradeError(f"model {spec.key!r} is not attached to {collection!r} (models upgrade attaches it)")
         if spec.key == coll.serving_model:
@@ -100,40 +101,43 @@ def upgrade_snapshot(
         current = tier_sql.get_snapshot(conn, current_id) if current_id is not None else None
         table = catalog.vector_table_name(conn, collection, spec.key)
     stats = steps.EmbedStats()
-    if current is not None and current.manifest.get("fingerprint") == spec.fingerprint and current.manifest.get("source_snapshot") == source.id:
+    if current is not None and current.manifest.get("fingerprint") == spec.fingerprint and current.table_digest == source.table_digest:
         snapshots.verify_present(store, current)
-        say(f"{collection}/{spec.key}: snapshot {current.id} was already made from snapshot {source.id}; not written again")
+        say(f"{collection}/{spec.key}: snapshot {current.id} already holds every row of snapshot {source.id}; not written again")
         return ColdUpgradeReport(collection, spec.key, source.id, current, False, current.rows, stats, time.perf_counter() - started)
+    # (A snapshot that left rows out is made again: the embedding cache answers for the rows it
+    # has, and the rows that failed, e.g. on a timeout, get another try.)
 
-    work = (work_dir or vp_home() / "cache" / "cold-upgrade") / f"snapshot-{source.id}-{uuid.uuid4().hex[:8]}"
+    # Named by the snapshot: after a crash, the files already fetched and checked are reused.
+    work = (work_dir or vp_home() / "cache" / "cold-upgrade") / f"{collection}-{spec.key}-from-{source.id}"
+    left_out: list[str] = []
+    digest = snapshots.RowsDigest(pool)
+
+    def finish(manifest: dict) -> None:
+        """Every page written: the digest, and the rows accounted for, before any receipt."""
+        manifest["table_digest"] = digest.value
+        if manifest["rows"] + len(left_out) != source.rows:
+            raise snapshots.SnapshotError(
+                f"{collection}/{spec.key}: {manifest['rows']} rows written and {len(left_out)} left out, but the "
+                f"source snapshot {source.id} has {source.rows}"
+            )
+        if not left_out and digest.value != source.table_digest:
+            raise snapshots.SnapshotError(f"{collection}/{spec.key}: the rows written differ from snapshot {source.id}'s")
+
     try:
         paths = snapshots.fetch_verified(store, source, work)
         manifest = snapshots.new_manifest(coll, spec, table, spec.fingerprint)
-        digest = snapshots.RowsDigest(pool)
-        left_out: list[str] = []
-        pages = _reembedded_pages(pool, store, embedder, collection, paths, batch_size, stats, digest, left_out, progress, source.rows)
         manifest["source_snapshot"] = source.id
-
-        def with_digest() -> Iterator[pa.Table]:
-            yield from pages
-            manifest["table_digest"] = digest.value  # all pages seen: before the manifest is written
-
-        receipt = snapshots.publish(pool, store, manifest, with_digest(), spec)
+        pages = _reembedded_pages(pool, store, embedder, collection, paths, batch_size, stats, digest, left_out, progress, source.rows)
+        receipt = snapshots.publish(pool, store, manifest, pages, spec, finish=finish)
     finally:
         snapshots.clear_local(work)
-    if receipt.rows + len(left_out) != source.rows:
-        raise snapshots.SnapshotError(
-            f"{collection}/{spec.key}: snapshot {receipt.id} has {receipt.rows} rows and {len(left_out)} were left out "
-            f"(dead-lettered), but the source snapshot {source.id} has {source.rows}"
-        )
-    if not left_out and receipt.table_digest != source.table_digest:
-        raise snapshots.SnapshotError(
-            f"{collection}/{spec.key}: snapshot {receipt.id} holds other rows than snapshot {source.id} it was made from"
-        )
     with pool.connection() as conn, conn.transaction():
         tier, _ = tier_sql.lock_collection_row(conn, collection)
         if tier != "cold" or serving_snapshot(conn, collection).id != source.id:
-            raise ColdUpgradeError(f"{collection!r} changed while its snapshot of {spec.key!r} was written (now {tier}); run it again")
+            raise ColdUpgradeError(
+                f"{collection!r} changed while its snapshot of {spec.key!r} was written (now {tier}); run `models upgrade` again"
+            )
         tier_sql.set_cold_snapshot(conn, collection, spec.key, receipt.id)
     say(f"{collection}/{spec.key}: snapshot {receipt.id} written from snapshot {source.id} ({receipt.rows} rows, "
         f"{stats.embedded} embedded, {stats.from_cache} from the cache, {len(left_out)} left out: dead letters say why)")
@@ -161,6 +165,10 @@ def _reembedded_pages(
         hit = embedding_cache.cached(pool, store, spec.fingerprint, needed)
         stats.chunks += page.num_rows
         stats.from_cache += sum(len(needed[h][1]) for h in hit)
+        if hit:
+            with pool.connection() as conn, conn.transaction():
+                refs = [cid for h in hit for cid in needed[h][1]]
+                catalog.resolve_dead_letters(conn, collection, "embed", refs, "found in cache", spec.key)
         todo = [(h, text, ids) for h, (text, ids) in needed.items() if h not in hit]
         for start in range(0, len(todo), batch_size):
             steps.embed_batch(pool, store, embedder, collection, spec.key, todo[start : start + batch_size], stats)
@@ -170,6 +178,8 @@ def _reembedded_pages(
         if keep:
             kept = page.take(pa.array(keep, pa.int64()))
             matrix = np.vstack([vectors[hashes[i]] for i in keep]).astype(np.float32, copy=False)
+            if spec.storage_type == "halfvec":  # what a halfvec table holds: cold and active score alike
+                matrix = matrix.astype(np.float16).astype(np.float32)
             embedding = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), spec.dims)
             out = kept.append_column("embedding", embedding).cast(schema)
             digest.add(out)

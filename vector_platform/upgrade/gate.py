@@ -118,6 +118,9 @@ def _compare(
     """The same queries through both models: overlap@10 and p95 on the logged queries (or the
     labelled ones when none were logged), nDCG@10 on the labelled ones. Adds figures and reasons."""
     texts = logged or [text for _, text, _ in labelled]
+    figures["quality_measured"] = bool(texts)
+    if not texts:
+        figures["quality"] = "not measured: no logged or labelled queries (collections qrels NAME FILE adds labelled ones)"
     if texts:
         shadow_vectors = logged_shadow if (logged and logged_shadow is not None) else _embed(embed, shadow, texts)
         serving_vectors = _embed(embed, serving, texts)
@@ -203,7 +206,7 @@ def evaluate_cold(pool: ConnectionPool, store: ObjectStore, embed: TextEmbedder,
     """Measure a cold collection's new snapshot (a cold upgrade's) against its serving snapshot.
     Both are searched as cold search does, by exact brute force: recall is exact by
     construction, so the gate is about quality (nDCG@10, overlap@10) and latency."""
-    from vector_platform.search import cold_cache  # the searches' own cache: what the gate loads, search reuses
+    from vector_platform.search import cold_cache  # search's cache: the local copies on disk are shared with it
 
     with pool.connection() as conn:
         coll = catalog.get_collection(conn, collection)
@@ -228,11 +231,14 @@ def evaluate_cold(pool: ConnectionPool, store: ObjectStore, embed: TextEmbedder,
                                         f"not {model_key!r}'s {shadow.fingerprint}"])
     if new.rows == 0:
         return Verdict(False, figures, [f"snapshot {new.id} of {model_key!r} is empty"])
+    if old is None:
+        return Verdict(False, figures, [f"no snapshot of the serving model {serving.key!r} to compare with"])
     reasons: list[str] = []
-    if old is not None:
-        new_data, _ = cold_cache.get(store, new)
-        old_data, _ = cold_cache.get(store, old)
-        _compare(figures, reasons, settings, embed, shadow, _cold_searcher(new_data), serving, _cold_searcher(old_data), logged, labelled)
+    if new.rows < old.rows:
+        reasons.append(f"snapshot {new.id} has {new.rows} rows, the serving snapshot {old.rows}: rows were left out (dead letters say why)")
+    new_data, _ = cold_cache.get(store, new)
+    old_data, _ = cold_cache.get(store, old)
+    _compare(figures, reasons, settings, embed, shadow, _cold_searcher(new_data), serving, _cold_searcher(old_data), logged, labelled)
     return Verdict(not reasons, figures, reasons)
 
 

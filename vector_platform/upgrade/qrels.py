@@ -42,6 +42,9 @@ def read_beir(path: Path, queries: Path | None = None) -> tuple[dict[str, str], 
     return texts, [j for j in judgements if j[0] in texts]
 
 
+MAX_GRADE = 10  # BEIR and TREC grade relevance 0-3 (some -1/-2 for spam: counted as not relevant)
+
+
 def read_qrels(path: Path) -> list[tuple[str, str, int]]:
     out = []
     try:
@@ -59,9 +62,14 @@ def read_qrels(path: Path) -> list[tuple[str, str, int]]:
         if len(parts) != 3:
             raise QrelsError(f"{path}:{number}: expected 'query-id<TAB>corpus-id<TAB>score', got {line[:80]!r}")
         try:
-            relevance = int(float(parts[2]))
+            relevance = int(parts[2])
         except ValueError:
-            raise QrelsError(f"{path}:{number}: score {parts[2]!r} is not a number") from None
+            raise QrelsError(f"{path}:{number}: score {parts[2]!r} is not an integer relevance grade") from None
+        if relevance > MAX_GRADE:
+            raise QrelsError(
+                f"{path}:{number}: score {relevance} is over {MAX_GRADE}; relevance grades are small integers "
+                f"(0 = not relevant). A truncated or concatenated line? {line[:80]!r}"
+            )
         out.append((parts[0].strip(), parts[1].strip(), relevance))
     if not out:
         raise QrelsError(f"{path} holds no judgements")

@@ -70,8 +70,8 @@ def _ready_table(conn, pool, collection: str, model_key: str) -> tuple[str, int]
 
 def _ready_snapshot(conn, collection: str, model_key: str) -> tuple[int, int]:
     """(snapshot id, rows) of the model's snapshot that would serve the cold collection, refused
-    unless it holds the model's fingerprint and was made from the snapshot serving now (the
-    same rows), or served the collection itself before (a rollback)."""
+    unless it holds the model's fingerprint and exactly the rows of the snapshot serving now
+    (equal digests: the same chunk ids, contents, metadata and times)."""
     spec = catalog.get_model(conn, model_key)
     coll = catalog.get_collection(conn, collection)
     served = tier_sql.cold_snapshots(conn, collection)
@@ -80,12 +80,13 @@ def _ready_snapshot(conn, collection: str, model_key: str) -> tuple[int, int]:
         raise SwapRefused(f"{collection} is cold and has no snapshot of {model_key!r} (retired, or never built: models upgrade builds it)")
     if receipt.manifest.get("fingerprint") != spec.fingerprint:
         raise SwapRefused(f"{collection}: snapshot {receipt.id} of {model_key!r} holds vectors of another fingerprint")
-    current = served.get(coll.serving_model)
-    made_from = receipt.manifest.get("source_snapshot")
-    if made_from is not None and made_from != current:
+    current = tier_sql.get_snapshot(conn, served[coll.serving_model]) if coll.serving_model in served else None
+    if current is not None and receipt.table_digest != current.table_digest:
+        open_letters = catalog.count_open(conn, collection, model_key)
         raise SwapRefused(
-            f"{collection}: snapshot {receipt.id} of {model_key!r} was made from snapshot {made_from}, but {current} serves "
-            "now; run the upgrade again"
+            f"{collection}: snapshot {receipt.id} of {model_key!r} holds {receipt.rows} rows, not the {current.rows} rows of "
+            f"snapshot {current.id} serving now ({open_letters} dead-lettered under {model_key!r}); run `models upgrade "
+            f"{collection} --to {model_key}` again: it retries the rows left out"
         )
     return receipt.id, receipt.rows
 
@@ -141,7 +142,12 @@ def swap(
                 f"{coll.serving_model!r} keeps serving"
             )
         if coll.tier == "cold":
-            table, (_, rows) = None, _ready_snapshot(conn, collection, to_model)
+            table, (snapshot_id, rows) = None, _ready_snapshot(conn, collection, to_model)
+            if gate.figures.get("snapshot_id") != snapshot_id:
+                raise SwapRefused(
+                    f"{collection}: the gate of {to_model!r} did not measure snapshot {snapshot_id}, which would serve; "
+                    f"run `models upgrade {collection} --to {to_model}` again to gate it"
+                )
         else:
             table, rows = _ready_table(conn, pool, collection, to_model)
         _no_more_dead_letters(conn, collection, to_model, coll.serving_model)
@@ -252,5 +258,6 @@ def abandon(
         with conn.transaction():
             tier_sql.lock_collection_row(conn, collection)
             _retire(conn, collection, model_key)
+            catalog.resolve_model_letters(conn, collection, model_key, f"model {model_key} abandoned")
             if state.upgrade_to == model_key:
                 upgrade_sql.start_upgrade(conn, collection, None, None)

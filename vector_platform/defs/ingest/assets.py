@@ -294,14 +294,13 @@ def serving_view(context: dg.AssetExecutionContext, config: ServingConfig, postg
             raise dg.Failure(str(err), allow_retries=False) from None
         with pool.connection() as conn:
             table = catalog.vector_table_name(conn, collection, report.to_model)
+            tier = catalog.get_collection(conn, collection).tier
+        where = {"dagster/table_name": f"{catalog.SERVING}.{collection}", "vector_table": f"{catalog.VECTORS}.{table}"}
+        if tier == "cold":  # no view or table: cold search reads the serving model's snapshot
+            where = {"served_from": "the serving model's cold snapshot"}
         return dg.MaterializeResult(
-            metadata={
-                "dagster/row_count": report.rows,
-                "dagster/table_name": f"{catalog.SERVING}.{collection}",
-                "serving_model": report.to_model,
-                "vector_table": f"{catalog.VECTORS}.{table}",
-                **report.as_metadata(),
-            }
+            metadata={"dagster/row_count": report.rows, "serving_model": report.to_model, "tier": tier, **where,
+                      **report.as_metadata()}
         )
     with writing(context, postgres, collection), pool.connection() as conn:
         coll = catalog.get_collection(conn, collection)

@@ -7,7 +7,7 @@ from vector_platform import catalog
 from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog import upgrades as upgrade_sql
 from vector_platform.defs.ingest.assets import for_each_partition, vector_table
-from vector_platform.defs.partitions import collection_model_partitions, vector_backfill_policy
+from vector_platform.defs.partitions import collection_model_partitions
 from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource
 from vector_platform.defs.writing import writing
 from vector_platform.progress import reporter
@@ -34,8 +34,7 @@ def snapshot_metadata(receipt: tier_sql.SnapshotReceipt, written: bool, seconds:
     deps=[vector_table],
     group_name="tiers",
     kinds={"parquet", "s3"},
-    backfill_policy=vector_backfill_policy,
-)
+)  # no multi-run policy: one run per partition, so each cold upgrade's gate runs even if another fails
 def cold_snapshot(
     context: dg.AssetExecutionContext,
     postgres: PostgresResource,
@@ -62,9 +61,7 @@ def cold_snapshot(
             receipt = tier_sql.get_snapshot(conn, serving) if serving else None
             upgrade_to = upgrade_sql.upgrade_state(conn, collection).upgrade_to
             spec = catalog.get_model(conn, model_key)
-        if coll.tier == "cold" and model_key in coll.models and model_key != coll.serving_model and (
-            model_key == upgrade_to or receipt is None
-        ):
+        if coll.tier == "cold" and model_key == upgrade_to and model_key in coll.models and model_key != coll.serving_model:
             model = embedder.for_model(spec)
             with writing(context, postgres, collection, model_key, require_active=False):
                 try:

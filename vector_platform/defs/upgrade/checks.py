@@ -39,9 +39,10 @@ def _gate(context, postgres: PostgresResource, embedder: EmbedderResource, tier:
             results[key] = (True, {"role": "previous", "gate": "kept for rollback: it served before"})
         elif model_key != state.upgrade_to:
             results[key] = (True, {"role": "attached", "gate": "not an upgrade target (models upgrade makes it one)"})
-        elif current_tier != tier:
+        elif current_tier != tier:  # moved between the asset and its check: nothing here to measure
             other = "shadow_passes_quality_gate" if current_tier == "active" else "snapshot_passes_quality_gate"
-            results[key] = (True, {"role": "shadow", "gate": f"the collection is {current_tier}: {other} gates it"})
+            results[key] = (False, {"role": "shadow", "gate": f"not measured: the collection is {current_tier} now; "
+                                    f"run models upgrade again ({other} gates it there)"})
         else:
             recorded = gate.run_gate(pool, embed, collection, model_key, run_id=context.run.run_id, store=store)
             metadata = {"role": "shadow", "gate_id": recorded.id, "summary": recorded.summary(),
