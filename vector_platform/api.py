@@ -374,8 +374,8 @@ class Platform:
         swap each collection whose gate passed."""
         if not wait:
             return
-        with backfills.ensure_daemon(self.instance, say):
-            outcome.status = backfills.wait(self.instance, outcome.backfill_id, say).value
+        with backfills.ensure_daemon(self.instance, say) as tick:
+            outcome.status = backfills.wait(self.instance, outcome.backfill_id, say, tick=tick).value
             if swap:
                 self._swap_gated(outcome, say)
 

@@ -7,11 +7,14 @@ backfills page shows it. There is no `dagster asset backfill` command, so we wri
 record the GraphQL mutation writes, with Dagster's own `PartitionBackfill`.
 
 Without a daemon nothing executes a backfill: `ensure_daemon` starts one for the duration
-of a `--wait` (the same workspace and instance as `make dev`).
+of a `--wait` (the same workspace and instance as `make dev`), one for all the commands that
+wait at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -103,11 +106,14 @@ def wait(
     say: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
     timeout_s: float = 6 * 3600,
     poll_s: float = 1.0,
+    tick: Callable[[], None] = lambda: None,
 ) -> BulkActionStatus:
-    """Follow a backfill until it ends; says each run that finishes."""
+    """Follow a backfill until it ends; says each run that finishes. `tick` runs on every poll
+    (ensure_daemon's: keep a daemon serving the instance)."""
     started = time.monotonic()
     reported: set[str] = set()
     while True:
+        tick()
         backfill = instance.get_backfill(backfill_id)
         if backfill is None:
             raise KeyError(f"no backfill {backfill_id!r} in this instance")
@@ -128,37 +134,91 @@ def backfill_runs(instance: dg.DagsterInstance, backfill_id: str) -> list[dg.Dag
     return list(instance.get_runs(dg.RunsFilter(tags={BACKFILL_TAG: backfill_id})))
 
 
-@contextmanager
-def ensure_daemon(instance: dg.DagsterInstance, say: Callable[[str], None]) -> Iterator[bool]:
-    """Yields True when a daemon already serves the instance; otherwise runs `dagster-daemon`
-    (the same workspace and instance) until the block ends, and yields False."""
-    if runs.daemon_is_running(instance):
-        yield True
-        return
-    daemon_bin = Path(sys.executable).parent / "dagster-daemon"
-    command = [str(daemon_bin) if daemon_bin.exists() else "dagster-daemon", "run", *runs.workspace_args()]
-    log_path = Path(instance.root_directory) / "vector_platform_daemon.log"
-    say(f"no dagster-daemon serves this instance: starting one for this backfill (log: {log_path})")
-    # Its output goes to a file: an unread pipe would fill up and stall the daemon and its runs.
-    log_file = open(log_path, "ab")  # noqa: SIM115 - closed in finally
-    process = subprocess.Popen(command, env=os.environ.copy(), stdout=log_file, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    try:
+class DaemonKeeper:
+    """Makes sure a dagster-daemon serves the instance while a command waits for a backfill.
+
+    `tick()` (called on every poll) does nothing while some daemon sends heartbeats. When none
+    does, it starts `dagster-daemon run` (the same workspace and instance as `make dev`), but
+    only while holding an exclusive lock file in the instance's folder: two commands waiting at
+    once share one daemon (Dagster does not support two), and when the first one's daemon
+    stops with its command, the next tick of the other starts its own. `stop()` stops ours.
+    """
+
+    def __init__(self, instance: dg.DagsterInstance, say: Callable[[str], None]):
+        self.instance, self.say = instance, say
+        self.root = Path(instance.root_directory)
+        self.process: subprocess.Popen | None = None
+        self.lock_file = None
+        self.log_file = None
+
+    def tick(self) -> None:
+        if self.process is not None:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dagster-daemon exited ({self.process.returncode}): {self._log_tail()}")
+            return
+        if runs.daemon_is_running(self.instance) or not self._take_lock():
+            return  # someone's daemon serves the instance, or another command is starting one
+        if runs.daemon_is_running(self.instance):  # started and stopped meanwhile? heartbeats say who serves
+            self._release_lock()
+            return
+        daemon_bin = Path(sys.executable).parent / "dagster-daemon"
+        command = [str(daemon_bin) if daemon_bin.exists() else "dagster-daemon", "run", *runs.workspace_args()]
+        log_path = self.root / "vector_platform_daemon.log"
+        self.say(f"no dagster-daemon serves this instance: starting one for this backfill (log: {log_path})")
+        # Its output goes to a file: an unread pipe would fill up and stall the daemon and its runs.
+        self.log_file = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, env=os.environ.copy(), stdout=self.log_file, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         deadline = time.monotonic() + 180
-        while not runs.daemon_is_running(instance):
-            if process.poll() is not None:
-                raise RuntimeError(f"dagster-daemon exited ({process.returncode}): {log_path.read_text(errors='replace')[-2000:]}")
+        while not runs.daemon_is_running(self.instance):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"dagster-daemon exited ({self.process.returncode}): {self._log_tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError("dagster-daemon did not start within 180 s")
             time.sleep(1)
-        yield False
-    finally:
+
+    def stop(self) -> None:
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+            self.process = None
+            # Its heartbeats would look fresh for a while: later commands must not queue runs for it.
+            self.instance.wipe_daemon_heartbeats()
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
+        self._release_lock()
+
+    def _take_lock(self) -> bool:
+        self.lock_file = open(self.root / "vector_platform_daemon.lock", "a")  # noqa: SIM115 - closed in _release_lock
         try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log_file.close()
-        # Its heartbeats would look fresh for a while: later commands must not queue runs for it.
-        instance.wipe_daemon_heartbeats()
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            self._release_lock()
+            return False
+
+    def _release_lock(self) -> None:
+        if self.lock_file is not None:
+            self.lock_file.close()  # closing drops the flock
+            self.lock_file = None
+
+    def _log_tail(self) -> str:
+        return (self.root / "vector_platform_daemon.log").read_text(errors="replace")[-2000:]
+
+
+@contextmanager
+def ensure_daemon(instance: dg.DagsterInstance, say: Callable[[str], None]) -> Iterator[Callable[[], None]]:
+    """A daemon serves the instance until the block ends (see DaemonKeeper); yields the tick to
+    call while waiting (`wait(..., tick=)`)."""
+    keeper = DaemonKeeper(instance, say)
+    try:
+        keeper.tick()
+        yield keeper.tick
+    finally:
+        keeper.stop()

@@ -329,7 +329,10 @@ def _report_upgrade(outcome) -> int:
         print(f"backfill {outcome.backfill_id}: {state}")
     failed = _report_runs(outcome.runs) if outcome.runs else 0
     for name, meta in outcome.swaps.items():
-        print(f"{name}: now serving {outcome.to} (was {meta.get('from_model')}; previous kept until {meta.get('previous_retained_until')})")
+        if meta.get("kind") == "unchanged":
+            print(f"{name}: already serving {outcome.to}")
+        else:
+            print(f"{name}: now serving {outcome.to} (was {meta.get('from_model')}; previous kept until {meta.get('previous_retained_until')})")
     for name, reason in outcome.refused.items():
         print(f"{name}: NOT swapped: {reason}")
     for name, reason in outcome.not_rehydrated.items():

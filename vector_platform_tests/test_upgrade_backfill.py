@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -21,7 +23,40 @@ from .conftest import cli, write_jsonl
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_one(pg_server, pg_dsn, tmp_path, unique_name):
+class SearchLoop:
+    """Searches each collection in turn on a thread of its own, counting errors and empty answers."""
+
+    def __init__(self, vp, names, queries):
+        self.vp, self.names, self.queries = vp, names, queries
+        self.stop, self.errors, self.empty, self.answers = threading.Event(), [], [], []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        i = 0
+        while not self.stop.is_set():
+            name, query = self.names[i % len(self.names)], self.queries[i % len(self.queries)]
+            try:
+                hits = self.vp.search(query, [name], k=10).hits
+                if not hits:
+                    self.empty.append((name, query))
+                self.answers.append({(h.model, h.fingerprint) for h in hits})
+            except Exception as err:  # noqa: BLE001 - counted: the test fails on any
+                self.errors.append(f"{name}: {err!r}")
+            i += 1
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(30)
+
+
+def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_one(
+    pg_server, pg_dsn, tmp_path, unique_name, make_platform
+):
     storage_db = f"dagster_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(storage_db)))
@@ -41,6 +76,7 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
     )
     mini, flaky = data.server(), data.server(space=data.rotation(seed=3))
     suffix = unique_name[-6:]
+    loop = None
     try:
         def run(*args, timeout=600):
             return subprocess.run(cli(*args), env=env, capture_output=True, text=True, timeout=timeout)
@@ -66,6 +102,8 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
         assert run("tier", cold, "cold").returncode == 0
 
         flaky.faults.forbidden_marker = "FORBIDDEN_TOPIC"
+        vp = make_platform()  # the same catalog and object store, searching while the CLI upgrades
+        loop = SearchLoop(vp, [*names, cold], list(data.queries().values())[:30]).__enter__()
         done = run("models", "upgrade", *names, cold, "--to", f"flaky_{suffix}", "--wait")
         assert done.returncode == 1, done.stdout + done.stderr[-3000:]
         assert "starting one for this backfill" in done.stderr
@@ -105,10 +143,18 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
                     if mat.asset_key == dg.AssetKey("embeddings"):
                         embedded.add(mat.partition)
             assert embedded == {f"{names[1]}|flaky_{suffix}"}  # a and c were embedded by the first backfill
-            b_texts = {t for t in flaky.counters.texts if "FORBIDDEN_TOPIC" in t}
-            assert flaky.counters.inputs == len(b_texts) == 120  # only b's documents went to the model again
+            b_texts = {t: n for t, n in flaky.counters.texts.items() if "FORBIDDEN_TOPIC" in t}
+            assert len(b_texts) == sum(b_texts.values()) == 120  # b's documents went to the model again, once each
+            others = set(flaky.counters.texts) - set(b_texts)
+            assert others <= set(loop.queries)  # and nothing else but the search loop's queries
         finally:
             instance.dispose()
+            loop.__exit__()
+        # Through the first backfill, its failure, the retry and four swaps: no search failed or
+        # came back empty, and no answer mixed two models.
+        assert loop.errors == [] and loop.empty == [], (loop.errors[:3], loop.empty[:3])
+        assert len(loop.answers) > 50 and all(len(models) == 1 for models in loop.answers)
+        assert {m for a in loop.answers for m, _ in a} == {f"mini_{suffix}", f"flaky_{suffix}"}
 
         done = run("search", "cancer", "--collection", names[0], "--collection", names[2], "--json")
         assert done.returncode == 0, done.stderr
@@ -116,6 +162,12 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
         done = run("search", "cancer", "--collection", cold, "--json")
         hits = json.loads(done.stdout)["hits"]
         assert hits and {(h["source_tier"], h["model"]) for h in hits} == {("cold", f"flaky_{suffix}")}
+
+        assert run("models", "rollback", names[0]).returncode == 0  # one transaction: the old model serves again
+        mini_fp = next(fp for answer in loop.answers for model, fp in answer if model == f"mini_{suffix}")
+        assert {(h.model, h.fingerprint) for h in vp.search("cancer", [names[0]]).hits} == {(f"mini_{suffix}", mini_fp)}
     finally:
+        if loop is not None:
+            loop.__exit__()
         mini.stop()
         flaky.stop()
