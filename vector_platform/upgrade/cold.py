@@ -82,8 +82,9 @@ def upgrade_snapshot(
     work_dir: Path | None = None,
 ) -> ColdUpgradeReport:
     """Give cold `collection` a verified snapshot of model `embedder.spec.key`, embedded from the
-    text of the snapshot that serves it. Idempotent: a snapshot of that model made from the
-    same serving snapshot, with the same fingerprint, is kept and not written again."""
+    text of the snapshot that serves it. Idempotent: a snapshot of that model with its
+    fingerprint that holds every row of the serving snapshot (equal digests) is kept and not
+    written again; one that left rows out is made again."""
     started = time.perf_counter()
     spec = embedder.spec
     with pool.connection() as conn:
@@ -108,7 +109,7 @@ def upgrade_snapshot(
     # (A snapshot that left rows out is made again: the embedding cache answers for the rows it
     # has, and the rows that failed, e.g. on a timeout, get another try.)
 
-    # Named by the snapshot: after a crash, the files already fetched and checked are reused.
+    # Named by the snapshot: after a kill, the files already fetched and checked are reused.
     work = (work_dir or vp_home() / "cache" / "cold-upgrade") / f"{collection}-{spec.key}-from-{source.id}"
     left_out: list[str] = []
     digest = snapshots.RowsDigest(pool)
