@@ -167,8 +167,11 @@ def search(
             vectors[spec.key] = _query_vector(spec, query, vector, embed_query)
         return vectors[spec.key]
 
-    with rt.pool.connection() as conn:
-        targets = [(name, rt.facts.get(conn, name)) for name in dict.fromkeys(collections)]
+    names = list(dict.fromkeys(collections))
+    targets = [(name, rt.facts.cached(name)) for name in names]
+    if any(facts is None for _, facts in targets):  # a pool checkout only when the cache lacks some
+        with rt.pool.connection() as conn:
+            targets = [(name, rt.facts.get(conn, name)) for name in names]
     known = [f for _, f in targets if f is not None]
     if known and all(f.tier == "archived" for f in known):
         raise AllArchived(

@@ -80,6 +80,14 @@ class FactsCache:
         self._thread.start()
         self._listening.wait(timeout=5)
 
+    def cached(self, name: str) -> Facts | None:
+        """The collection's facts when the cache holds them fresh (no connection needed), else None."""
+        with self._lock:
+            cached = self._facts.get(name)
+            if cached is not None and time.monotonic() - cached[1] < MAX_AGE_S:
+                return cached[0]
+        return None
+
     def get(self, conn: psycopg.Connection, name: str) -> Facts | None:
         with self._lock:
             cached = self._facts.get(name)
