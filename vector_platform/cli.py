@@ -93,7 +93,7 @@ def cmd_collections_rules(args) -> int:
 
     vp = _platform()
     changes: dict[str, Any] = {}
-    for flag in ("evict_after_days", "archive_after_days"):
+    for flag in ("evict_after_days", "archive_after_days", "archive_rows_older_than_days"):
         value = getattr(args, flag)
         if value is not None:
             changes[flag] = None if value == 0 else value
@@ -112,7 +112,8 @@ def cmd_collections_rules(args) -> int:
     else:
         print(
             f"{args.name}: evict after {rules.evict_after_days or '-'} idle days, archive after "
-            f"{rules.archive_after_days or '-'} cold days, rehydrate on query: {'yes' if rules.rehydrate_on_query else 'no'}"
+            f"{rules.archive_after_days or '-'} cold days, rehydrate on query: {'yes' if rules.rehydrate_on_query else 'no'}, "
+            f"archive rows older than {rules.archive_rows_older_than_days or '-'} days"
         )
     return 0
 
@@ -433,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     rules.add_argument("name")
     rules.add_argument("--evict-after-days", type=float, help="evict after N days without queries (0: off)")
     rules.add_argument("--archive-after-days", type=float, help="archive after N days cold (0: off)")
+    rules.add_argument("--archive-rows-older-than-days", type=float,
+                       help="move documents whose source timestamp is older than N days to the row archive (0: off)")
     rules.add_argument("--rehydrate-on-query", action=argparse.BooleanOptionalAction, default=None,
                        help="rehydrate a cold collection when it is queried (answered cold meanwhile)")
     rules.add_argument("--json", action="store_true")

@@ -41,7 +41,8 @@ def test_cli_moves_rules_and_status(cli_platform, pg_dsn):
     assert "evict_job" in done.stdout and "ok" in done.stdout
     done = run_cli(env, "collections", "rules", name, "--evict-after-days", "7", "--archive-after-days", "30",
                    "--rehydrate-on-query", "--json")
-    assert json.loads(done.stdout)["rules"] == {"evict_after_days": 7.0, "archive_after_days": 30.0, "rehydrate_on_query": True}
+    assert json.loads(done.stdout)["rules"] == {
+        "evict_after_days": 7.0, "archive_after_days": 30.0, "rehydrate_on_query": True, "archive_rows_older_than_days": None}
     status = json.loads(run_cli(env, "status", "--json").stdout)
     mine = next(c for c in status["collections"] if c["name"] == name)
     assert mine["tier"] == "cold" and mine["rules"]["evict_after_days"] == 7.0

@@ -111,6 +111,18 @@ def drop_staged_duplicates(conn: psycopg.Connection) -> list[tuple[str, int, int
     ).fetchall()
 
 
+def drop_staged_archived(conn: psycopg.Connection, collection: str) -> int:
+    """Remove staged records of documents the row archive holds with the same content: an
+    archived document stays archived (the source still has it); a changed one comes back live."""
+    return conn.execute(
+        sql.SQL(
+            "DELETE FROM {stage} s USING vector_platform.archived_documents a "
+            "WHERE a.collection = %s AND a.doc_id = s.doc_id AND a.content_hash = s.content_hash"
+        ).format(stage=STAGE),
+        (collection,),
+    ).rowcount
+
+
 def plan_source(conn: psycopg.Connection, collection: str) -> dict[str, int]:
     """What applying the stage would do, counted before anything changes."""
     row = conn.execute(

@@ -225,22 +225,28 @@ def tier_events(conn: psycopg.Connection, collection: str, limit: int = 5) -> li
 
 @dataclass(frozen=True)
 class TierRules:
-    """Per collection: evict after N idle days, archive after N cold days, rehydrate on query."""
+    """Per collection: evict after N idle days, archive after N cold days, rehydrate on query,
+    and move rows whose source timestamp is older than N days to the row archive."""
 
     evict_after_days: float | None = None
     archive_after_days: float | None = None
     rehydrate_on_query: bool = False
+    archive_rows_older_than_days: float | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> "TierRules":
         data = data or {}
-        return cls(data.get("evict_after_days"), data.get("archive_after_days"), bool(data.get("rehydrate_on_query", False)))
+        return cls(
+            data.get("evict_after_days"), data.get("archive_after_days"), bool(data.get("rehydrate_on_query", False)),
+            data.get("archive_rows_older_than_days"),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "evict_after_days": self.evict_after_days,
             "archive_after_days": self.archive_after_days,
             "rehydrate_on_query": self.rehydrate_on_query,
+            "archive_rows_older_than_days": self.archive_rows_older_than_days,
         }
 
 
@@ -253,9 +259,12 @@ def set_rules(
     evict_after_days: Any = _UNSET,
     archive_after_days: Any = _UNSET,
     rehydrate_on_query: Any = _UNSET,
+    archive_rows_older_than_days: Any = _UNSET,
 ) -> TierRules:
     """Change the given rules (None switches a day rule off); the others stay."""
-    for label, value in (("evict_after_days", evict_after_days), ("archive_after_days", archive_after_days)):
+    days = (("evict_after_days", evict_after_days), ("archive_after_days", archive_after_days),
+            ("archive_rows_older_than_days", archive_rows_older_than_days))
+    for label, value in days:
         if value is not _UNSET and value is not None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
                 raise ValueError(f"{label} must be a positive number of days, got {value!r}")
@@ -268,11 +277,7 @@ def set_rules(
         if row[1] == "archived":
             raise InvalidMove(f"collection {collection!r} is archived; its rules no longer apply")
         rules = TierRules.from_json(row[0]).to_json()
-        for label, value in (
-            ("evict_after_days", evict_after_days),
-            ("archive_after_days", archive_after_days),
-            ("rehydrate_on_query", rehydrate_on_query),
-        ):
+        for label, value in (*days, ("rehydrate_on_query", rehydrate_on_query)):
             if value is not _UNSET:
                 rules[label] = bool(value) if label == "rehydrate_on_query" else value
         conn.execute(

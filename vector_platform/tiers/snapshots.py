@@ -296,6 +296,15 @@ def _table_pages(pool: ConnectionPool, table: str, page_rows: int) -> Iterator[p
             return
 
 
+def rows_by_chunk_ids(conn: psycopg.Connection, table: str, dims: int, chunk_ids: list) -> pa.Table:
+    """The table's rows of these chunks, in chunk_id order, with the snapshot's columns."""
+    query = sql.SQL(_SELECT).format(t=tables.table_id(table), where=sql.SQL("WHERE chunk_id = ANY(%(ids)s::uuid[])"))
+    with conn.cursor(binary=True) as cur:
+        cur.execute(query, {"ids": [str(c) for c in chunk_ids], "n": max(1, len(chunk_ids))})
+        rows = cur.fetchall()
+    return _to_arrow(rows) if rows else arrow_schema(dims).empty_table()
+
+
 def _to_arrow(rows: list[tuple]) -> pa.Table:
     vectors = [row[8].to_numpy() if hasattr(row[8], "to_numpy") else np.asarray(row[8]) for row in rows]
     matrix = np.vstack(vectors).astype(np.float32, copy=False)

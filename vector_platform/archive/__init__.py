@@ -1,0 +1,1 @@
+"""Row archival: aged rows to Parquet on the object store (`rows.py`: keyset batches)."""

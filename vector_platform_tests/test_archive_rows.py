@@ -1,0 +1,133 @@
+"""Row archival, row layout (first slice of issue 9): documents older than the cutoff, with
+their chunks and vectors, move to verified Parquet files with receipts before any delete;
+search stops returning them; ingest leaves them archived; a kill between the receipts and
+the delete loses nothing and duplicates nothing."""
+
+import datetime as dt
+import io
+import os
+import subprocess
+import sys
+import uuid
+
+import psycopg
+import pyarrow.parquet as pq
+
+from vector_platform import catalog, tables
+from vector_platform.archive import rows as archive
+
+from .conftest import write_jsonl
+from .test_tiers import corpus
+
+NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+
+
+def dated(n: int, months: int = 36) -> list[dict]:
+    """The tiers corpus with source timestamps spread evenly over `months` months before NOW."""
+    docs = corpus(n, "r")
+    for i, doc in enumerate(docs):
+        doc["timestamp"] = (NOW - dt.timedelta(days=30.4 * months * i / n)).timestamp()
+    return docs
+
+
+def counts(dsn: str, name: str) -> dict:
+    with psycopg.connect(dsn) as conn:
+        table = catalog.vector_table_name(conn, name, "minilm_l6_v2")
+        return {
+            "documents": conn.execute("SELECT count(*) FROM vector_platform.documents WHERE collection = %s", (name,)).fetchone()[0],
+            "chunks": conn.execute("SELECT count(*) FROM vector_platform.chunks WHERE collection = %s", (name,)).fetchone()[0],
+            "vectors": tables.table_stats(conn, table)[0],
+            "archived": conn.execute(
+                "SELECT count(*) FROM vector_platform.archived_documents WHERE collection = %s", (name,)).fetchone()[0],
+            "live_old": conn.execute(
+                "SELECT count(*) FROM vector_platform.documents WHERE collection = %s AND source_ts < %s", (name, NOW - dt.timedelta(days=730))
+            ).fetchone()[0],
+        }
+
+
+def test_old_rows_move_to_verified_files_and_stay_archived(make_platform, pg_dsn, tmp_path):
+    vp = make_platform()
+    name = f"arch_{uuid.uuid4().hex[:8]}"
+    docs = dated(240)
+    vp.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", docs))
+    assert all(r.success for r in vp.ingest(name))
+    cutoff = archive.cutoff_for(730, NOW)
+    old = {d["id"] for d in docs if dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc) < cutoff}
+    assert 60 < len(old) < 90
+    before = counts(pg_dsn, name)
+
+    report = archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, cutoff, batch_documents=25)
+    assert report.documents == len(old) and report.batches == -(-len(old) // 25)
+    after = counts(pg_dsn, name)
+    assert after["documents"] == before["documents"] - len(old) and after["archived"] == len(old) and after["live_old"] == 0
+    assert after["vectors"] == before["vectors"] - report.vectors and after["chunks"] == before["chunks"] - report.chunks
+
+    # Every receipt's file is on the store with its bytes; together they hold exactly the old documents.
+    store = vp.store()
+    with psycopg.connect(pg_dsn) as conn:
+        files = conn.execute(
+            "SELECT key, kind, sha256, bytes, rows, year, month FROM vector_platform.archive_files WHERE collection = %s", (name,)
+        ).fetchall()
+    archived_ids, vector_rows = set(), 0
+    for key, kind, sha, nbytes, nrows, year, month in files:
+        assert key.startswith(f"archive/{name}/year={year:04d}/month={month:02d}/{kind}/")
+        data = store.get_bytes(key)
+        assert len(data) == nbytes and pq.ParquetFile(io.BytesIO(data)).metadata.num_rows == nrows
+        table = pq.read_table(io.BytesIO(data))
+        if kind == "documents":
+            archived_ids |= set(table.column("doc_id").to_pylist())
+            assert all(ts < cutoff for ts in table.column("source_ts").to_pylist())
+        else:
+            vector_rows += nrows
+    assert archived_ids == old and vector_rows == report.vectors
+
+    # Search no longer returns them.
+    for doc in docs[-5:]:
+        hits = vp.search(doc["text"], [name], k=10).hits
+        assert hits and not ({h.doc_id for h in hits} & old)
+
+    # Ingest leaves them archived (the source still has them); a changed one comes back live.
+    changed = sorted(old)[0]
+    docs = [{**d, "text": d["text"] + " revised"} if d["id"] == changed else d for d in docs]
+    write_jsonl(tmp_path / f"{name}.jsonl", docs)
+    runs = vp.ingest(name)
+    assert all(r.success for r in runs), [r.error for r in runs]
+    assert runs[0].metadata["source_documents"]["left_archived"] == len(old) - 1
+    assert counts(pg_dsn, name)["documents"] == after["documents"] + 1
+
+    # A second pass archives the revived one again, and nothing else.
+    again = archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, cutoff, batch_documents=25)
+    assert again.documents == 1 and counts(pg_dsn, name)["archived"] == len(old)
+
+
+def test_a_kill_between_receipts_and_delete_loses_nothing_and_duplicates_nothing(make_platform, pg_dsn, tmp_path):
+    vp = make_platform()
+    name = f"arch_{uuid.uuid4().hex[:8]}"
+    docs = dated(120)
+    vp.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", docs))
+    assert all(r.success for r in vp.ingest(name))
+    cutoff = archive.cutoff_for(730, NOW)
+    old = {d["id"] for d in docs if dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc) < cutoff}
+    before = counts(pg_dsn, name)
+    script = (
+        "import datetime as dt, sys; from vector_platform.archive import rows as a; "
+        "from vector_platform_tests.conftest import build_platform; "
+        f"vp = build_platform({pg_dsn!r}, None, {vp.store().url!r}); "
+        f"a.archive_rows(vp.pool(), vp.store(), {pg_dsn!r}, {name!r}, dt.datetime.fromisoformat({cutoff.isoformat()!r}), batch_documents=15)"
+    )
+    env = {**os.environ, "VP_FAILPOINT": "archive_rows.after_receipts"}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    mid = counts(pg_dsn, name)
+    assert mid["documents"] == before["documents"] and mid["archived"] == 0  # receipts written, nothing deleted
+
+    report = archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, cutoff, batch_documents=15)
+    assert report.resumed and report.documents == len(old)
+    after = counts(pg_dsn, name)
+    assert after["archived"] == len(old) and after["documents"] == before["documents"] - len(old)
+    with psycopg.connect(pg_dsn) as conn:
+        keys = [r[0] for r in conn.execute("SELECT key FROM vector_platform.archive_files WHERE collection = %s", (name,))]
+        jobs = conn.execute("SELECT status, documents FROM vector_platform.archival_jobs WHERE collection = %s", (name,)).fetchall()
+    assert len(keys) == len(set(keys)) and jobs == [("completed", len(old))]
+    listed = vp.store().list(f"archive/{name}")
+    assert sorted(listed) == sorted(keys)  # the re-run rewrote the same objects: none left over
