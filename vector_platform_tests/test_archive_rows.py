@@ -13,7 +13,7 @@ import uuid
 import psycopg
 import pyarrow.parquet as pq
 
-from vector_platform import catalog, tables
+from vector_platform import catalog, clock, tables
 from vector_platform.archive import rows as archive
 
 from .conftest import write_jsonl
@@ -131,3 +131,23 @@ def test_a_kill_between_receipts_and_delete_loses_nothing_and_duplicates_nothing
     assert len(keys) == len(set(keys)) and jobs == [("completed", len(old))]
     listed = vp.store().list(f"archive/{name}")
     assert sorted(listed) == sorted(keys)  # the re-run rewrote the same objects: none left over
+
+
+def test_the_row_archive_asset_applies_the_collections_rule(make_platform, pg_dsn, tmp_path):
+    vp = make_platform()
+    name = f"arch_{uuid.uuid4().hex[:8]}"
+    docs = dated(90)
+    vp.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", docs))
+    assert all(r.success for r in vp.ingest(name))
+    run = vp._run("row_archive_job", name)
+    assert run.success and run.metadata["row_archive"]["why"] == "no archive_rows_older_than_days rule"
+    vp.set_rules(name, archive_rows_older_than_days=730)
+    old = {d["id"] for d in docs if dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc) < NOW - dt.timedelta(days=730)}
+    clock.set_now(NOW)
+    try:
+        run = vp._run("row_archive_job", name)
+    finally:
+        clock.set_now(None)
+    assert run.success, run.error
+    assert run.metadata["row_archive"]["documents"] == len(old) > 0
+    assert counts(pg_dsn, name)["archived"] == len(old)

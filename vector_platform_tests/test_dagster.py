@@ -31,6 +31,7 @@ def test_one_lineage_graph_with_checks_and_descriptions():
         "hnsw_index": ["vector_table"],
         "serving_view": ["hnsw_index"],
         "cold_snapshot": ["vector_table"],
+        "row_archive": ["vector_table"],
     }
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert checks == {
