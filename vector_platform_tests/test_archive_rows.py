@@ -11,10 +11,12 @@ import sys
 import uuid
 
 import psycopg
+import pytest
 import pyarrow.parquet as pq
 
 from vector_platform import catalog, clock, tables
 from vector_platform.archive import rows as archive
+from vector_platform.locks import lock_key
 
 from .conftest import write_jsonl
 from .test_tiers import corpus
@@ -151,3 +153,34 @@ def test_the_row_archive_asset_applies_the_collections_rule(make_platform, pg_ds
     assert run.success, run.error
     assert run.metadata["row_archive"]["documents"] == len(old) > 0
     assert counts(pg_dsn, name)["archived"] == len(old)
+
+
+def test_archival_refuses_a_second_run_a_cold_collection_and_half_ingested_documents(make_platform, pg_dsn, tmp_path):
+    vp = make_platform()
+    name = f"arch_{uuid.uuid4().hex[:8]}"
+    docs = dated(90)
+    vp.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", docs))
+    assert all(r.success for r in vp.ingest(name))
+    cutoff = archive.cutoff_for(730, NOW)
+    old = sorted(d["id"] for d in docs if dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc) < cutoff)
+
+    with psycopg.connect(pg_dsn, autocommit=True) as other:  # another run holds the collection's archival lock
+        assert other.execute("SELECT pg_try_advisory_lock(%s)", (lock_key("row_archive", name),)).fetchone()[0]
+        with pytest.raises(archive.ArchiveError, match="already running"):
+            archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, cutoff)
+    assert counts(pg_dsn, name)["archived"] == 0
+
+    # A document whose new content is not chunked and embedded yet stays until ingest finishes it.
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("UPDATE vector_platform.documents SET content_hash = 'changed' WHERE collection = %s AND doc_id = %s",
+                     (name, old[0]))
+    report = archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, cutoff)
+    assert report.documents == len(old) - 1
+    with psycopg.connect(pg_dsn) as conn:
+        live = [r[0] for r in conn.execute("SELECT doc_id FROM vector_platform.documents WHERE collection = %s AND source_ts < %s",
+                                           (name, cutoff))]
+    assert live == [old[0]]
+
+    assert vp.tier(name, "cold").success
+    with pytest.raises(archive.ArchiveError, match="is cold"):
+        archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, cutoff)

@@ -23,20 +23,22 @@ leaves an archived document archived while its content is unchanged (see
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from vector_platform import catalog, clock, faults, tables
-from vector_platform.locks import writer_lock
+from vector_platform.locks import lock_key, writer_lock
 from vector_platform.object_store import ObjectStore
 from vector_platform.tiers.snapshots import rows_by_chunk_ids
 
@@ -94,11 +96,30 @@ def archive_rows(
     run_id: str | None = None,
     say: Callable[[str], None] = lambda _: None,
 ) -> ArchiveReport:
-    """Archive the collection's live documents with a source timestamp before `cutoff` (an
-    unfinished job of the collection is resumed with its own cutoff)."""
+    """Archive the collection's live, fully ingested documents with a source timestamp before
+    `cutoff`. An unfinished job of the collection is resumed, with the stricter of its cutoff
+    and this one. Refused while another archival run of the collection is in progress."""
     started = time.perf_counter()
-    with pool.connection() as conn, conn.transaction():
-        job_id, job_cutoff, resumed = _open_job(conn, collection, cutoff, run_id)
+    with _only_job(dsn, collection):
+        with pool.connection() as conn, conn.transaction():
+            job_id, job_cutoff, resumed = _open_job(conn, collection, cutoff, run_id)
+        return _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, batch_documents, started, say)
+
+
+@contextlib.contextmanager
+def _only_job(dsn: str, collection: str) -> Iterator[None]:
+    """One archival run per collection at a time (the writer lock alone would let two runs
+    interleave their batches on one job): a second is refused, saying so."""
+    conn = psycopg.connect(dsn, autocommit=True, application_name=f"vector_platform archival {collection}"[:63])
+    try:
+        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_key("row_archive", collection),)).fetchone()[0]:
+            raise ArchiveError(f"an archival job of {collection!r} is already running; nothing done")
+        yield
+    finally:
+        conn.close()
+
+
+def _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, batch_documents, started, say) -> ArchiveReport:
     report = ArchiveReport(collection, job_id, job_cutoff, resumed)
     if resumed:
         say(f"{collection}: resuming archival job {job_id} (cutoff {job_cutoff:%Y-%m-%d})")
@@ -129,11 +150,13 @@ def _open_job(conn, collection: str, cutoff: dt.datetime, run_id: str | None) ->
     ).fetchone()
     now = clock.now()
     if row is not None:
+        # The stricter of the job's cutoff and today's: never archive what the rule now keeps.
+        kept = min(row[1], cutoff)
         conn.execute(
-            "UPDATE vector_platform.archival_jobs SET status = 'running', updated_at = %s, run_id = %s WHERE id = %s",
-            (now, run_id, row[0]),
+            "UPDATE vector_platform.archival_jobs SET status = 'running', cutoff = %s, updated_at = %s, run_id = %s WHERE id = %s",
+            (kept, now, run_id, row[0]),
         )
-        return row[0], row[1], True
+        return row[0], kept, True
     job_id = conn.execute(
         """
         INSERT INTO vector_platform.archival_jobs (collection, layout, cutoff, status, started_at, updated_at, run_id)
@@ -147,15 +170,37 @@ def _open_job(conn, collection: str, cutoff: dt.datetime, run_id: str | None) ->
 def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents, report: ArchiveReport, say) -> bool:
     """One batch; False when nothing is left."""
     with writer_lock(dsn, collection, say=say), pool.connection() as conn:
-        last_key = conn.execute("SELECT last_key FROM vector_platform.archival_jobs WHERE id = %s", (job_id,)).fetchone()[0]
+        coll = catalog.get_collection(conn, collection)
+        if coll.tier != "active":  # evicted or archived since the job began: its rows are not ours to move
+            raise ArchiveError(f"collection {collection!r} is {coll.tier}: row archival works on active collections")
+        models = {}
+        for model_key in coll.models:
+            table = catalog.vector_table_name(conn, collection, model_key)
+            if not tables.table_exists(conn, table):
+                raise ArchiveError(f"{collection}/{model_key} has no vector table (ingest it first); nothing archived")
+            models[model_key] = (table, catalog.get_model(conn, model_key), catalog.table_fingerprint(conn, collection, model_key))
+        batch_no, last_key = conn.execute(
+            "SELECT batches, last_key FROM vector_platform.archival_jobs WHERE id = %s", (job_id,)).fetchone()
+        _forget_unfinished_batch(conn, store, collection, job_id, batch_no, sweep=report.resumed and report.batches == 0)
         docs = conn.execute(
-            """
-            SELECT doc_id, title, body, content_hash, metadata::text, source_ts, first_seen_at, updated_at
-            FROM vector_platform.documents
-            WHERE collection = %s AND deleted_at IS NULL AND source_ts < %s AND (%s::text IS NULL OR doc_id > %s)
-            ORDER BY doc_id LIMIT %s
-            """,
-            (collection, cutoff, last_key, last_key, batch_documents),
+            sql.SQL(
+                """
+                SELECT doc_id, title, body, content_hash, metadata::text, source_ts, first_seen_at, updated_at
+                FROM vector_platform.documents d
+                WHERE collection = %(c)s AND deleted_at IS NULL AND source_ts < %(cutoff)s
+                  AND (%(after)s::text IS NULL OR doc_id > %(after)s)
+                  AND chunked_hash = content_hash {complete}
+                ORDER BY doc_id LIMIT %(n)s
+                """
+            ).format(complete=sql.SQL("").join(
+                # Only documents ingest has finished: every chunk has its vector under every model.
+                sql.SQL(
+                    " AND NOT EXISTS (SELECT 1 FROM vector_platform.chunks c WHERE c.collection = d.collection "
+                    "AND c.doc_id = d.doc_id AND NOT EXISTS (SELECT 1 FROM {} v WHERE v.chunk_id = c.chunk_id "
+                    "AND v.content_hash = c.content_hash))"
+                ).format(tables.table_id(vtable)) for vtable, _, _ in models.values()
+            )),
+            {"c": collection, "cutoff": cutoff, "after": last_key, "n": batch_documents},
         ).fetchall()
         if not docs:
             return False
@@ -166,18 +211,13 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
         ):
             chunks_of.setdefault(doc_id, []).append(chunk_id)
         chunk_ids = [c for ids in chunks_of.values() for c in ids]
-        coll = catalog.get_collection(conn, collection)
-        models = {}
-        for model_key in coll.models:
-            table = catalog.vector_table_name(conn, collection, model_key)
-            if tables.table_exists(conn, table):
-                models[model_key] = (table, catalog.get_model(conn, model_key), catalog.table_fingerprint(conn, collection, model_key))
 
         # 1-3: write and verify every file of the batch, month by month.
         by_month: dict[tuple[int, int], list[tuple]] = {}
         for doc in docs:
-            by_month.setdefault((doc[5].year, doc[5].month), []).append(doc)
-        tag = f"job-{job_id:06d}-{hashlib.sha1(doc_ids[0].encode()).hexdigest()[:12]}"
+            utc = doc[5].astimezone(dt.timezone.utc)  # months in UTC, whatever the session's time zone
+            by_month.setdefault((utc.year, utc.month), []).append(doc)
+        tag = f"job-{job_id:06d}-batch-{batch_no:06d}"  # fixed by the checkpoint: a resumed batch rewrites it
         receipts: list[dict[str, Any]] = []
         vectors_total = 0
         for (year, month), month_docs in sorted(by_month.items()):
@@ -188,18 +228,18 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
             )
             receipts.append(_write_verified(store, f"{base}/documents/{tag}.parquet", table, "doc_id", DOCS_PER_ROW_GROUP,
                                             dict(kind="documents", model_key="", fingerprint=None, year=year, month=month,
-                                                 first_key=ids[0], last_key=ids[-1])))
+                                                 first_key=ids[0], last_key=ids[-1], batch=batch_no)))
             for model_key, (vtable, spec, fingerprint) in models.items():
                 page = rows_by_chunk_ids(conn, vtable, spec.dims, [c for d in ids for c in chunks_of.get(d, [])])
                 vectors_total += page.num_rows
                 receipts.append(_write_verified(store, f"{base}/vectors/{model_key}/{tag}.parquet", page, "chunk_id", None,
                                                 dict(kind="vectors", model_key=model_key, fingerprint=fingerprint, year=year,
-                                                     month=month, first_key=ids[0], last_key=ids[-1])))
+                                                     month=month, first_key=ids[0], last_key=ids[-1], batch=batch_no)))
         faults.point("archive_rows.after_upload")
 
         # 4: the receipts, before anything is deleted.
         with conn.transaction():
-            file_ids = {r["key"]: _record_receipt(conn, job_id, collection, store, r) for r in receipts}
+            file_ids = {r["key"]: _record_receipt(conn, job_id, collection, store, r, spec_of(models, r)) for r in receipts}
         faults.point("archive_rows.after_receipts")
 
         # 5: the delete, vectors before chunks before documents, with the checkpoint.
@@ -270,19 +310,38 @@ def _write_verified(store: ObjectStore, key: str, table: pa.Table, id_column: st
             "row_groups": parquet.metadata.num_row_groups, "id_hash": _id_hash(ids), "ids": ids}
 
 
-def _record_receipt(conn, job_id: int, collection: str, store: ObjectStore, r: dict[str, Any]) -> int:
+def spec_of(models: dict, receipt: dict[str, Any]):
+    return models[receipt["model_key"]][1] if receipt["model_key"] else None
+
+
+def _record_receipt(conn, job_id: int, collection: str, store: ObjectStore, r: dict[str, Any], spec) -> int:
     return conn.execute(
         """
         INSERT INTO vector_platform.archive_files
-            (job_id, collection, kind, model_key, fingerprint, year, month, first_key, last_key, key, uri, sha256, bytes,
-             rows, row_groups, id_hash, verified_at)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-        ON CONFLICT (key) DO UPDATE SET sha256 = excluded.sha256, bytes = excluded.bytes, rows = excluded.rows,
-            row_groups = excluded.row_groups, id_hash = excluded.id_hash, verified_at = excluded.verified_at,
-            first_key = excluded.first_key, last_key = excluded.last_key
+            (job_id, batch, collection, kind, model_key, fingerprint, dims, storage_type, year, month, first_key, last_key,
+             key, uri, sha256, bytes, rows, row_groups, id_hash, verified_at)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
         RETURNING id
         """,
-        (job_id, collection, r["kind"], r["model_key"], r["fingerprint"], r["year"], r["month"], r["first_key"],
-         r["last_key"], r["key"], store.uri(r["key"]), r["sha256"], r["bytes"], r["rows"], r["row_groups"], r["id_hash"],
-         clock.now()),
+        (job_id, r["batch"], collection, r["kind"], r["model_key"], r["fingerprint"], spec.dims if spec else None,
+         spec.storage_type if spec else None, r["year"], r["month"], r["first_key"], r["last_key"], r["key"],
+         store.uri(r["key"]), r["sha256"], r["bytes"], r["rows"], r["row_groups"], r["id_hash"], clock.now()),
     ).fetchone()[0]
+
+
+def _forget_unfinished_batch(conn, store: ObjectStore, collection: str, job_id: int, batch_no: int, sweep: bool) -> None:
+    """Receipts of batch `batch_no` exist only if a run died before that batch's delete
+    committed (the commit moves the checkpoint past it): its rows are all still live, so its
+    files and receipts are dropped, and the batch is written afresh from what is live now.
+    `sweep` (a resumed job's first batch) also removes that batch's files that never got a
+    receipt (a kill between upload and receipt)."""
+    if sweep:
+        name = f"job-{job_id:06d}-batch-{batch_no:06d}.parquet"
+        for key in store.list(f"archive/{collection}"):
+            if key.endswith("/" + name):
+                store.delete(key, missing_ok=True)
+    for file_id, key in conn.execute(
+        "SELECT id, key FROM vector_platform.archive_files WHERE job_id = %s AND batch = %s", (job_id, batch_no)
+    ).fetchall():
+        store.delete(key, missing_ok=True)
+        conn.execute("DELETE FROM vector_platform.archive_files WHERE id = %s", (file_id,))

@@ -117,7 +117,9 @@ def drop_staged_archived(conn: psycopg.Connection, collection: str) -> int:
     return conn.execute(
         sql.SQL(
             "DELETE FROM {stage} s USING vector_platform.archived_documents a "
-            "WHERE a.collection = %s AND a.doc_id = s.doc_id AND a.content_hash = s.content_hash"
+            "WHERE a.collection = %s AND a.doc_id = s.doc_id AND a.content_hash = s.content_hash "
+            # a document revived by a change is live again: the source decides about it as usual
+            "AND NOT EXISTS (SELECT 1 FROM vector_platform.documents d WHERE d.collection = a.collection AND d.doc_id = a.doc_id)"
         ).format(stage=STAGE),
         (collection,),
     ).rowcount

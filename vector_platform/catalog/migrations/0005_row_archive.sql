@@ -28,16 +28,19 @@ CREATE UNIQUE INDEX archival_jobs_one_open ON vector_platform.archival_jobs (col
 
 CREATE TABLE vector_platform.archive_files (
     id bigserial PRIMARY KEY,
-    job_id bigint NOT NULL REFERENCES vector_platform.archival_jobs (id),
+    job_id bigint NOT NULL REFERENCES vector_platform.archival_jobs (id) ON DELETE CASCADE,
+    batch int NOT NULL,  -- the job's batch number: receipts of a batch past the checkpoint are leftovers of a kill
     collection text NOT NULL,
     kind text NOT NULL CHECK (kind IN ('documents', 'vectors')),
     model_key text NOT NULL DEFAULT '',
     fingerprint text,
+    dims int,
+    storage_type text,
     year int NOT NULL,
     month int NOT NULL,
     first_key text NOT NULL,
     last_key text NOT NULL,
-    key text NOT NULL UNIQUE,  -- deterministic per (job, batch): a resumed job rewrites the same object
+    key text NOT NULL UNIQUE,  -- job-<id>-batch-<n>: a resumed batch writes the same object again
     uri text NOT NULL,
     sha256 text NOT NULL,
     bytes bigint NOT NULL,
