@@ -208,6 +208,35 @@ def scifact_texts():
     return texts_and_vectors(2000)
 
 
+def instance_env(pg_server, pg_dsn, tmp_path, **extra: str) -> tuple[Path, dict[str, str]]:
+    """(DAGSTER_HOME, environment) for a real Dagster instance as `make dev` runs it: the product's
+    dagster.yaml, run and event storage in a fresh database of the test server, our catalog and
+    object store. For tests that start a dagster-daemon or run the CLI against it."""
+    import shutil
+
+    import psycopg
+    from psycopg import sql
+
+    storage_db = f"dagster_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(storage_db)))
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(Path(__file__).resolve().parent.parent / "dagster.yaml", home / "dagster.yaml")
+    env = {k: v for k, v in os.environ.items() if k != "VP_RUN_MODE"}
+    env.update(
+        DAGSTER_HOME=str(home),
+        VP_DAGSTER_PG_URL=f"postgresql+psycopg2://postgres@/{storage_db}?host={pg_server.get_postmaster_info().socket_dir}",
+        VP_DAGSTER_ARTIFACTS=str(tmp_path / "artifacts"),
+        VP_PG_DSN=pg_dsn,
+        VP_HOME=str(tmp_path / "vp"),
+        VP_OBJECT_STORE=(tmp_path / "objects").as_uri(),
+        HF_HUB_OFFLINE="1",
+        **extra,
+    )
+    return home, env
+
+
 def cli_env(pg_dsn, tmp_path):
     env = dict(os.environ)
     env.update(

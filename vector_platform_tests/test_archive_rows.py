@@ -32,6 +32,18 @@ def dated(n: int, months: int = 36) -> list[dict]:
     return docs
 
 
+def ingested_dated(make_platform, tmp_path, n: int):
+    """(platform, collection, documents, ids older than two years at NOW): a dated collection, ingested."""
+    vp = make_platform()
+    name = f"arch_{uuid.uuid4().hex[:8]}"
+    docs = dated(n)
+    vp.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", docs))
+    assert all(r.success for r in vp.ingest(name))
+    cutoff = archive.cutoff_for(730, NOW)
+    old = {d["id"] for d in docs if dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc) < cutoff}
+    return vp, name, docs, old
+
+
 def counts(dsn: str, name: str) -> dict:
     with psycopg.connect(dsn) as conn:
         table = catalog.vector_table_name(conn, name, "minilm_l6_v2")
@@ -48,13 +60,8 @@ def counts(dsn: str, name: str) -> dict:
 
 
 def test_old_rows_move_to_verified_files_and_stay_archived(make_platform, pg_dsn, tmp_path):
-    vp = make_platform()
-    name = f"arch_{uuid.uuid4().hex[:8]}"
-    docs = dated(240)
-    vp.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", docs))
-    assert all(r.success for r in vp.ingest(name))
+    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 240)
     cutoff = archive.cutoff_for(730, NOW)
-    old = {d["id"] for d in docs if dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc) < cutoff}
     assert 60 < len(old) < 90
     before = counts(pg_dsn, name)
 
@@ -103,13 +110,8 @@ def test_old_rows_move_to_verified_files_and_stay_archived(make_platform, pg_dsn
 
 
 def test_a_kill_between_receipts_and_delete_loses_nothing_and_duplicates_nothing(make_platform, pg_dsn, tmp_path):
-    vp = make_platform()
-    name = f"arch_{uuid.uuid4().hex[:8]}"
-    docs = dated(120)
-    vp.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", docs))
-    assert all(r.success for r in vp.ingest(name))
+    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 120)
     cutoff = archive.cutoff_for(730, NOW)
-    old = {d["id"] for d in docs if dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc) < cutoff}
     before = counts(pg_dsn, name)
     script = (
         "import datetime as dt, sys; from vector_platform.archive import rows as a; "
@@ -136,15 +138,10 @@ def test_a_kill_between_receipts_and_delete_loses_nothing_and_duplicates_nothing
 
 
 def test_the_row_archive_asset_applies_the_collections_rule(make_platform, pg_dsn, tmp_path):
-    vp = make_platform()
-    name = f"arch_{uuid.uuid4().hex[:8]}"
-    docs = dated(90)
-    vp.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", docs))
-    assert all(r.success for r in vp.ingest(name))
+    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 90)
     run = vp._run("row_archive_job", name)
     assert run.success and run.metadata["row_archive"]["why"] == "no archive_rows_older_than_days rule"
     vp.set_rules(name, archive_rows_older_than_days=730)
-    old = {d["id"] for d in docs if dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc) < NOW - dt.timedelta(days=730)}
     clock.set_now(NOW)
     try:
         run = vp._run("row_archive_job", name)
@@ -156,13 +153,9 @@ def test_the_row_archive_asset_applies_the_collections_rule(make_platform, pg_ds
 
 
 def test_archival_refuses_a_second_run_a_cold_collection_and_half_ingested_documents(make_platform, pg_dsn, tmp_path):
-    vp = make_platform()
-    name = f"arch_{uuid.uuid4().hex[:8]}"
-    docs = dated(90)
-    vp.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", docs))
-    assert all(r.success for r in vp.ingest(name))
+    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 90)
     cutoff = archive.cutoff_for(730, NOW)
-    old = sorted(d["id"] for d in docs if dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc) < cutoff)
+    old = sorted(old)
 
     with psycopg.connect(pg_dsn, autocommit=True) as other:  # another run holds the collection's archival lock
         assert other.execute("SELECT pg_try_advisory_lock(%s)", (lock_key("row_archive", name),)).fetchone()[0]

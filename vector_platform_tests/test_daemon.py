@@ -2,41 +2,22 @@
 instance storage in the embedded Postgres, and the CLI submitting to its run queue."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import dagster as dg
 import psycopg
-from psycopg import sql
 
-from .conftest import cli, write_jsonl
+from .conftest import cli, instance_env, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_cli_ingest_goes_through_the_run_queue_of_a_running_daemon(pg_server, pg_dsn, tmp_path, unique_name):
-    storage_db = f"dagster_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(storage_db)))
-    socket_dir = pg_server.get_postmaster_info().socket_dir
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")  # the product's instance config, as `make dev` uses it
-    env = {k: v for k, v in os.environ.items() if k != "VP_RUN_MODE"}
-    env.update(
-        DAGSTER_HOME=str(home),
-        VP_DAGSTER_PG_URL=f"postgresql+psycopg2://postgres@/{storage_db}?host={socket_dir}",
-        VP_DAGSTER_ARTIFACTS=str(tmp_path / "artifacts"),
-        VP_PG_DSN=pg_dsn,
-        VP_HOME=str(tmp_path / "vp"),
-        VP_OBJECT_STORE=(tmp_path / "objects").as_uri(),
-        HF_HUB_OFFLINE="1",
-    )
+    home, env = instance_env(pg_server, pg_dsn, tmp_path)  # the product's instance config, as `make dev` uses it
     daemon = subprocess.Popen(
         [str(Path(sys.executable).parent / "dagster-daemon"), "run", "-w", str(REPO / "workspace.yaml")],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,

@@ -6,21 +6,15 @@ failure only what was not materialized (the failed partition's embeddings, not t
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
-import uuid
-from pathlib import Path
 
 import dagster as dg
-import psycopg
-from psycopg import sql
 
 from . import upgrade_data as data
-from .conftest import cli, write_jsonl
+from .conftest import cli, instance_env, write_jsonl
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 class SearchLoop:
@@ -57,23 +51,7 @@ class SearchLoop:
 def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_one(
     pg_server, pg_dsn, tmp_path, unique_name, make_platform
 ):
-    storage_db = f"dagster_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(storage_db)))
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(REPO / "dagster.yaml", home / "dagster.yaml")
-    env = {k: v for k, v in os.environ.items() if k != "VP_RUN_MODE"}
-    env.update(
-        DAGSTER_HOME=str(home),
-        VP_DAGSTER_PG_URL=f"postgresql+psycopg2://postgres@/{storage_db}?host={pg_server.get_postmaster_info().socket_dir}",
-        VP_DAGSTER_ARTIFACTS=str(tmp_path / "artifacts"),
-        VP_PG_DSN=pg_dsn,
-        VP_HOME=str(tmp_path / "vp"),
-        VP_OBJECT_STORE=(tmp_path / "objects").as_uri(),
-        VP_BACKFILL_PARTITIONS_PER_RUN="3",
-        HF_HUB_OFFLINE="1",
-    )
+    home, env = instance_env(pg_server, pg_dsn, tmp_path, VP_BACKFILL_PARTITIONS_PER_RUN="3")
     mini, flaky = data.server(), data.server(space=data.rotation(seed=3))
     suffix = unique_name[-6:]
     loop = None

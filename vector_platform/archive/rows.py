@@ -248,11 +248,12 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
                 conn.execute(sql.SQL("DELETE FROM {} WHERE chunk_id = ANY(%s)").format(tables.table_id(vtable)), (chunk_ids,))
             conn.execute("DELETE FROM vector_platform.chunks WHERE collection = %s AND doc_id = ANY(%s)", (collection, doc_ids))
             now = clock.now()
+            by_id = {d[0]: d for d in docs}
             for r in receipts:
                 if r["kind"] != "documents":
                     continue
                 for position, doc_id in enumerate(r["ids"]):
-                    doc = next(d for d in docs if d[0] == doc_id)
+                    doc = by_id[doc_id]
                     conn.execute(
                         """
                         INSERT INTO vector_platform.archived_documents
