@@ -9,7 +9,8 @@ for both:
   a new model is expected to differ);
 - with labelled queries (`collections qrels`): nDCG@10 over documents (a document counts at
   its best chunk) no worse than the serving model's by more than upgrade_ndcg_margin;
-- search p95 within upgrade_latency_factor of the serving model's (or under 5 ms).
+- search p95 within upgrade_latency_factor of the serving model's (or under 5 ms), the two
+  models' queries interleaved and a failing round measured again (best of 3).
 
 A cold collection's upgrade is measured on its snapshots, searched exactly as cold search
 searches them (`evaluate_cold`): the same comparisons, no index to measure.
@@ -38,6 +39,7 @@ from vector_platform.search import active, cold
 
 TextEmbedder = Callable[[ModelSpec, Sequence[str]], Sequence[np.ndarray]]
 LATENCY_FLOOR_MS = 5.0
+LATENCY_ROUNDS = 3  # measurements before a slower p95 counts against the shadow
 LOGGED_QUERIES = 100
 CHUNKS_PER_QUERY = 50  # chunks fetched per labelled query, ranked into documents
 
@@ -110,6 +112,39 @@ def _cold_searcher(data) -> Searcher:
     return search
 
 
+def _allowed_p95(factor: float, serving_p95: float) -> float:
+    return max(factor * serving_p95, LATENCY_FLOOR_MS)
+
+
+def _timed_rounds(
+    shadow: ModelSpec, shadow_search: Searcher, shadow_vectors, serving: ModelSpec, serving_search: Searcher,
+    serving_vectors, factor: float,
+) -> tuple[list, list, float, float, int]:
+    """Each query through both models in turn, so a noisy neighbour slows both alike. Noise
+    only ever adds latency, so a round over the limit is measured again (at most
+    LATENCY_ROUNDS in all) and each model keeps its best p95; a model that really is slower
+    stays slower in every round."""
+    best_new = best_old = float("inf")
+    new: list = []
+    old: list = []
+    rounds = 0
+    while rounds < LATENCY_ROUNDS:
+        rounds += 1
+        new, old, new_ms, old_ms = [], [], [], []
+        for a, b in zip(shadow_vectors, serving_vectors):
+            hits, ms = shadow_search(shadow, [a], 10)
+            new += hits
+            new_ms += ms
+            hits, ms = serving_search(serving, [b], 10)
+            old += hits
+            old_ms += ms
+        best_new = min(best_new, percentile(new_ms, 95))
+        best_old = min(best_old, percentile(old_ms, 95))
+        if best_new <= _allowed_p95(factor, best_old):
+            break
+    return new, old, best_new, best_old, rounds
+
+
 def _compare(
     figures: dict[str, Any], reasons: list[str], settings, embed: TextEmbedder,
     shadow: ModelSpec, shadow_search: Searcher, serving: ModelSpec, serving_search: Searcher,
@@ -126,14 +161,16 @@ def _compare(
         serving_vectors = _embed(embed, serving, texts)
         shadow_search(shadow, shadow_vectors[:1], 10)  # warm both up: a first query pays for caches, not search
         serving_search(serving, serving_vectors[:1], 10)
-        new, new_ms = shadow_search(shadow, shadow_vectors, 10)
-        old, old_ms = serving_search(serving, serving_vectors, 10)
+        new, old, p95_new, p95_old, rounds = _timed_rounds(
+            shadow, shadow_search, shadow_vectors, serving, serving_search, serving_vectors,
+            settings.upgrade_latency_factor,
+        )
         overlaps = [len({r[0] for r in a} & {r[0] for r in b}) / 10 for a, b in zip(new, old)]
         figures.update(
             overlap_at_10=float(np.mean(overlaps)), overlap_queries=len(overlaps),
-            p95_ms_shadow=percentile(new_ms, 95), p95_ms_serving=percentile(old_ms, 95),
+            p95_ms_shadow=p95_new, p95_ms_serving=p95_old, latency_rounds=rounds,
         )
-        allowed = max(settings.upgrade_latency_factor * figures["p95_ms_serving"], LATENCY_FLOOR_MS)
+        allowed = _allowed_p95(settings.upgrade_latency_factor, p95_old)
         if figures["p95_ms_shadow"] > allowed:
             reasons.append(
                 f"search p95 {figures['p95_ms_shadow']:.2f} ms is over {settings.upgrade_latency_factor} x the "
