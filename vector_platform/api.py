@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import sys
@@ -20,6 +21,7 @@ from typing import Any, Callable, Sequence
 import dagster as dg
 
 from vector_platform import backfills, catalog, db, runs, tables
+from vector_platform.archive.reads import get_document
 from vector_platform.catalog import cache_index
 from vector_platform.catalog import documents as docs_sql
 from vector_platform.defs.partitions import collection_partitions, model_partitions
@@ -244,13 +246,23 @@ class Platform:
         exact: bool = False,
         vector: Sequence[float] | None = None,
         filters: dict[str, Any] | None = None,
+        include_archive: bool = False,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
     ) -> SearchResult:
         """Search active collections by HNSW (or exactly), cold ones exactly over their snapshot;
-        archived ones are skipped. Every hit says its `source_tier`."""
+        archived ones are skipped. `include_archive` adds the collections' row archives (aged
+        rows on the object store, searched exactly); `since` / `until` keep rows whose source
+        timestamp is in [since, until). Every hit says its `source_tier`."""
         return search(
             self.pool(), self.embed_query, collections, query=query, vector=vector, k=k, exact=exact, filters=filters,
-            store=self.store(),
+            store=self.store(), include_archive=include_archive, since=since, until=until,
         )
+
+    def get(self, name: str, doc_id: str) -> dict[str, Any] | None:
+        """One document by id: from Postgres when it is there (active, cold, or deleted at
+        the source), else from the row archive by one ranged read. None when unknown."""
+        return get_document(self.pool(), self.store(), name, doc_id)
 
     def store(self) -> ObjectStore:
         """The object store (one handle per Platform)."""

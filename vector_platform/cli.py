@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -211,8 +212,36 @@ def cmd_search(args) -> int:
             raise ValueError(f"--filters is not JSON ({err})") from None
     vp = _platform()
     for query in queries:
-        result = vp.search(query, args.collection, k=args.k, exact=args.exact, filters=filters)
+        result = vp.search(query, args.collection, k=args.k, exact=args.exact, filters=filters,
+                           include_archive=args.include_archive, since=args.since, until=args.until)
         _print_result(result, args.json)
+    return 0
+
+
+def _timestamp(text: str) -> dt.datetime:
+    """An ISO date or date-time; UTC unless it says otherwise."""
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date or time (e.g. 2024-07-01)") from None
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def cmd_get(args) -> int:
+    doc = _platform().get(args.name, args.doc_id)
+    if doc is None:
+        print(f"{args.name}: no document {args.doc_id!r} (not in Postgres, not in the row archive)", file=sys.stderr)
+        return 1
+    if args.json:
+        _print_json(doc)
+        return 0
+    where = doc["source_tier"]
+    if where == "archive":
+        where += f" ({doc['archive']['uri']}, row group {doc['archive']['row_group']})"
+    print(f"{doc['doc_id']}  [{where}]  source_ts={doc['source_ts'] or '-'}")
+    if doc.get("title"):
+        print(doc["title"])
+    print(doc["body"])
     return 0
 
 
@@ -466,7 +495,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--queries", help="a file with one query per line (the model loads once)")
     search.add_argument("--json", action="store_true", help="one JSON object per query per line")
     search.add_argument("--filters", help='metadata filter, JSON containment: \'{"year": 2024}\'')
+    search.add_argument("--include-archive", action="store_true",
+                        help="also search the row archive (aged rows on the object store, exact; hits say source_tier archive)")
+    search.add_argument("--since", type=_timestamp, help="only rows whose source timestamp is at or after this (ISO date or time, UTC)")
+    search.add_argument("--until", type=_timestamp, help="only rows whose source timestamp is before this (ISO date or time, UTC)")
     search.set_defaults(func=cmd_search)
+
+    get = sub.add_parser("get", help="one document by id: Postgres first, then the row archive")
+    get.add_argument("name")
+    get.add_argument("doc_id")
+    get.add_argument("--json", action="store_true", help="the document as one JSON object")
+    get.set_defaults(func=cmd_get)
 
     tier = sub.add_parser("tier", help="move a collection between tiers: active | cold | archived (runs its Dagster job)")
     tier.add_argument("name")

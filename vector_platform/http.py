@@ -1,7 +1,10 @@
 """The HTTP search API: a thin Starlette app over `Platform.search`, served by uvicorn.
 
-    POST /search       {"query": "..." | "vector": [...], "collections": [...], "k": 10, "filters": {...}, "exact": false}
+    POST /search       {"query": "..." | "vector": [...], "collections": [...], "k": 10, "filters": {...}, "exact": false,
+                        "include_archive": false, "since": "2024-01-01", "until": "2024-07-01"}
                        -> the same JSON as `vector-platform search --json`
+    GET  /collections/{name}/documents/{doc_id}
+                       -> one document (`vector-platform get NAME DOC_ID --json`), 404 when unknown
     GET  /collections  -> name, tier, serving model and models of every collection
     GET  /healthz      -> {"status": "ok"} when the database answers
 
@@ -13,6 +16,7 @@ VP_HTTP_MAX_BODY_BYTES (default 1 MiB) and k at VP_HTTP_MAX_K (default 100). Err
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import json
 import logging
@@ -26,7 +30,20 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 log = logging.getLogger(__name__)
-SEARCH_FIELDS = {"query", "vector", "collections", "k", "filters", "exact"}
+SEARCH_FIELDS = {"query", "vector", "collections", "k", "filters", "exact", "include_archive", "since", "until"}
+
+
+def _instant(value: Any, name: str) -> dt.datetime | None:
+    """An ISO date or date-time (UTC unless it says otherwise), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise HttpError(400, f"{name} must be an ISO date or time string")
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise HttpError(400, f"{name} is not an ISO date or time: {value[:40]!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
 class HttpError(Exception):
@@ -91,8 +108,13 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
         query = body.get("query")
         if query is not None and not isinstance(query, str):
             raise HttpError(400, "query must be a string")
+        include_archive = body.get("include_archive", False)
+        if not isinstance(include_archive, bool):
+            raise HttpError(400, "include_archive must be true or false")
+        window = {name: _instant(body.get(name), name) for name in ("since", "until")}
         result = await run_in_threadpool(
-            vp.search, query, collections, k=k, exact=exact, vector=vector, filters=body.get("filters")
+            vp.search, query, collections, k=k, exact=exact, vector=vector, filters=body.get("filters"),
+            include_archive=include_archive, **window,
         )
         return JSONResponse(result.as_json())
 
@@ -105,6 +127,13 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
                 ]
 
         return JSONResponse({"collections": await run_in_threadpool(read)})
+
+    async def document(request: Request) -> JSONResponse:
+        name, doc_id = request.path_params["name"], request.path_params["doc_id"]
+        doc = await run_in_threadpool(vp.get, name, doc_id)
+        if doc is None:
+            raise HttpError(404, f"no document {doc_id!r} in {name!r}")
+        return JSONResponse(json.loads(json.dumps(doc, default=str)))
 
     async def healthz(request: Request) -> JSONResponse:
         def ping():
@@ -135,6 +164,7 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
         routes=[
             Route("/search", guarded(search), methods=["POST"]),
             Route("/collections", guarded(collections), methods=["GET"]),
+            Route("/collections/{name}/documents/{doc_id:path}", guarded(document), methods=["GET"]),
             Route("/healthz", guarded(healthz), methods=["GET"]),
         ]
     )

@@ -177,3 +177,49 @@ def test_archival_refuses_a_second_run_a_cold_collection_and_half_ingested_docum
     assert vp.tier(name, "cold").success
     with pytest.raises(archive.ArchiveError, match="is cold"):
         archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, cutoff)
+
+
+def test_get_and_search_still_find_archived_rows_labelled_and_scored_as_before(make_platform, pg_dsn, tmp_path):
+    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 200)
+    cutoff = archive.cutoff_for(730, NOW)
+    queries = [d["text"] for d in docs[::17]]
+    before = {q: [(h.doc_id, h.chunk_id, round(h.score, 5)) for h in vp.search(q, [name], k=8, exact=True).hits] for q in queries}
+    archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, cutoff, batch_documents=20)
+
+    # get: Postgres first, then one ranged read of the archive; the same document either way.
+    by_id = {d["id"]: d for d in docs}
+    some_old, some_live = sorted(old)[3], next(d["id"] for d in docs if d["id"] not in old)
+    got = vp.get(name, some_old)
+    assert got["source_tier"] == "archive" and got["body"] == by_id[some_old]["text"]
+    assert got["metadata"] == by_id[some_old]["metadata"] and got["archive"]["uri"].endswith(".parquet")
+    assert vp.get(name, some_live)["source_tier"] == "active"
+    assert vp.get(name, "no-such-document") is None
+
+    # Without the archive no archived row comes back; with it, the answer is the one exact
+    # search gave before archiving: the same chunks, the same scores, old rows labelled.
+    for q in queries:
+        assert not {h.doc_id for h in vp.search(q, [name], k=8, exact=True).hits} & old
+        result = vp.search(q, [name], k=8, exact=True, include_archive=True)
+        assert [(h.doc_id, h.chunk_id, round(h.score, 5)) for h in result.hits] == before[q]
+        assert all((h.source_tier == "archive") == (h.doc_id in old) for h in result.hits)
+        assert all(h.exact for h in result.hits if h.source_tier == "archive")
+    assert result.stats["tiers"]["archive"]["rows_scanned"] > 0
+
+    # A time window reads only the months it overlaps, in every tier.
+    since, until = cutoff - dt.timedelta(days=60), cutoff + dt.timedelta(days=60)
+    window = vp.search(queries[0], [name], k=50, exact=True, include_archive=True, since=since, until=until)
+    stamps = {d["id"]: dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc) for d in docs}
+    in_window = {i for i, ts in stamps.items() if since <= ts < until}
+    assert {h.doc_id for h in window.hits} == in_window  # every document has one chunk here
+    assert {h.source_tier for h in window.hits} == {"active", "archive"}
+    everything = vp.search(queries[0], [name], k=5, include_archive=True)
+    assert window.stats["tiers"]["archive"]["rows_scanned"] < everything.stats["tiers"]["archive"]["rows_scanned"]
+
+    # A document that changed at the source comes back live: neither get nor search answers
+    # with its archived version any more.
+    revived = sorted(old)[0]
+    write_jsonl(tmp_path / f"{name}.jsonl", [{**d, "text": "revised " + d["text"]} if d["id"] == revived else d for d in docs])
+    assert all(r.success for r in vp.ingest(name))
+    assert vp.get(name, revived)["source_tier"] == "active"
+    hits = vp.search(by_id[revived]["text"], [name], k=10, exact=True, include_archive=True).hits
+    assert [h.source_tier for h in hits if h.doc_id == revived] == ["active"]

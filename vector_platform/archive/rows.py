@@ -2,13 +2,14 @@
 for Parquet files on the object store, in keyset batches, receipt before delete.
 
 A job archives the live documents of one collection whose source timestamp is older than its
-cutoff, in document-id order, a batch at a time (default 500 documents). For each batch:
+cutoff, in (source timestamp, document id) order, a batch at a time (default 500 documents),
+so a batch falls in one or two source months. For each batch:
 
 1. the batch's rows are read: documents, and each attached model's vector rows (chunk id,
    document id, text, metadata, timestamps, embedding: the snapshot columns);
 2. they are written to `archive/<collection>/year=YYYY/month=MM/documents/…` and
    `…/vectors/<model>/…` (one file per source month and kind), under keys fixed by the job
-   and the batch's first document, so a resumed job writes the same objects again;
+   and the batch number, so a resumed job writes the same objects again;
 3. every file is read back: bytes (sha256), rows, and a hash over its ids must match;
 4. their receipts are committed (`archive_files`);
 5. then, in one short transaction under the collection's writer lock, the rows go: vectors
@@ -179,8 +180,8 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
             if not tables.table_exists(conn, table):
                 raise ArchiveError(f"{collection}/{model_key} has no vector table (ingest it first); nothing archived")
             models[model_key] = (table, catalog.get_model(conn, model_key), catalog.table_fingerprint(conn, collection, model_key))
-        batch_no, last_key = conn.execute(
-            "SELECT batches, last_key FROM vector_platform.archival_jobs WHERE id = %s", (job_id,)).fetchone()
+        batch_no, last_ts, last_key = conn.execute(
+            "SELECT batches, last_ts, last_key FROM vector_platform.archival_jobs WHERE id = %s", (job_id,)).fetchone()
         _forget_unfinished_batch(conn, store, collection, job_id, batch_no, sweep=report.resumed and report.batches == 0)
         docs = conn.execute(
             sql.SQL(
@@ -188,9 +189,9 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
                 SELECT doc_id, title, body, content_hash, metadata::text, source_ts, first_seen_at, updated_at
                 FROM vector_platform.documents d
                 WHERE collection = %(c)s AND deleted_at IS NULL AND source_ts < %(cutoff)s
-                  AND (%(after)s::text IS NULL OR doc_id > %(after)s)
+                  AND (%(after_ts)s::timestamptz IS NULL OR (source_ts, doc_id) > (%(after_ts)s, %(after)s))
                   AND chunked_hash = content_hash {complete}
-                ORDER BY doc_id LIMIT %(n)s
+                ORDER BY source_ts, doc_id LIMIT %(n)s
                 """
             ).format(complete=sql.SQL("").join(
                 # Only documents ingest has finished: every chunk has its vector under every model.
@@ -200,7 +201,7 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
                     "AND v.content_hash = c.content_hash))"
                 ).format(tables.table_id(vtable)) for vtable, _, _ in models.values()
             )),
-            {"c": collection, "cutoff": cutoff, "after": last_key, "n": batch_documents},
+            {"c": collection, "cutoff": cutoff, "after_ts": last_ts, "after": last_key, "n": batch_documents},
         ).fetchall()
         if not docs:
             return False
@@ -269,11 +270,12 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
             nbytes = sum(r["bytes"] for r in receipts)
             conn.execute(
                 """
-                UPDATE vector_platform.archival_jobs SET last_key = %s, batches = batches + 1, documents = documents + %s,
+                UPDATE vector_platform.archival_jobs SET last_ts = %s, last_key = %s, batches = batches + 1,
+                    documents = documents + %s,
                     chunks = chunks + %s, vectors = vectors + %s, bytes = bytes + %s, updated_at = %s
                 WHERE id = %s
                 """,
-                (doc_ids[-1], len(doc_ids), len(chunk_ids), vectors_total, nbytes, now, job_id),
+                (docs[-1][5], doc_ids[-1], len(doc_ids), len(chunk_ids), vectors_total, nbytes, now, job_id),
             )
     report.batches += 1
     report.documents += len(doc_ids)

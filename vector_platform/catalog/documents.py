@@ -125,6 +125,17 @@ def drop_staged_archived(conn: psycopg.Connection, collection: str) -> int:
     ).rowcount
 
 
+def forget_revived_archived(conn: psycopg.Connection, collection: str) -> int:
+    """A document the archive held that came back live (its content changed at the source)
+    is live, not archived: its index row goes (the old version stays in its archive file,
+    under its receipt), so `get` and archive search never return the old version."""
+    return conn.execute(
+        "DELETE FROM vector_platform.archived_documents a WHERE a.collection = %s AND EXISTS "
+        "(SELECT 1 FROM vector_platform.documents d WHERE d.collection = a.collection AND d.doc_id = a.doc_id)",
+        (collection,),
+    ).rowcount
+
+
 def plan_source(conn: psycopg.Connection, collection: str) -> dict[str, int]:
     """What applying the stage would do, counted before anything changes."""
     row = conn.execute(

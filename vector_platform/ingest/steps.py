@@ -100,11 +100,13 @@ def register_documents(pool: ConnectionPool, collection: str, allow_deletes: boo
             # Refusing raises inside the transaction: the dead letters written so far roll back too.
             _refuse_destructive(coll.source, plan, rejections.count, settings.max_delete_fraction, allow_deletes)
             docs_sql.apply_source(conn, collection, clock.now())
+            revived = docs_sql.forget_revived_archived(conn, collection)
             resolved = docs_sql.resolve_source_letters_not_failing(conn, collection, "read fine (or gone from the source) on a later run")
         live = docs_sql.live_document_count(conn, collection)
     return {
         "read": plan["read"],
         "left_archived": archived,
+        "revived_from_archive": revived,
         "added": plan["added"],
         "changed": plan["changed"],
         "unchanged": plan["unchanged"],

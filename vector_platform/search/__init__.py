@@ -6,9 +6,11 @@ the CLI, the Python API and the HTTP API all call `search`.
 
 - active collections: HNSW (or exact with `exact=True`) in PostgreSQL, `active.py`;
 - cold collections: exact brute force over their verified snapshot, `cold.py`;
-- archived collections: skipped with a warning (an error when every target is archived).
+- archived collections: skipped with a warning (an error when every target is archived);
+- with `include_archive`, each collection's row archive (issue 9: aged rows moved to Parquet),
+  exact brute force over the archived vectors, `archive/reads.py`.
 
-Every hit carries `source_tier`, `exact`, and for cold hits `snapshot_id`. Scores are
+Every hit carries `source_tier` (active | cold | archive), `exact`, and for cold hits `snapshot_id`. Scores are
 computed as pgvector computes them in both tiers, so hits of one model merge by score; lists
 of different models merge by reciprocal rank fusion (`merge.py`). Stats say hits, latency
 and (cold) rows scanned per tier and where the cold data came from.
@@ -20,6 +22,7 @@ and the query log is written in batches off the request path (`log.py`).
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 import weakref
@@ -126,7 +129,7 @@ class _Tally:
 
     def as_json(self, tier: str) -> dict[str, Any]:
         out: dict[str, Any] = {"hits": self.hits, "latency_ms": round(self.latency_ms, 3), "collections": self.collections}
-        if tier == "cold":
+        if tier in ("cold", "archive"):
             out.update(rows_scanned=self.rows_scanned, data_from=self.data_from)
         return out
 
@@ -142,7 +145,14 @@ def search(
     filters: dict[str, Any] | None = None,
     log_query: bool = True,
     store: ObjectStore | None = None,
+    include_archive: bool = False,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
 ) -> SearchResult:
+    """Search collections in their tiers and merge the hits by score (or by reciprocal rank
+    fusion across models). `include_archive` adds each collection's row archive, searched
+    exactly; `since` / `until` keep rows whose source timestamp is in [since, until) in every
+    tier (and read only the archive months they overlap)."""
     if (query is None) == (vector is None):
         raise ValueError("give either a query text or a vector")
     if not collections or isinstance(collections, str):
@@ -150,6 +160,7 @@ def search(
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise ValueError(f"k must be between 1 and {MAX_K} (pgvector's largest hnsw.ef_search), got {k}")
     filters = filter_language.validate(filters) or None
+    window = _window(since, until)
     rt = runtime(pool)
     result = SearchResult(query=query, hits=[])
     tally: dict[str, _Tally] = {}
@@ -192,7 +203,7 @@ def search(
                 continue
             for attempt in (1, 2):
                 try:
-                    outcomes[name] = _search_one(conn, session, facts, vector_for, k, exact, filters, store, tally)
+                    outcomes[name] = _search_one(conn, session, facts, vector_for, k, exact, filters, store, tally, window)
                     break
                 except (psycopg.errors.UndefinedTable, psycopg.errors.InternalError, psycopg.errors.ObjectInUse,
                         _ServingChanged) as err:
@@ -216,8 +227,14 @@ def search(
         if facts is not None and facts.tier == "cold" and name not in outcomes:
             if facts.spec is not None:
                 vector_for(facts.spec)
-            outcomes[name] = _search_one(None, None, facts, vector_for, k, exact, filters, store, tally)
+            outcomes[name] = _search_one(None, None, facts, vector_for, k, exact, filters, store, tally, window)
             settled[name] = facts
+    archive_outcomes: dict[str, tuple[str, Any]] = {}
+    if include_archive:  # outside the connection, as cold search: files may have to be fetched
+        for name, facts in targets:
+            facts = settled.get(name, facts)
+            if facts is not None and facts.tier in ("active", "cold") and facts.spec is not None:
+                archive_outcomes[name] = _search_archive(rt.pool, facts, vector_for, k, filters, store, tally, window)
     for name, facts in targets:
         if facts is None:
             result.warnings.append(f"unknown collection {name!r} skipped")
@@ -231,6 +248,14 @@ def search(
             archived.append(name)
             continue
         hits, spec, fingerprint, mode, elapsed, fallback = payload
+        if name in archive_outcomes:
+            archive_kind, archive_payload = archive_outcomes[name]
+            if archive_kind == "warning":
+                result.warnings.append(archive_payload)
+            else:
+                archive_hits, notes = archive_payload
+                result.warnings.extend(notes)
+                lists.append(archive_hits)
         lists.append(hits)
         fingerprints[name] = fingerprint
         queried.append(name)
@@ -278,7 +303,17 @@ def search(
     return result
 
 
-def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, store, tally) -> tuple[str, Any]:
+def _window(since, until) -> tuple[dt.datetime | None, dt.datetime | None]:
+    for name, value in (("since", since), ("until", until)):
+        if value is not None and not isinstance(value, dt.datetime):
+            raise ValueError(f"{name} must be a datetime, got {type(value).__name__}")
+    since, until = (None if v is None else (v if v.tzinfo else v.replace(tzinfo=dt.timezone.utc)) for v in (since, until))
+    if since is not None and until is not None and since >= until:
+        raise ValueError(f"since ({since.isoformat()}) must be before until ({until.isoformat()})")
+    return since, until
+
+
+def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, store, tally, window=(None, None)) -> tuple[str, Any]:
     """One collection in its tier: ("hits", (...)) | ("warning", text) | ("archived", None)."""
     name = facts.name
     if facts.tier == "archived":
@@ -286,7 +321,7 @@ def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, stor
     if facts.spec is None:
         return "warning", f"collection {name!r} has no serving model"
     if facts.tier == "cold":
-        return _search_cold(facts, vector_for, k, filters, store, tally)
+        return _search_cold(facts, vector_for, k, filters, store, tally, window)
     if not facts.has_view:
         return "warning", f"collection {name!r} has no serving view yet; ingest it first"
     spec = facts.spec
@@ -299,18 +334,21 @@ def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, stor
     relation = tables.view_id(name)
     began = time.perf_counter()
     pin = facts.fingerprint
+    since, until = window
     rows = active.nearest(
-        conn, relation, spec, qvec, k, exact, facts.settings.hnsw_ef_search, filters, session=session, fingerprint=pin
+        conn, relation, spec, qvec, k, exact, facts.settings.hnsw_ef_search, filters, session=session, fingerprint=pin,
+        since=since, until=until,
     )
     mode, fallback = ("exact" if exact else "ann"), False
     if len(rows) < k:
         serving = active.view_fingerprint(conn, relation)
         if serving is not None and serving != pin:
             raise _ServingChanged(name)
-    if len(rows) < k and not exact and active.count_matching(conn, relation, filters, k) > len(rows):
+    if len(rows) < k and not exact and active.count_matching(conn, relation, filters, k, since, until) > len(rows):
         # The index scan stopped short of k rows that exist (a very selective filter):
         # exact search finds them all.
-        rows = active.nearest(conn, relation, spec, qvec, k, True, filters=filters, session=session, fingerprint=pin)
+        rows = active.nearest(conn, relation, spec, qvec, k, True, filters=filters, session=session, fingerprint=pin,
+                              since=since, until=until)
         mode, fallback = "exact_fallback", True
         if len(rows) < k and active.view_fingerprint(conn, relation) not in (None, pin):
             raise _ServingChanged(name)
@@ -328,7 +366,7 @@ def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, stor
     return "hits", (hits, spec, facts.fingerprint, mode, elapsed, fallback)
 
 
-def _search_cold(facts: Facts, vector_for, k, filters, store, tally) -> tuple[str, Any]:
+def _search_cold(facts: Facts, vector_for, k, filters, store, tally, window=(None, None)) -> tuple[str, Any]:
     name, receipt = facts.name, facts.snapshot
     if receipt is None:
         return "warning", f"cold collection {name!r} has no snapshot recorded; skipped"
@@ -344,7 +382,7 @@ def _search_cold(facts: Facts, vector_for, k, filters, store, tally) -> tuple[st
     began = time.perf_counter()
     try:
         data, source = cold_cache.get(store, receipt)
-        found = cold.nearest(data, spec, qvec, k, filters)
+        found = cold.nearest(data, spec, qvec, k, filters, mask=cold.time_mask(data.rows, *window))
         rows = cold.rows_of(data, [i for i, _ in found])
     except Exception as err:  # noqa: BLE001 - a cold read that fails leaves the rest of the answer
         return "warning", f"cold collection {name!r} skipped: its snapshot {receipt.id} could not be read ({err})"
@@ -361,6 +399,38 @@ def _search_cold(facts: Facts, vector_for, k, filters, store, tally) -> tuple[st
         for (_, distance), row in zip(found, rows)
     ]
     return "hits", (hits, spec, receipt.manifest.get("fingerprint"), "cold_exact", elapsed, False)
+
+
+def _search_archive(pool, facts: Facts, vector_for, k, filters, store, tally, window) -> tuple[str, Any]:
+    """The collection's row archive, searched exactly under its serving model: ("hits", (hits,
+    notes)) | ("warning", text)."""
+    from vector_platform.archive.reads import archive_search  # archive.reads builds on search.cold
+
+    name, spec = facts.name, facts.spec
+    if store is None:
+        return "warning", f"the row archive of {name!r} was not searched: no object store to read it from"
+    began = time.perf_counter()
+    try:
+        answer = archive_search.search(pool, store, name, spec, spec.fingerprint, vector_for(spec), k, filters, *window)
+    except Exception as err:  # noqa: BLE001 - an archive that cannot be read leaves the rest of the answer
+        return "warning", f"the row archive of {name!r} was not searched: {err}"
+    elapsed = (time.perf_counter() - began) * 1000
+    t = tally.setdefault("archive", _Tally())
+    t.hits += len(answer.hits)
+    t.latency_ms += elapsed
+    t.collections += 1
+    t.rows_scanned += answer.rows_scanned
+    t.data_from[name] = ", ".join(f"{where}: {n} files" for where, n in sorted((answer.data_from or {}).items())) or "none"
+    notes = [
+        f"{name}: {rows} archived rows hold vectors of model {model!r}, not the serving {spec.key!r}: not searched"
+        for model, rows in sorted((answer.other_models or {}).items())
+    ]
+    hits = [
+        Hit(name, row["chunk_id"], row["doc_id"], tables.score_from_distance(spec, distance), row["text"], row["metadata"],
+            "archive", True, None, spec.key, spec.fingerprint)
+        for row, distance in answer.hits
+    ]
+    return "hits", (hits, notes)
 
 
 def _query_vector(spec: ModelSpec, query, vector, embed_query: QueryEmbedder) -> np.ndarray:

@@ -9,6 +9,7 @@ iterative scan, which keeps walking the graph until k rows pass the filter.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import numpy as np
@@ -71,21 +72,26 @@ def _order_by(spec: ModelSpec, exact: bool) -> sql.Composable:
     return sql.SQL("embedding::{cast} {op} %(q)s::{cast}").format(cast=cast, op=operator(spec))
 
 
+TIME_CONDITION = sql.SQL(
+    "source_ts >= coalesce(%(since)s::timestamptz, '-infinity') AND source_ts < coalesce(%(until)s::timestamptz, 'infinity')"
+)
+
+
 def _nearest_query(
     conn, relation: sql.Composable, spec: ModelSpec, filtered: bool, columns: sql.Composable | None, exact: bool,
-    pinned: bool = False,
+    pinned: bool = False, timed: bool = False,
 ) -> str:
     """The SELECT, composed once per shape (composing costs as much as a tenth of a query).
     The distance returned is always the full-precision one, as exact search and the cold
     tier compute it."""
     halfvec_index = spec.index_type != spec.storage_type
     key = (repr(relation), repr(columns), spec.distance, spec.storage_type, spec.dims if halfvec_index else 0,
-           exact if halfvec_index else None, filtered, pinned)
+           exact if halfvec_index else None, filtered, pinned, timed)
     query = _queries.get(key)
     if query is None:
         conditions = ([sql.SQL("fingerprint = %(fingerprint)s")] if pinned else []) + (
             [sql.SQL("metadata @> %(filters)s")] if filtered else []
-        )
+        ) + ([TIME_CONDITION] if timed else [])
         where = sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         query = sql.SQL(
             "SELECT {columns}, embedding {op} %(q)s::{vtype} AS distance FROM {rel} {where} "
@@ -110,6 +116,8 @@ def nearest(
     columns: sql.Composable | None = None,
     session: dict[str, str] | None = None,
     fingerprint: str | None = None,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
 ) -> list[tuple]:
     """Top-k rows by the model's distance; each row ends with the distance.
 
@@ -119,14 +127,17 @@ def nearest(
 
     `session`: the settings a search-only connection already holds (see `_apply_settings`);
     None on a shared connection, where settings last one transaction.
+
+    `since` / `until`: only rows whose source timestamp is in [since, until).
     """
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be between 1 and {MAX_K}, got {k}")
-    query = _nearest_query(conn, relation, spec, bool(filters), columns, exact, pinned=fingerprint is not None)
-    params = {"q": np.asarray(vector, dtype=np.float32), "k": k, "fingerprint": fingerprint}
+    timed = since is not None or until is not None
+    query = _nearest_query(conn, relation, spec, bool(filters), columns, exact, pinned=fingerprint is not None, timed=timed)
+    params = {"q": np.asarray(vector, dtype=np.float32), "k": k, "fingerprint": fingerprint, "since": since, "until": until}
     if filters:
         params["filters"] = Jsonb(filters)
-    settings = plan_settings(exact, max(ef_search, k), iterative=bool(filters))
+    settings = plan_settings(exact, max(ef_search, k), iterative=bool(filters) or timed)
     if session is not None:
         _apply_settings(conn, settings, session)
         rows = conn.execute(query, params, prepare=False).fetchall()
@@ -134,7 +145,7 @@ def nearest(
         with conn.transaction():
             _apply_settings(conn, settings, None)
             rows = conn.execute(query, params, prepare=False).fetchall()
-    if not exact and (filters or spec.index_type != spec.storage_type):
+    if not exact and (filters or timed or spec.index_type != spec.storage_type):
         # relaxed order may return rows slightly out of order, and a halfvec index orders by
         # the rounded distance: order by the full-precision distance returned
         rows.sort(key=lambda r: r[-1])
@@ -147,11 +158,18 @@ def view_fingerprint(conn: psycopg.Connection, relation: sql.Composable) -> str 
     return row[0] if row else None
 
 
-def count_matching(conn: psycopg.Connection, relation: sql.Composable, filters: dict[str, Any] | None, up_to: int) -> int:
-    """How many rows match the filters, counting no further than `up_to`."""
-    where = sql.SQL("WHERE metadata @> %(filters)s") if filters else sql.SQL("")
+def count_matching(
+    conn: psycopg.Connection, relation: sql.Composable, filters: dict[str, Any] | None, up_to: int,
+    since: dt.datetime | None = None, until: dt.datetime | None = None,
+) -> int:
+    """How many rows match the filters (and time range), counting no further than `up_to`."""
+    conditions = ([sql.SQL("metadata @> %(filters)s")] if filters else []) + (
+        [TIME_CONDITION] if since is not None or until is not None else []
+    )
+    where = sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
     query = sql.SQL("SELECT count(*) FROM (SELECT 1 FROM {rel} {where} LIMIT %(n)s) s").format(rel=relation, where=where)
-    return conn.execute(query, {"filters": Jsonb(filters or {}), "n": up_to}, prepare=False).fetchone()[0]
+    params = {"filters": Jsonb(filters or {}), "n": up_to, "since": since, "until": until}
+    return conn.execute(query, params, prepare=False).fetchone()[0]
 
 
 def explain_nearest(

@@ -16,6 +16,7 @@ concurrent searches on a small machine do better than one search on every core.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
@@ -39,7 +40,12 @@ from vector_platform.search import filters as filter_language
 from vector_platform.settings import vp_home
 from vector_platform.tiers.snapshots import fetch_verified
 
-ROW_COLUMNS = ["chunk_id", "doc_id", "text", "metadata"]
+ROW_COLUMNS = ["chunk_id", "doc_id", "text", "metadata", "source_ts"]
+ROWS_SCHEMA = pa.schema(
+    [("chunk_id", pa.string()), ("doc_id", pa.string()), ("text", pa.string()), ("metadata", pa.string()),
+     ("source_ts", pa.timestamp("us", tz="UTC"))]
+)
+CACHE_FORMAT = 2  # 2: rows carry source_ts (time filters); older local copies are fetched again
 
 
 @dataclass
@@ -51,7 +57,7 @@ class ColdData:
     norms2: np.ndarray  # (n,) float32, as pgvector sums them
     inv_norms: np.ndarray  # (n,) float32, 1 / |v| (for the float32 ranking)
     max_norm: float
-    rows: pa.Table  # chunk_id, doc_id, text, metadata (memory-mapped)
+    rows: pa.Table  # chunk_id, doc_id, text, metadata, source_ts (memory-mapped)
     nbytes: int
 
     @property
@@ -74,7 +80,7 @@ class ColdCache:
         """Named by the store and the snapshot's unique prefix: a catalog restored from a
         backup (ids reused) never meets another snapshot's local copy."""
         unique = hashlib.sha1(receipt.prefix.encode()).hexdigest()[:16]
-        return self.root / hashlib.sha1(store.url.encode()).hexdigest()[:12] / f"{receipt.id}-{unique}"
+        return self.root / hashlib.sha1(store.url.encode()).hexdigest()[:12] / f"{receipt.id}-{unique}-v{CACHE_FORMAT}"
 
     def get(self, store: ObjectStore, receipt: SnapshotReceipt) -> tuple[ColdData, str]:
         """(data, where it came from: memory | local_disk | object_store)."""
@@ -131,15 +137,14 @@ class ColdCache:
             paths = fetch_verified(store, receipt, work / "parquet")
             dims = receipt.manifest["dims"]
             vectors = np.lib.format.open_memmap(work / "vectors.npy", mode="w+", dtype=np.float32, shape=(receipt.rows, dims))
-            schema = pa.schema([("chunk_id", pa.string()), ("doc_id", pa.string()), ("text", pa.string()), ("metadata", pa.string())])
             at = 0
-            with pa.OSFile(str(work / "rows.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            with pa.OSFile(str(work / "rows.arrow"), "wb") as sink, pa.ipc.new_file(sink, ROWS_SCHEMA) as writer:
                 for path in paths:
                     for batch in pq.ParquetFile(path).iter_batches(batch_size=8192, columns=ROW_COLUMNS + ["embedding"]):
                         n = batch.num_rows
-                        flat = batch.column(4).flatten().to_numpy(zero_copy_only=False)
+                        flat = batch.column(len(ROW_COLUMNS)).flatten().to_numpy(zero_copy_only=False)
                         vectors[at : at + n] = flat.reshape(n, dims)
-                        writer.write_batch(pa.record_batch(batch.columns[:4], schema=schema))
+                        writer.write_batch(pa.record_batch(batch.columns[: len(ROW_COLUMNS)], schema=ROWS_SCHEMA))
                         at += n
             if at != receipt.rows:
                 raise ValueError(f"snapshot {receipt.id}: {at} rows read, the receipt says {receipt.rows}")
@@ -244,10 +249,32 @@ def exact_distances(data: ColdData, spec: ModelSpec, q: np.ndarray, index: np.nd
     return 1.0 - np.clip(similarity, -1.0, 1.0)
 
 
+def time_mask(rows: pa.Table, since: dt.datetime | None, until: dt.datetime | None) -> np.ndarray | None:
+    """Rows whose source timestamp is in [since, until) (None: no time filter). A row without
+    a source timestamp matches no time filter, as in SQL."""
+    if since is None and until is None:
+        return None
+    ts = rows.column("source_ts")
+    known = ~np.asarray(ts.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    micros = ts.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
+    mask = known.copy()
+    if since is not None:
+        mask &= micros >= _micros(since)
+    if until is not None:
+        mask &= micros < _micros(until)
+    return mask
+
+
+def _micros(when: dt.datetime) -> int:
+    return int(when.timestamp() * 1_000_000) if when.tzinfo else int(when.replace(tzinfo=dt.timezone.utc).timestamp() * 1_000_000)
+
+
 def nearest(
-    data: ColdData, spec: ModelSpec, query: np.ndarray, k: int, filters: dict[str, Any] | None = None
+    data: ColdData, spec: ModelSpec, query: np.ndarray, k: int, filters: dict[str, Any] | None = None,
+    mask: np.ndarray | None = None,
 ) -> list[tuple[int, float]]:
-    """The k nearest rows (index, distance), best first; with filters, the k nearest that match.
+    """The k nearest rows (index, distance), best first; with filters, the k nearest that match;
+    with a mask, only rows where it is True.
 
     Every row is ranked in float32; the rows within the ranking's error bound of the k-th are
     re-scored exactly as pgvector scores them, and the answer is ordered by those distances.
@@ -260,12 +287,16 @@ def nearest(
     approx = _approximate(data, spec, q)
     slack = _slack(data, spec, q)
     approx = np.where(np.isnan(approx), np.inf, approx)
+    if mask is not None:
+        approx = np.where(mask, approx, np.inf)
     if not filters:
         if k < data.count:
             kth = np.partition(approx, k - 1)[k - 1]
             candidates = np.flatnonzero(approx <= kth + slack)
         else:
             candidates = np.arange(data.count)
+        if mask is not None:
+            candidates = candidates[mask[candidates]]
     else:
         metadata = data.rows.column("metadata")
         matched: list[int] = []

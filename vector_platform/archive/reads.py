@@ -1,0 +1,306 @@
+"""Reading the row archive: `get` of one archived document, and search over archived vectors.
+
+Both start from the receipts (`archive_files`) and the id index (`archived_documents`, which
+file and row group holds each archived document), never from a listing of the store:
+
+- `get_document` looks in Postgres first (live, cold or deleted documents keep their catalog
+  row); an archived one is read from its documents file by a ranged read of the one row
+  group that holds it (the Parquet footer, then that row group), not the whole file.
+- `ArchiveSearch` searches the archived vectors of the serving model by exact brute force,
+  as cold search does (`search.cold.nearest`: the same exact scores, so archived hits merge
+  with active and cold ones by score). Files are fetched once into a local disk cache,
+  named by their sha256 and checked against it on the way down, and grouped by source month
+  in an in-memory LRU; a time filter reads only the months it overlaps.
+
+An archived row is answered only while the index says its document is archived in that
+file's batch: a document that came back live (changed at the source), or was archived again
+later, is never answered from an older file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from psycopg_pool import ConnectionPool
+
+from vector_platform.models import ModelSpec
+from vector_platform.object_store import ObjectStore
+from vector_platform.search import cold
+from vector_platform.settings import vp_home
+
+DOCUMENT_COLUMNS = ("doc_id", "title", "body", "content_hash", "metadata", "source_ts", "first_seen_at", "updated_at")
+
+
+class ArchiveReadError(RuntimeError):
+    """An archive file could not be read, or is not what its receipt says."""
+
+
+@dataclass(frozen=True)
+class ArchiveFile:
+    id: int
+    job_id: int
+    batch: int
+    year: int
+    month: int
+    key: str
+    sha256: str
+    bytes: int
+    rows: int
+
+
+# ---------------------------------------------------------------- get
+
+
+def get_document(pool: ConnectionPool, store: ObjectStore | None, collection: str, doc_id: str) -> dict[str, Any] | None:
+    """One document by id: from Postgres when it has a catalog row there, else from the row
+    archive (one ranged read). None when neither knows it."""
+    with pool.connection() as conn:
+        tier = conn.execute("SELECT tier FROM vector_platform.collections WHERE name = %s", (collection,)).fetchone()
+        if tier is None:
+            raise KeyError(f"unknown collection {collection!r}")
+        row = conn.execute(
+            "SELECT doc_id, title, body, content_hash, metadata, source_ts, first_seen_at, updated_at, deleted_at, "
+            "(SELECT count(*) FROM vector_platform.chunks c WHERE c.collection = d.collection AND c.doc_id = d.doc_id) "
+            "FROM vector_platform.documents d WHERE collection = %s AND doc_id = %s",
+            (collection, doc_id),
+        ).fetchone()
+        if row is not None:
+            doc = dict(zip(DOCUMENT_COLUMNS, row[:8]))
+            doc.update(collection=collection, chunks=row[9], source_tier=tier[0] if row[8] is None else "deleted",
+                       deleted_at=row[8])
+            return _jsonable(doc)
+        found = conn.execute(
+            "SELECT a.row_group, a.archived_at, f.id, f.job_id, f.batch, f.year, f.month, f.key, f.sha256, f.bytes, f.rows "
+            "FROM vector_platform.archived_documents a JOIN vector_platform.archive_files f ON f.id = a.file_id "
+            "WHERE a.collection = %s AND a.doc_id = %s",
+            (collection, doc_id),
+        ).fetchone()
+    if found is None:
+        return None
+    if store is None:
+        raise ArchiveReadError(f"{collection}/{doc_id} is archived: an object store is needed to read it")
+    row_group, archived_at, file = found[0], found[1], ArchiveFile(*found[2:])
+    try:
+        with store.open_input(file.key) as src:
+            parquet = pq.ParquetFile(src)
+            if parquet.metadata.num_rows != file.rows:
+                raise ArchiveReadError(f"{file.key} holds {parquet.metadata.num_rows} rows, its receipt says {file.rows}")
+            group = parquet.read_row_group(row_group)
+    except (OSError, pa.ArrowException) as err:
+        raise ArchiveReadError(f"{collection}/{doc_id}: archive file {file.key} could not be read ({err})") from err
+    ids = group.column("doc_id").to_pylist()
+    if doc_id not in ids:
+        raise ArchiveReadError(f"{file.key} row group {row_group} does not hold {doc_id!r}, as the index says it does")
+    doc = {name: group.column(name)[ids.index(doc_id)].as_py() for name in DOCUMENT_COLUMNS}
+    doc["metadata"] = json.loads(doc["metadata"]) if doc["metadata"] else {}
+    doc.update(collection=collection, source_tier="archive", archived_at=archived_at,
+               archive={"uri": store.uri(file.key), "row_group": row_group, "file_sha256": file.sha256})
+    return _jsonable(doc)
+
+
+def _jsonable(doc: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in doc.items()}
+
+
+# ---------------------------------------------------------------- search
+
+
+@dataclass
+class MonthData:
+    """One source month of one model's archived vectors, ready to search."""
+
+    data: cold.ColdData
+    batches: np.ndarray  # (n,) int64: job_id << 32 | batch, the file each row came from
+    nbytes: int
+
+
+@dataclass
+class ArchiveAnswer:
+    hits: list[tuple[dict[str, Any], float]]  # (row, distance), best first
+    rows_scanned: int = 0
+    files: int = 0
+    months: int = 0
+    months_pruned: int = 0
+    data_from: dict[str, int] | None = None
+    other_models: dict[str, int] | None = None  # archived rows under models that are not serving
+
+
+def _batch_tag(job_id: int, batch: int) -> int:
+    return (int(job_id) << 32) | int(batch)
+
+
+class ArchiveSearch:
+    """Local disk cache (by sha256) + in-memory LRU of months, bounded in bytes. Thread-safe."""
+
+    def __init__(self, root: Path | None = None, memory_bytes: int | None = None):
+        self.root = root or vp_home() / "cache" / "archive"
+        self.memory_bytes = memory_bytes or int(os.environ.get("VP_ARCHIVE_MEMORY_BYTES", str(512 * 2**20)))
+        self._memory: OrderedDict[tuple, MonthData] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- files
+    def _local(self, store: ObjectStore, file: ArchiveFile, tally: dict[str, int]) -> Path:
+        path = self.root / hashlib.sha1(store.url.encode()).hexdigest()[:12] / f"{file.sha256}.parquet"
+        if path.exists() and path.stat().st_size == file.bytes:
+            tally["local_disk"] = tally.get("local_disk", 0) + 1
+            return path
+        data = store.get_bytes(file.key)
+        if len(data) != file.bytes or hashlib.sha256(data).hexdigest() != file.sha256:
+            raise ArchiveReadError(f"{file.key}: {len(data)} bytes that do not match its receipt; not served")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        tally["object_store"] = tally.get("object_store", 0) + 1
+        return path
+
+    def _read(self, store: ObjectStore, file: ArchiveFile, tally: dict[str, int]) -> pa.Table:
+        """The file's rows; a damaged local copy (right size, unreadable) is fetched again, once."""
+        for attempt in (1, 2):
+            path = self._local(store, file, tally)
+            try:
+                table = pq.read_table(path, columns=cold.ROW_COLUMNS + ["embedding"])
+            except (OSError, pa.ArrowException):
+                if attempt == 2:
+                    raise
+                path.unlink(missing_ok=True)
+                continue
+            if table.num_rows != file.rows:
+                raise ArchiveReadError(f"{file.key}: {table.num_rows} rows, its receipt says {file.rows}")
+            return table
+        raise AssertionError("unreachable")
+
+    def month(self, store: ObjectStore, dims: int, files: list[ArchiveFile], tally: dict[str, int]) -> MonthData:
+        key = (store.url, tuple(f.sha256 for f in files))
+        with self._lock:
+            found = self._memory.get(key)
+            if found is not None:
+                self._memory.move_to_end(key)
+                tally["memory"] = tally.get("memory", 0) + len(files)
+                return found
+        vectors, rows, batches = [], [], []
+        for file in files:
+            table = self._read(store, file, tally)
+            flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            vectors.append(flat.reshape(table.num_rows, dims).astype(np.float32, copy=False))
+            rows.append(table.select(cold.ROW_COLUMNS).cast(cold.ROWS_SCHEMA))
+            batches.append(np.full(table.num_rows, _batch_tag(file.job_id, file.batch), dtype=np.int64))
+        matrix = np.vstack(vectors) if vectors else np.zeros((0, dims), np.float32)
+        norms2 = np.einsum("ij,ij->i", matrix, matrix)
+        with np.errstate(divide="ignore"):
+            inv = (1.0 / np.sqrt(norms2.astype(np.float64))).astype(np.float32)
+        table = pa.concat_tables(rows) if rows else cold.ROWS_SCHEMA.empty_table()
+        nbytes = matrix.nbytes + norms2.nbytes + inv.nbytes + table.nbytes
+        data = cold.ColdData(-1, matrix, norms2, inv, float(np.sqrt(norms2.max())) if len(norms2) else 0.0, table, nbytes)
+        month = MonthData(data, np.concatenate(batches) if batches else np.zeros(0, np.int64), nbytes)
+        with self._lock:
+            self._memory[key] = month
+            total = sum(m.nbytes for m in self._memory.values())
+            while total > self.memory_bytes and len(self._memory) > 1:
+                _, dropped = self._memory.popitem(last=False)
+                total -= dropped.nbytes
+        return month
+
+    def forget(self) -> None:
+        with self._lock:
+            self._memory.clear()
+
+    # -- search
+    def search(
+        self, pool: ConnectionPool, store: ObjectStore, collection: str, spec: ModelSpec, fingerprint: str,
+        query: np.ndarray, k: int, filters: dict[str, Any] | None = None,
+        since: dt.datetime | None = None, until: dt.datetime | None = None,
+    ) -> ArchiveAnswer:
+        """The k nearest archived rows of `collection` under `spec` (exact), with filters and a
+        source-time range [since, until)."""
+        with pool.connection() as conn:
+            found = conn.execute(
+                "SELECT id, job_id, batch, year, month, key, sha256, bytes, rows, model_key, fingerprint "
+                "FROM vector_platform.archive_files "
+                "WHERE collection = %s AND kind = 'vectors' ORDER BY year, month, id",
+                (collection,),
+            ).fetchall()
+        by_month: dict[tuple[int, int], list[ArchiveFile]] = {}
+        other: dict[str, int] = {}
+        for row in found:
+            file, model_key, file_fingerprint = ArchiveFile(*row[:9]), row[9], row[10]
+            if model_key != spec.key or file_fingerprint != fingerprint:
+                other[model_key] = other.get(model_key, 0) + file.rows
+                continue
+            by_month.setdefault((file.year, file.month), []).append(file)
+        answer = ArchiveAnswer([], data_from={}, other_models=other or None)
+        wanted = {m: files for m, files in by_month.items() if _overlaps(m, since, until)}
+        answer.months, answer.months_pruned = len(wanted), len(by_month) - len(wanted)
+        months = [(m, self.month(store, spec.dims, files, answer.data_from)) for m, files in sorted(wanted.items())]
+        answer.files = sum(len(wanted[m]) for m, _ in months)
+        answer.rows_scanned = sum(md.data.count for _, md in months)
+        months_of = dict(months)
+        excluded: dict[tuple[int, int], set[int]] = {}
+        stale: set[tuple] = set()
+        for _ in range(8):  # stale rows (a document revived or archived again) are rare: a few rounds at most
+            candidates = []
+            for m, md in months:
+                mask = cold.time_mask(md.data.rows, since, until)
+                if excluded.get(m):
+                    mask = np.ones(md.data.count, bool) if mask is None else mask.copy()
+                    mask[list(excluded[m])] = False
+                for i, distance in cold.nearest(md.data, spec, query, k, filters, mask=mask):
+                    candidates.append((distance, m, i))
+            candidates.sort(key=lambda c: (c[0], c[1], c[2]))
+            stale = self._stale(pool, collection, [(m, i, months_of[m]) for _, m, i in candidates])
+            if not stale:
+                break
+            for m, i in stale:
+                excluded.setdefault(m, set()).add(i)
+        top = [c for c in candidates if (c[1], c[2]) not in stale][:k]
+        answer.hits = [(cold.rows_of(months_of[m].data, [i])[0], distance) for distance, m, i in top]
+        return answer
+
+    @staticmethod
+    def _stale(pool: ConnectionPool, collection: str, rows: list[tuple]) -> set[tuple]:
+        """Rows whose document the index no longer places in their file's batch."""
+        if not rows:
+            return set()
+        doc_ids = sorted({md.data.rows.column("doc_id")[i].as_py() for _, i, md in rows})
+        with pool.connection() as conn:
+            current = {
+                doc_id: _batch_tag(job_id, batch)
+                for doc_id, job_id, batch in conn.execute(
+                    "SELECT a.doc_id, f.job_id, f.batch FROM vector_platform.archived_documents a "
+                    "JOIN vector_platform.archive_files f ON f.id = a.file_id WHERE a.collection = %s AND a.doc_id = ANY(%s)",
+                    (collection, doc_ids),
+                )
+            }
+        return {
+            (m, i) for m, i, md in rows
+            if current.get(md.data.rows.column("doc_id")[i].as_py()) != int(md.batches[i])
+        }
+
+
+def _overlaps(month: tuple[int, int], since: dt.datetime | None, until: dt.datetime | None) -> bool:
+    """Does source month (year, month), in UTC, overlap [since, until)?"""
+    year, mon = month
+    start = dt.datetime(year, mon, 1, tzinfo=dt.timezone.utc)
+    end = dt.datetime(year + (mon == 12), mon % 12 + 1, 1, tzinfo=dt.timezone.utc)
+    if since is not None and _utc(since) >= end:
+        return False
+    return until is None or _utc(until) > start
+
+
+def _utc(when: dt.datetime) -> dt.datetime:
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+archive_search = ArchiveSearch()
