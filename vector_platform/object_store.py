@@ -96,6 +96,15 @@ class ObjectStore:
                 keys.append(info.path[len(self.root) + 1 :])
         return sorted(keys)
 
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """{key: bytes} of the files under `prefix` (a folder), temporary files skipped."""
+        selector = pafs.FileSelector(self.path(prefix.rstrip("/")), recursive=True, allow_not_found=True)
+        return {
+            info.path[len(self.root) + 1 :]: info.size or 0
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File and ".tmp-" not in info.base_name
+        }
+
     def size(self, prefix: str) -> int:
         selector = pafs.FileSelector(self.path(prefix.rstrip("/")), recursive=True, allow_not_found=True)
         return sum(i.size or 0 for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)

@@ -12,10 +12,12 @@ import uuid
 
 import psycopg
 import pytest
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vector_platform import catalog, clock, tables
 from vector_platform.archive import rows as archive
+from vector_platform.archive.reconcile import archive_reconciles as reconcile
 from vector_platform.locks import lock_key
 
 from .conftest import write_jsonl
@@ -135,6 +137,8 @@ def test_a_kill_between_receipts_and_delete_loses_nothing_and_duplicates_nothing
     assert len(keys) == len(set(keys)) and jobs == [("completed", len(old))]
     listed = vp.store().list(f"archive/{name}")
     assert sorted(listed) == sorted(keys)  # the re-run rewrote the same objects: none left over
+    figures = reconcile(vp.pool(), vp.store(), name)
+    assert figures["problems"] == [] and figures["sampled_documents"] == min(20, len(old)) and figures["sampled_vectors"] > 0
 
 
 def test_the_row_archive_asset_applies_the_collections_rule(make_platform, pg_dsn, tmp_path):
@@ -223,3 +227,67 @@ def test_get_and_search_still_find_archived_rows_labelled_and_scored_as_before(m
     assert vp.get(name, revived)["source_tier"] == "active"
     hits = vp.search(by_id[revived]["text"], [name], k=10, exact=True, include_archive=True).hits
     assert [h.source_tier for h in hits if h.doc_id == revived] == ["active"]
+
+
+def test_archive_reconciles_catches_a_missing_file_a_damaged_row_and_a_row_both_live_and_archived(make_platform, pg_dsn, tmp_path):
+    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 150)
+    vp.set_rules(name, archive_rows_older_than_days=730)
+    clock.set_now(NOW)
+    try:
+        run = vp._run("row_archive_job", name)
+    finally:
+        clock.set_now(None)
+    assert run.success and run.checks == {"archive_reconciles": True}, run.error
+    store = vp.store()
+    assert reconcile(vp.pool(), store, name, sample_fraction=1.0)["sampled_documents"] == len(old)
+
+    with psycopg.connect(pg_dsn) as conn:
+        doc_key, vec_key = (conn.execute(
+            "SELECT key FROM vector_platform.archive_files WHERE collection = %s AND kind = %s ORDER BY id LIMIT 1", (name, kind)
+        ).fetchone()[0] for kind in ("documents", "vectors"))
+    # A documents file rewritten with one body changed (same rows, same ids): the content no
+    # longer hashes to what was archived.
+    table = pq.read_table(io.BytesIO(store.get_bytes(doc_key)))
+    bodies = table.column("body").to_pylist()
+    bodies[0] = bodies[0] + " tampered"
+    buf = io.BytesIO()
+    pq.write_table(table.set_column(table.schema.get_field_index("body"), "body", pa.array(bodies)), buf, row_group_size=100)
+    store.put_bytes(doc_key, buf.getvalue())
+    store.delete(vec_key)
+    with psycopg.connect(pg_dsn) as conn:  # a document put back live behind the archive's back
+        conn.execute(
+            "INSERT INTO vector_platform.documents (collection, doc_id, body, content_hash, metadata, first_seen_at, updated_at) "
+            "SELECT collection, doc_id, 'x', content_hash, '{}', now(), now() FROM vector_platform.archived_documents "
+            "WHERE collection = %s ORDER BY doc_id DESC LIMIT 1", (name,))
+    figures = reconcile(vp.pool(), store, name, sample_fraction=1.0)
+    text = " | ".join(figures["problems"])
+    assert f"{vec_key} has a receipt but is not on the object store" in text
+    assert "does not hash to its content_hash" in text
+    assert figures["live_and_archived"] == 1 and "1 documents are both live and archived" in text
+    assert f"{doc_key} is " in text  # its size changed too
+    assert vp._run("row_archive_job", name).checks == {"archive_reconciles": False}
+
+
+def test_the_nightly_schedule_asks_for_one_run_per_active_collection_with_a_rule(pg_dsn, unique_name, tmp_path):
+    import dagster as dg
+
+    from vector_platform.defs.archive.schedules import row_archive_schedule
+    from vector_platform.defs.resources import PostgresResource
+
+    postgres = PostgresResource(dsn=pg_dsn)
+    names = [f"{unique_name[:40]}_{c}" for c in "abc"]
+    with postgres.pool().connection() as conn:
+        for name in names:
+            catalog.add_collection(conn, name, str(tmp_path), "minilm_l6_v2")
+    from vector_platform.catalog import tiers as tier_sql
+
+    with postgres.pool().connection() as conn:
+        tier_sql.set_rules(conn, names[0], archive_rows_older_than_days=365)
+        tier_sql.set_rules(conn, names[1], archive_rows_older_than_days=30)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("collection", names[:1])  # names[1] not discovered yet
+        when = dt.datetime(2026, 11, 25, 2, 41, tzinfo=dt.timezone.utc)
+        context = dg.build_schedule_context(instance=instance, resources={"postgres": postgres}, scheduled_execution_time=when)
+        requests = row_archive_schedule(context)
+        mine = [r for r in requests if r.partition_key in names]
+        assert [(r.partition_key, r.run_key) for r in mine] == [(names[0], f"row_archive:{names[0]}:2026-11-25")]

@@ -41,6 +41,7 @@ def test_one_lineage_graph_with_checks_and_descriptions():
         ("cold_snapshot", "snapshot_matches_table"),
         ("hnsw_index", "shadow_passes_quality_gate"),
         ("cold_snapshot", "snapshot_passes_quality_gate"),
+        ("row_archive", "archive_reconciles"),
     }
     for key in graph.get_all_asset_keys():
         assert graph.get(key).description and len(graph.get(key).description) > 80
