@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import dagster as dg
 
 from vector_platform import backfills, catalog, db, runs, tables
+from vector_platform.archive import rows as archive_rows
 from vector_platform.archive.reads import get_document
 from vector_platform.catalog import cache_index
 from vector_platform.catalog import documents as docs_sql
@@ -482,8 +483,22 @@ class Platform:
         return {"embedded": True, **db.embedded_status(Path(self.postgres.home) if self.postgres.home else vp_home())}
 
 
+def monthly_cost(postgres_bytes: int, store_bytes: int) -> dict[str, Any]:
+    """A monthly storage estimate at $/GB-month rates (VP_COST_POSTGRES_GB_MONTH, default 0.12, a
+    provisioned SSD volume; VP_COST_OBJECT_STORE_GB_MONTH, default 0.023, S3 Standard)."""
+    pg_rate = float(os.environ.get("VP_COST_POSTGRES_GB_MONTH", "0.12"))
+    store_rate = float(os.environ.get("VP_COST_OBJECT_STORE_GB_MONTH", "0.023"))
+    pg_gb, store_gb = postgres_bytes / 1e9, store_bytes / 1e9
+    return {
+        "postgres_gb": round(pg_gb, 6), "object_store_gb": round(store_gb, 6),
+        "usd_per_gb_month": {"postgres": pg_rate, "object_store": store_rate},
+        "usd_per_month": round(pg_gb * pg_rate + store_gb * store_rate, 4),
+    }
+
+
 def _collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
     counts = docs_sql.collection_counts(conn, coll.name)
+    archived = archive_rows.archive_summary(conn, coll.name, jobs=3)
     dead = catalog.count_open(conn, coll.name)
     table_info, vectors, table_bytes = {}, 0, 0
     for model_key in coll.models:
@@ -533,7 +548,9 @@ def _collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
         "vectors": vectors,
         "dead_letters": dead,
         "bytes_postgres": int(table_bytes + counts["catalog_bytes"]),
-        "bytes_object_store": store.size(f"collections/{coll.name}"),
+        "bytes_object_store": store.size(f"collections/{coll.name}") + archived["bytes"],
+        "archive": archived,
+        "cost": monthly_cost(table_bytes + counts["catalog_bytes"], store.size(f"collections/{coll.name}") + archived["bytes"]),
         "tables": table_info,
         "settings": coll.settings.to_json(),
     }

@@ -262,6 +262,20 @@ def cmd_status(args) -> int:
             f"vectors={c['vectors']:<7} dead_letters={c['dead_letters']:<4} pg={c['bytes_postgres'] / 2**20:.1f} MiB "
             f"store={c['bytes_object_store'] / 2**20:.1f} MiB last_queried={c['last_queried_at'] or '-'}"
         )
+        archive = c["archive"]
+        if archive["documents"] or archive["jobs"]:
+            job = archive["jobs"][0] if archive["jobs"] else None
+            print(
+                f"  row archive: {archive['documents']} documents, {archive['vector_rows']} vectors, "
+                f"{archive['bytes'] / 2**20:.1f} MiB in {archive['files']} files"
+                + (f"; last job {job['id']} {job['status']} (cutoff {job['cutoff'][:10]})" if job else "")
+                + (f": {job['error']}" if job and job["error"] else "")
+            )
+        cost = c["cost"]
+        print(
+            f"  storage: {cost['postgres_gb']:.3f} GB in Postgres, {cost['object_store_gb']:.3f} GB on the object store, "
+            f"about ${cost['usd_per_month']:.2f}/month"
+        )
         if c["tier_events"]:
             e = c["tier_events"][0]
             print(f"{'':<20} last move: {e['from']} -> {e['to']} ({e['reason']}) at {e['at']}, {e['rows']} rows, {e['seconds']:.1f} s")

@@ -154,6 +154,16 @@ def test_the_row_archive_asset_applies_the_collections_rule(make_platform, pg_ds
     assert run.success, run.error
     assert run.metadata["row_archive"]["documents"] == len(old) > 0
     assert counts(pg_dsn, name)["archived"] == len(old)
+    assert "| completed |" in run.metadata["row_archive"]["recent_jobs"]
+
+    # status: rows and bytes in Postgres vs archived, the last job, a monthly cost estimate.
+    [status] = [c for c in vp.status()["collections"] if c["name"] == name]
+    assert status["archive"]["documents"] == len(old) and status["documents"] == len(docs) - len(old)
+    assert status["archive"]["jobs"][0]["status"] == "completed" and status["archive"]["bytes"] > 0
+    assert status["bytes_object_store"] >= status["archive"]["bytes"]
+    cost = status["cost"]
+    expected = status["bytes_postgres"] / 1e9 * 0.12 + status["bytes_object_store"] / 1e9 * 0.023
+    assert cost["usd_per_month"] == pytest.approx(expected, abs=1e-4) and cost["usd_per_gb_month"] == {"postgres": 0.12, "object_store": 0.023}
 
 
 def test_archival_refuses_a_second_run_a_cold_collection_and_half_ingested_documents(make_platform, pg_dsn, tmp_path):

@@ -348,3 +348,35 @@ def _forget_unfinished_batch(conn, store: ObjectStore, collection: str, job_id: 
     ).fetchall():
         store.delete(key, missing_ok=True)
         conn.execute("DELETE FROM vector_platform.archive_files WHERE id = %s", (file_id,))
+
+
+def archive_summary(conn, collection: str, jobs: int = 5) -> dict[str, Any]:
+    """What the row archive holds for a collection, and its last jobs (status, asset metadata)."""
+    documents = conn.execute(
+        "SELECT count(*) FROM vector_platform.archived_documents WHERE collection = %s", (collection,)).fetchone()[0]
+    files, nbytes, vector_rows = conn.execute(
+        "SELECT count(*), coalesce(sum(bytes), 0), coalesce(sum(rows) FILTER (WHERE kind = 'vectors'), 0) "
+        "FROM vector_platform.archive_files WHERE collection = %s",
+        (collection,),
+    ).fetchone()
+    last = conn.execute(
+        "SELECT id, status, cutoff, documents, vectors, bytes, batches, started_at, finished_at, error "
+        "FROM vector_platform.archival_jobs WHERE collection = %s ORDER BY id DESC LIMIT %s",
+        (collection, jobs),
+    ).fetchall()
+    keys = ("id", "status", "cutoff", "documents", "vectors", "bytes", "batches", "started_at", "finished_at", "error")
+    return {
+        "documents": documents, "vector_rows": int(vector_rows), "files": files, "bytes": int(nbytes),
+        "jobs": [{k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in zip(keys, row)} for row in last],
+    }
+
+
+def jobs_markdown(jobs: list[dict[str, Any]]) -> str:
+    """The last jobs as a Markdown table (asset metadata in the UI)."""
+    lines = ["| job | status | cutoff | documents | vectors | MiB | finished |", "|---|---|---|---|---|---|---|"]
+    for j in jobs:
+        lines.append(
+            f"| {j['id']} | {j['status']} | {j['cutoff'][:10]} | {j['documents']} | {j['vectors']} | "
+            f"{j['bytes'] / 2**20:.2f} | {(j['finished_at'] or '-')[:19]} |"
+        )
+    return "\n".join(lines)

@@ -39,4 +39,10 @@ def row_archive(context: dg.AssetExecutionContext, postgres: PostgresResource, o
         )
     except archive.ArchiveError as err:
         raise dg.Failure(str(err), allow_retries=False) from None
-    return dg.MaterializeResult(metadata={"archived": True, "dagster/row_count": report.documents, **report.as_metadata()})
+    with pool.connection() as conn:
+        summary = archive.archive_summary(conn, collection)
+    return dg.MaterializeResult(metadata={
+        "archived": True, "dagster/row_count": report.documents, **report.as_metadata(),
+        "archive_documents_total": summary["documents"], "archive_bytes_total": summary["bytes"],
+        "recent_jobs": dg.MetadataValue.md(archive.jobs_markdown(summary["jobs"])),
+    })
