@@ -9,8 +9,9 @@ file and row group holds each archived document), never from a listing of the st
 - `ArchiveSearch` searches the archived vectors of the serving model by exact brute force,
   as cold search does (`search.cold.nearest`: the same exact scores, so archived hits merge
   with active and cold ones by score). Files are fetched once into a local disk cache,
-  named by their sha256 and checked against it on the way down, and grouped by source month
-  in an in-memory LRU; a time filter reads only the months it overlaps.
+  named by their sha256 and checked against it on the way down, and loaded into one matrix
+  per query kept in an in-memory LRU; a time filter reads only the months it overlaps
+  (or masks the whole archive's rows when that is already in memory).
 
 An archived row is answered only while the index says its document is archived in that
 file's batch: a document that came back live (changed at the source), or was archived again
@@ -118,11 +119,12 @@ def _jsonable(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class MonthData:
-    """One source month of one model's archived vectors, ready to search."""
+class Slice:
+    """Archived vectors of one model over some source months, ready to search."""
 
     data: cold.ColdData
     batches: np.ndarray  # (n,) int64: job_id << 32 | batch, the file each row came from
+    doc_ids: list[str]
     nbytes: int
 
 
@@ -142,12 +144,13 @@ def _batch_tag(job_id: int, batch: int) -> int:
 
 
 class ArchiveSearch:
-    """Local disk cache (by sha256) + in-memory LRU of months, bounded in bytes. Thread-safe."""
+    """Local disk cache (files by sha256) + in-memory LRU of loaded slices, bounded in bytes.
+    Thread-safe."""
 
     def __init__(self, root: Path | None = None, memory_bytes: int | None = None):
         self.root = root or vp_home() / "cache" / "archive"
         self.memory_bytes = memory_bytes or int(os.environ.get("VP_ARCHIVE_MEMORY_BYTES", str(512 * 2**20)))
-        self._memory: OrderedDict[tuple, MonthData] = OrderedDict()
+        self._memory: OrderedDict[tuple, Slice] = OrderedDict()
         self._lock = threading.Lock()
 
     # -- files
@@ -182,14 +185,20 @@ class ArchiveSearch:
             return table
         raise AssertionError("unreachable")
 
-    def month(self, store: ObjectStore, dims: int, files: list[ArchiveFile], tally: dict[str, int]) -> MonthData:
+    def cached(self, store: ObjectStore, files: list[ArchiveFile]) -> Slice | None:
         key = (store.url, tuple(f.sha256 for f in files))
         with self._lock:
             found = self._memory.get(key)
             if found is not None:
                 self._memory.move_to_end(key)
-                tally["memory"] = tally.get("memory", 0) + len(files)
-                return found
+            return found
+
+    def load(self, store: ObjectStore, dims: int, files: list[ArchiveFile], tally: dict[str, int]) -> Slice:
+        """These files' rows as one searchable slice (from memory when already loaded)."""
+        found = self.cached(store, files)
+        if found is not None:
+            tally["memory"] = tally.get("memory", 0) + len(files)
+            return found
         vectors, rows, batches = [], [], []
         for file in files:
             table = self._read(store, file, tally)
@@ -201,17 +210,18 @@ class ArchiveSearch:
         norms2 = np.einsum("ij,ij->i", matrix, matrix)
         with np.errstate(divide="ignore"):
             inv = (1.0 / np.sqrt(norms2.astype(np.float64))).astype(np.float32)
-        table = pa.concat_tables(rows) if rows else cold.ROWS_SCHEMA.empty_table()
+        table = (pa.concat_tables(rows) if rows else cold.ROWS_SCHEMA.empty_table()).combine_chunks()
         nbytes = matrix.nbytes + norms2.nbytes + inv.nbytes + table.nbytes
         data = cold.ColdData(-1, matrix, norms2, inv, float(np.sqrt(norms2.max())) if len(norms2) else 0.0, table, nbytes)
-        month = MonthData(data, np.concatenate(batches) if batches else np.zeros(0, np.int64), nbytes)
+        loaded = Slice(data, np.concatenate(batches) if batches else np.zeros(0, np.int64),
+                       table.column("doc_id").to_pylist(), nbytes)
         with self._lock:
-            self._memory[key] = month
+            self._memory[(store.url, tuple(f.sha256 for f in files))] = loaded
             total = sum(m.nbytes for m in self._memory.values())
             while total > self.memory_bytes and len(self._memory) > 1:
                 _, dropped = self._memory.popitem(last=False)
                 total -= dropped.nbytes
-        return month
+        return loaded
 
     def forget(self) -> None:
         with self._lock:
@@ -243,37 +253,39 @@ class ArchiveSearch:
         answer = ArchiveAnswer([], data_from={}, other_models=other or None)
         wanted = {m: files for m, files in by_month.items() if _overlaps(m, since, until)}
         answer.months, answer.months_pruned = len(wanted), len(by_month) - len(wanted)
-        months = [(m, self.month(store, spec.dims, files, answer.data_from)) for m, files in sorted(wanted.items())]
-        answer.files = sum(len(wanted[m]) for m, _ in months)
-        answer.rows_scanned = sum(md.data.count for _, md in months)
-        months_of = dict(months)
-        excluded: dict[tuple[int, int], set[int]] = {}
-        stale: set[tuple] = set()
+        answer.files = sum(len(files) for files in wanted.values())
+        answer.rows_scanned = sum(f.rows for files in wanted.values() for f in files)
+        every = [f for m in sorted(by_month) for f in by_month[m]]
+        # One slice per query: every month (a time window masks rows within it), or when only
+        # a window's months are wanted and the whole archive is not in memory, just those.
+        loaded = self.cached(store, every) if len(wanted) < len(by_month) else None
+        if loaded is not None:
+            answer.data_from["memory"] = len(every)
+        else:
+            loaded = self.load(store, spec.dims, [f for m in sorted(wanted) for f in wanted[m]], answer.data_from)
+        window = cold.time_mask(loaded.data.rows, since, until)
+        excluded: set[int] = set()
+        found: list[tuple[int, float]] = []
         for _ in range(8):  # stale rows (a document revived or archived again) are rare: a few rounds at most
-            candidates = []
-            for m, md in months:
-                mask = cold.time_mask(md.data.rows, since, until)
-                if excluded.get(m):
-                    mask = np.ones(md.data.count, bool) if mask is None else mask.copy()
-                    mask[list(excluded[m])] = False
-                for i, distance in cold.nearest(md.data, spec, query, k, filters, mask=mask):
-                    candidates.append((distance, m, i))
-            candidates.sort(key=lambda c: (c[0], c[1], c[2]))
-            stale = self._stale(pool, collection, [(m, i, months_of[m]) for _, m, i in candidates])
+            mask = window
+            if excluded:
+                mask = np.ones(loaded.data.count, bool) if window is None else window.copy()
+                mask[sorted(excluded)] = False
+            found = cold.nearest(loaded.data, spec, query, k, filters, mask=mask)
+            stale = self._stale(pool, collection, loaded, [i for i, _ in found])
             if not stale:
                 break
-            for m, i in stale:
-                excluded.setdefault(m, set()).add(i)
-        top = [c for c in candidates if (c[1], c[2]) not in stale][:k]
-        answer.hits = [(cold.rows_of(months_of[m].data, [i])[0], distance) for distance, m, i in top]
+            excluded |= stale
+        found = [(i, d) for i, d in found if i not in excluded]
+        answer.hits = list(zip(cold.rows_of(loaded.data, [i for i, _ in found]), [d for _, d in found]))
         return answer
 
     @staticmethod
-    def _stale(pool: ConnectionPool, collection: str, rows: list[tuple]) -> set[tuple]:
+    def _stale(pool: ConnectionPool, collection: str, loaded: Slice, indices: list[int]) -> set[int]:
         """Rows whose document the index no longer places in their file's batch."""
-        if not rows:
+        if not indices:
             return set()
-        doc_ids = sorted({md.data.rows.column("doc_id")[i].as_py() for _, i, md in rows})
+        doc_ids = sorted({loaded.doc_ids[i] for i in indices})
         with pool.connection() as conn:
             current = {
                 doc_id: _batch_tag(job_id, batch)
@@ -283,10 +295,7 @@ class ArchiveSearch:
                     (collection, doc_ids),
                 )
             }
-        return {
-            (m, i) for m, i, md in rows
-            if current.get(md.data.rows.column("doc_id")[i].as_py()) != int(md.batches[i])
-        }
+        return {i for i in indices if current.get(loaded.doc_ids[i]) != int(loaded.batches[i])}
 
 
 def _overlaps(month: tuple[int, int], since: dt.datetime | None, until: dt.datetime | None) -> bool:
