@@ -46,6 +46,7 @@ from vector_platform.tiers.snapshots import rows_by_chunk_ids
 
 BATCH_DOCUMENTS = 1000
 UPLOAD_THREADS = 4
+REINDEX_FRACTION = 0.2  # share of a table's rows deleted by a job from which its HNSW index is rebuilt
 DOCS_PER_ROW_GROUP = 100
 
 DOCUMENT_SCHEMA = pa.schema(
@@ -144,25 +145,42 @@ def _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, batch_do
             (clock.now(), clock.now(), job_id),
         )
     if report.documents:
-        report.vacuum_seconds = _vacuum(pool, collection, say)
+        report.vacuum_seconds = _tidy(pool, collection, job_id, say)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
 
 
-def _vacuum(pool: ConnectionPool, collection: str, say) -> float:
-    """VACUUM (ANALYZE) the collection's vector tables after a job deleted rows: an HNSW
-    index keeps deleted rows in its graph until a vacuum repairs it (scans walk past them and
-    can come back short of k), and the planner should see the new row counts. Rows are not
-    locked meanwhile: searches and ingest go on."""
+def _tidy(pool: ConnectionPool, collection: str, job_id: int, say) -> float:
+    """After a job deleted rows: an HNSW index keeps deleted rows in its graph until a vacuum
+    repairs it (scans walk past them and can come back short of k), and repairing is slow
+    when much was deleted. As pgvector advises, a table that lost REINDEX_FRACTION of its
+    rows or more gets its index rebuilt first (REINDEX CONCURRENTLY, checked valid; a failed
+    rebuild's leftover is dropped and the old index kept), then VACUUM (ANALYZE). Searches and
+    ingest go on meanwhile."""
     began = time.perf_counter()
     with pool.connection() as conn:
         coll = catalog.get_collection(conn, collection)
-        names = [catalog.vector_table_name(conn, collection, m) for m in coll.models]
-        for table in names:
-            if tables.table_exists(conn, table):
-                conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(tables.table_id(table)))
+        deleted = dict(conn.execute(
+            "SELECT model_key, sum(rows) FROM vector_platform.archive_files WHERE job_id = %s AND kind = 'vectors' "
+            "GROUP BY model_key", (job_id,)).fetchall())
+        for model_key in coll.models:
+            table = catalog.vector_table_name(conn, collection, model_key)
+            if not tables.table_exists(conn, table):
+                continue
+            left = tables.table_stats(conn, table)[0]
+            gone = int(deleted.get(model_key) or 0)
+            index = tables.current_index(conn, table)
+            if index and gone and gone / (gone + left) >= REINDEX_FRACTION:
+                try:
+                    conn.execute(sql.SQL("REINDEX INDEX CONCURRENTLY {}").format(sql.Identifier(tables.VECTORS, index["name"])))
+                except psycopg.Error as err:
+                    say(f"{collection}/{model_key}: rebuilding the index failed ({err}); vacuuming it instead")
+                dropped = tables.drop_invalid_indexes(conn, table)
+                if dropped:
+                    say(f"{collection}/{model_key}: dropped invalid index leftovers {', '.join(dropped)}")
+            conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(tables.table_id(table)))
     seconds = round(time.perf_counter() - began, 3)
-    say(f"{collection}: vacuumed {len(names)} vector tables in {seconds:.1f} s")
+    say(f"{collection}: vector tables tidied after the archival in {seconds:.1f} s")
     return seconds
 
 
