@@ -6,8 +6,10 @@ the delete loses nothing and duplicates nothing."""
 import datetime as dt
 import io
 import os
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 
 import psycopg
@@ -111,7 +113,10 @@ def test_old_rows_move_to_verified_files_and_stay_archived(make_platform, pg_dsn
     assert again.documents == 1 and counts(pg_dsn, name)["archived"] == len(old)
 
 
-def test_a_kill_between_receipts_and_delete_loses_nothing_and_duplicates_nothing(make_platform, pg_dsn, tmp_path):
+@pytest.mark.parametrize("point", ["archive_rows.after_upload", "archive_rows.after_receipts", "archive_rows.after_batch"])
+def test_a_kill_anywhere_in_a_batch_loses_nothing_and_duplicates_nothing(make_platform, pg_dsn, tmp_path, point):
+    """SIGKILL after the files are written (no receipts yet), after the receipts (nothing
+    deleted yet), and between batches (the first one done): the re-run resumes the job."""
     vp, name, docs, old = ingested_dated(make_platform, tmp_path, 120)
     cutoff = archive.cutoff_for(730, NOW)
     before = counts(pg_dsn, name)
@@ -121,14 +126,16 @@ def test_a_kill_between_receipts_and_delete_loses_nothing_and_duplicates_nothing
         f"vp = build_platform({pg_dsn!r}, None, {vp.store().url!r}); "
         f"a.archive_rows(vp.pool(), vp.store(), {pg_dsn!r}, {name!r}, dt.datetime.fromisoformat({cutoff.isoformat()!r}), batch_documents=15)"
     )
-    env = {**os.environ, "VP_FAILPOINT": "archive_rows.after_receipts"}
+    env = {**os.environ, "VP_FAILPOINT": point}
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     mid = counts(pg_dsn, name)
-    assert mid["documents"] == before["documents"] and mid["archived"] == 0  # receipts written, nothing deleted
+    done = 15 if point == "archive_rows.after_batch" else 0  # the first batch committed, or nothing deleted
+    assert mid["archived"] == done and mid["documents"] == before["documents"] - done
+    assert vp.store().list(f"archive/{name}")  # its files were written
 
     report = archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, cutoff, batch_documents=15)
-    assert report.resumed and report.documents == len(old)
+    assert report.resumed and report.documents == len(old) - done  # this run's share; the job's totals below
     after = counts(pg_dsn, name)
     assert after["archived"] == len(old) and after["documents"] == before["documents"] - len(old)
     with psycopg.connect(pg_dsn) as conn:
@@ -278,9 +285,10 @@ def test_archive_reconciles_catches_a_missing_file_a_damaged_row_and_a_row_both_
     assert vp._run("row_archive_job", name).checks == {"archive_reconciles": False}
 
 
-def test_the_nightly_schedule_asks_for_one_run_per_active_collection_with_a_rule(pg_dsn, unique_name, tmp_path):
+def test_the_nightly_schedule_asks_for_one_run_per_active_collection_with_a_rule(pg_dsn, unique_name, tmp_path, dagster_instance):
     import dagster as dg
 
+    from vector_platform.catalog import tiers as tier_sql
     from vector_platform.defs.archive.schedules import row_archive_schedule
     from vector_platform.defs.resources import PostgresResource
 
@@ -289,15 +297,76 @@ def test_the_nightly_schedule_asks_for_one_run_per_active_collection_with_a_rule
     with postgres.pool().connection() as conn:
         for name in names:
             catalog.add_collection(conn, name, str(tmp_path), "minilm_l6_v2")
-    from vector_platform.catalog import tiers as tier_sql
-
     with postgres.pool().connection() as conn:
         tier_sql.set_rules(conn, names[0], archive_rows_older_than_days=365)
         tier_sql.set_rules(conn, names[1], archive_rows_older_than_days=30)
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("collection", names[:1])  # names[1] not discovered yet
-        when = dt.datetime(2026, 11, 25, 2, 41, tzinfo=dt.timezone.utc)
-        context = dg.build_schedule_context(instance=instance, resources={"postgres": postgres}, scheduled_execution_time=when)
-        requests = row_archive_schedule(context)
-        mine = [r for r in requests if r.partition_key in names]
-        assert [(r.partition_key, r.run_key) for r in mine] == [(names[0], f"row_archive:{names[0]}:2026-11-25")]
+    instance = dagster_instance  # a second instance_for_test would unset the session's
+    instance.add_dynamic_partitions("collection", names[:1])  # names[1] not discovered yet
+    when = dt.datetime(2026, 11, 25, 2, 41, tzinfo=dt.timezone.utc)
+    context = dg.build_schedule_context(instance=instance, resources={"postgres": postgres}, scheduled_execution_time=when)
+    requests = row_archive_schedule(context)
+    mine = [r for r in requests if r.partition_key in names]
+    assert [(r.partition_key, r.run_key) for r in mine] == [(names[0], f"row_archive:{names[0]}:2026-11-25")]
+
+
+def test_an_unavailable_object_store_deletes_nothing_records_the_error_and_a_later_run_completes(make_platform, pg_dsn, tmp_path, s3_url):
+    from vector_platform.object_store import ObjectStore
+
+    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 90)
+    vp = make_platform(store_url=s3_url)
+    cutoff = archive.cutoff_for(730, NOW)
+    before = counts(pg_dsn, name)
+    with socket.socket() as s:  # a port nothing listens on: the store is down
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    down = ObjectStore.from_url(s3_url, endpoint_url=dead)
+    with pytest.raises(OSError):
+        archive.archive_rows(vp.pool(), down, pg_dsn, name, cutoff, batch_documents=20)
+    assert counts(pg_dsn, name) == before
+    with psycopg.connect(pg_dsn) as conn:
+        [(status, error, receipts)] = conn.execute(
+            "SELECT status, error, (SELECT count(*) FROM vector_platform.archive_files f WHERE f.job_id = j.id) "
+            "FROM vector_platform.archival_jobs j WHERE collection = %s", (name,)).fetchall()
+    assert status == "failed" and "127.0.0.1" in error and receipts == 0
+
+    report = archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, cutoff, batch_documents=20)
+    assert report.resumed and report.documents == len(old)
+    assert reconcile(vp.pool(), vp.store(), name)["problems"] == []
+
+
+def test_ingest_and_search_go_on_during_archival(make_platform, pg_dsn, tmp_path):
+    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 200)
+    cutoff = archive.cutoff_for(730, NOW)
+    errors, answers = [], []
+
+    def archival():
+        try:
+            archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, cutoff, batch_documents=3)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    stop = threading.Event()
+
+    def searching():
+        while not stop.is_set():
+            try:
+                answers.append(len(vp.search(docs[-1]["text"], [name], k=5).hits))
+            except Exception as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+    workers = [threading.Thread(target=archival), threading.Thread(target=searching)]
+    for w in workers:
+        w.start()
+    new = [{"id": f"new{i}", "text": f"new{i} fresh words about archival", "timestamp": NOW.timestamp()} for i in range(30)]
+    write_jsonl(tmp_path / f"{name}.jsonl", docs + new)
+    runs = vp.ingest(name)  # takes the writer lock between archival batches
+    workers[0].join()
+    stop.set()
+    workers[1].join()
+    assert not errors and all(r.success for r in runs), (errors, [r.error for r in runs])
+    assert len(answers) > 10 and min(answers) == 5  # never an error, never short
+    after = counts(pg_dsn, name)
+    assert after["archived"] == len(old) and after["documents"] == len(docs) + len(new) - len(old)
+    assert all(vp.get(name, d["id"])["source_tier"] == "active" for d in new)
+    assert {h.doc_id for h in vp.search("new7 fresh words about archival", [name], k=3).hits} & {"new7"}
+    assert reconcile(vp.pool(), vp.store(), name)["problems"] == []

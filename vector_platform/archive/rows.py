@@ -329,6 +329,7 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
     report.files += len(receipts)
     report.months = sorted(set(report.months) | {f"{y:04d}-{m:02d}" for y, m in by_month})
     say(f"{collection}: archived {report.documents} documents so far ({report.batches} batches)")
+    faults.point("archive_rows.after_batch")
     return len(docs) == batch_documents
 
 
