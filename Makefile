@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/vector-platform demo
 
 test: install
-	$(BIN)/python -m pytest -q vector_platform_tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q --durations=15 vector_platform_tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 dev: install
 	$(BIN)/vector-platform dev

@@ -13,6 +13,7 @@ import threading
 import uuid
 
 import psycopg
+import numpy as np
 import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -370,3 +371,35 @@ def test_ingest_and_search_go_on_during_archival(make_platform, pg_dsn, tmp_path
     assert all(vp.get(name, d["id"])["source_tier"] == "active" for d in new)
     assert {h.doc_id for h in vp.search("new7 fresh words about archival", [name], k=3).hits} & {"new7"}
     assert reconcile(vp.pool(), vp.store(), name)["problems"] == []
+
+
+def test_an_archived_document_gone_from_the_source_is_no_longer_answered_and_comes_back_with_it(make_platform, pg_dsn, tmp_path):
+    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 90)
+    archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, archive.cutoff_for(730, NOW))
+    gone = sorted(old)[1]
+    text = next(d["text"] for d in docs if d["id"] == gone)
+    assert vp.search(text, [name], k=1, include_archive=True).hits[0].doc_id == gone
+
+    write_jsonl(tmp_path / f"{name}.jsonl", [d for d in docs if d["id"] != gone])
+    assert all(r.success for r in vp.ingest(name))
+    got = vp.get(name, gone)
+    assert got["source_tier"] == "archive" and got["deleted_at"] is not None  # still in its file, said to be gone
+    assert gone not in {h.doc_id for h in vp.search(text, [name], k=10, include_archive=True).hits}
+
+    write_jsonl(tmp_path / f"{name}.jsonl", docs)  # the source has it again, unchanged
+    assert all(r.success for r in vp.ingest(name))
+    assert vp.get(name, gone)["deleted_at"] is None
+    assert vp.search(text, [name], k=1, include_archive=True).hits[0].doc_id == gone
+    assert reconcile(vp.pool(), vp.store(), name)["problems"] == []
+    # An archive larger than the memory budget is searched in parts of whole months: same answer.
+    from vector_platform.archive.reads import ArchiveSearch
+    from vector_platform.models import MINILM
+
+    whole = ArchiveSearch(root=tmp_path / "cache-a")
+    parts = ArchiveSearch(root=tmp_path / "cache-b", memory_bytes=8 * 1024)  # a month or two at a time
+    query = np.asarray(vp.embed_query(MINILM, text), dtype=np.float32)
+    query /= np.linalg.norm(query)
+    a = whole.search(vp.pool(), vp.store(), name, MINILM, MINILM.fingerprint, query, 7)
+    b = parts.search(vp.pool(), vp.store(), name, MINILM, MINILM.fingerprint, query, 7)
+    assert [r["chunk_id"] for r, _ in a.hits] == [r["chunk_id"] for r, _ in b.hits] and len(a.hits) == 7
+    assert len(parts._memory) < a.months  # no part held more than the budget allows

@@ -5,7 +5,9 @@ file and row group holds each archived document), never from a listing of the st
 
 - `get_document` looks in Postgres first (live, cold or deleted documents keep their catalog
   row); an archived one is read from its documents file by a ranged read of the one row
-  group that holds it (the Parquet footer, then that row group), not the whole file.
+  group that holds it (the Parquet footer, then that row group), not the whole file, and
+  must hash to the content_hash it was archived with. One the source no longer has says
+  `deleted_at`.
 - `ArchiveSearch` searches the archived vectors of the serving model by exact brute force,
   as cold search does (`search.cold.nearest`: the same exact scores, so archived hits merge
   with active and cold ones by score). Files are fetched once into a local disk cache,
@@ -83,7 +85,8 @@ def get_document(pool: ConnectionPool, store: ObjectStore | None, collection: st
                        deleted_at=row[8])
             return _jsonable(doc)
         found = conn.execute(
-            "SELECT a.row_group, a.archived_at, f.id, f.job_id, f.batch, f.year, f.month, f.key, f.sha256, f.bytes, f.rows "
+            "SELECT a.row_group, a.archived_at, a.content_hash, a.deleted_at, "
+            "f.id, f.job_id, f.batch, f.year, f.month, f.key, f.sha256, f.bytes, f.rows "
             "FROM vector_platform.archived_documents a JOIN vector_platform.archive_files f ON f.id = a.file_id "
             "WHERE a.collection = %s AND a.doc_id = %s",
             (collection, doc_id),
@@ -92,7 +95,7 @@ def get_document(pool: ConnectionPool, store: ObjectStore | None, collection: st
         return None
     if store is None:
         raise ArchiveReadError(f"{collection}/{doc_id} is archived: an object store is needed to read it")
-    row_group, archived_at, file = found[0], found[1], ArchiveFile(*found[2:])
+    row_group, archived_at, content_hash, deleted_at, file = found[0], found[1], found[2], found[3], ArchiveFile(*found[4:])
     try:
         with store.open_input(file.key) as src:
             parquet = pq.ParquetFile(src)
@@ -105,8 +108,10 @@ def get_document(pool: ConnectionPool, store: ObjectStore | None, collection: st
     if doc_id not in ids:
         raise ArchiveReadError(f"{file.key} row group {row_group} does not hold {doc_id!r}, as the index says it does")
     doc = {name: group.column(name)[ids.index(doc_id)].as_py() for name in DOCUMENT_COLUMNS}
+    if hashlib.sha256(f"{doc['title'] or ''}\x00{doc['body']}".encode()).hexdigest() != content_hash:
+        raise ArchiveReadError(f"{file.key}: {doc_id!r} does not hash to the content_hash it was archived with; not served")
     doc["metadata"] = json.loads(doc["metadata"]) if doc["metadata"] else {}
-    doc.update(collection=collection, source_tier="archive", archived_at=archived_at,
+    doc.update(collection=collection, source_tier="archive", archived_at=archived_at, deleted_at=deleted_at,
                archive={"uri": store.uri(file.key), "row_group": row_group, "file_sha256": file.sha256})
     return _jsonable(doc)
 
@@ -150,15 +155,21 @@ class ArchiveSearch:
     def __init__(self, root: Path | None = None, memory_bytes: int | None = None):
         self.root = root or vp_home() / "cache" / "archive"
         self.memory_bytes = memory_bytes or int(os.environ.get("VP_ARCHIVE_MEMORY_BYTES", str(512 * 2**20)))
+        self.disk_bytes = int(os.environ.get("VP_ARCHIVE_DISK_BYTES", str(8 * 2**30)))
         self._memory: OrderedDict[tuple, Slice] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading: dict[tuple, threading.Lock] = {}
+        self._verified: set[Path] = set()  # local copies whose sha256 this process has checked
 
     # -- files
     def _local(self, store: ObjectStore, file: ArchiveFile, tally: dict[str, int]) -> Path:
         path = self.root / hashlib.sha1(store.url.encode()).hexdigest()[:12] / f"{file.sha256}.parquet"
         if path.exists() and path.stat().st_size == file.bytes:
-            tally["local_disk"] = tally.get("local_disk", 0) + 1
-            return path
+            if path in self._verified or hashlib.sha256(path.read_bytes()).hexdigest() == file.sha256:
+                self._verified.add(path)
+                os.utime(path)  # recency for the disk budget
+                tally["local_disk"] = tally.get("local_disk", 0) + 1
+                return path
         data = store.get_bytes(file.key)
         if len(data) != file.bytes or hashlib.sha256(data).hexdigest() != file.sha256:
             raise ArchiveReadError(f"{file.key}: {len(data)} bytes that do not match its receipt; not served")
@@ -166,8 +177,28 @@ class ArchiveSearch:
         tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
         tmp.write_bytes(data)
         os.replace(tmp, path)
+        self._verified.add(path)
         tally["object_store"] = tally.get("object_store", 0) + 1
+        self._trim_disk(keep=path)
         return path
+
+    def _trim_disk(self, keep: Path) -> None:
+        """Delete the least recently used local copies beyond VP_ARCHIVE_DISK_BYTES."""
+        files = []
+        for path in self.root.glob("*/*.parquet"):
+            try:
+                info = path.stat()
+            except OSError:  # removed meanwhile by another process
+                continue
+            files.append((info.st_mtime, info.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.disk_bytes:
+                break
+            if path != keep:
+                path.unlink(missing_ok=True)
+                self._verified.discard(path)
+                total -= size
 
     def _read(self, store: ObjectStore, file: ArchiveFile, tally: dict[str, int]) -> pa.Table:
         """The file's rows; a damaged local copy (right size, unreadable) is fetched again, once."""
@@ -199,6 +230,25 @@ class ArchiveSearch:
         if found is not None:
             tally["memory"] = tally.get("memory", 0) + len(files)
             return found
+        key = (store.url, tuple(f.sha256 for f in files))
+        with self._lock:
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one thread loads a slice; the others wait for it
+            found = self.cached(store, files)
+            if found is not None:
+                tally["memory"] = tally.get("memory", 0) + len(files)
+                return found
+            loaded = self._build(store, dims, files, tally)
+            with self._lock:
+                self._memory[key] = loaded
+                total = sum(m.nbytes for m in self._memory.values())
+                while total > self.memory_bytes and len(self._memory) > 1:
+                    _, dropped = self._memory.popitem(last=False)
+                    total -= dropped.nbytes
+                self._loading.pop(key, None)
+        return loaded
+
+    def _build(self, store: ObjectStore, dims: int, files: list[ArchiveFile], tally: dict[str, int]) -> Slice:
         vectors, rows, batches = [], [], []
         for file in files:
             table = self._read(store, file, tally)
@@ -213,15 +263,9 @@ class ArchiveSearch:
         table = (pa.concat_tables(rows) if rows else cold.ROWS_SCHEMA.empty_table()).combine_chunks()
         nbytes = matrix.nbytes + norms2.nbytes + inv.nbytes + table.nbytes
         data = cold.ColdData(-1, matrix, norms2, inv, float(np.sqrt(norms2.max())) if len(norms2) else 0.0, table, nbytes)
-        loaded = Slice(data, np.concatenate(batches) if batches else np.zeros(0, np.int64),
-                       table.column("doc_id").to_pylist(), nbytes)
-        with self._lock:
-            self._memory[(store.url, tuple(f.sha256 for f in files))] = loaded
-            total = sum(m.nbytes for m in self._memory.values())
-            while total > self.memory_bytes and len(self._memory) > 1:
-                _, dropped = self._memory.popitem(last=False)
-                total -= dropped.nbytes
-        return loaded
+        doc_ids = table.column("doc_id").to_pylist()
+        nbytes += sum(len(d) + 50 for d in doc_ids)  # the id list, roughly
+        return Slice(data, np.concatenate(batches) if batches else np.zeros(0, np.int64), doc_ids, nbytes)
 
     def forget(self) -> None:
         with self._lock:
@@ -256,33 +300,58 @@ class ArchiveSearch:
         answer.files = sum(len(files) for files in wanted.values())
         answer.rows_scanned = sum(f.rows for files in wanted.values() for f in files)
         every = [f for m in sorted(by_month) for f in by_month[m]]
-        # One slice per query: every month (a time window masks rows within it), or when only
-        # a window's months are wanted and the whole archive is not in memory, just those.
+        # One slice per query when it fits the memory budget: every month (a time window masks
+        # rows within it), or only a window's months when the whole archive is not in memory.
+        # A larger archive is searched in parts of whole months that fit, one after another.
         loaded = self.cached(store, every) if len(wanted) < len(by_month) else None
         if loaded is not None:
             answer.data_from["memory"] = len(every)
+            parts = [loaded]
         else:
-            loaded = self.load(store, spec.dims, [f for m in sorted(wanted) for f in wanted[m]], answer.data_from)
-        window = cold.time_mask(loaded.data.rows, since, until)
-        excluded: set[int] = set()
-        found: list[tuple[int, float]] = []
-        for _ in range(8):  # stale rows (a document revived or archived again) are rare: a few rounds at most
-            mask = window
-            if excluded:
-                mask = np.ones(loaded.data.count, bool) if window is None else window.copy()
-                mask[sorted(excluded)] = False
-            found = cold.nearest(loaded.data, spec, query, k, filters, mask=mask)
-            stale = self._stale(pool, collection, loaded, [i for i, _ in found])
-            if not stale:
-                break
-            excluded |= stale
-        found = [(i, d) for i, d in found if i not in excluded]
-        answer.hits = list(zip(cold.rows_of(loaded.data, [i for i, _ in found]), [d for _, d in found]))
+            parts = self._parts(store, spec.dims, [wanted[m] for m in sorted(wanted)], answer.data_from)
+        found: list[tuple[float, int, int]] = []  # (distance, part, row)
+        for p, part in enumerate(parts):
+            if not isinstance(part, Slice):
+                part = part()  # loaded now, searched, and left to the LRU
+            excluded: set[int] = set()
+            window = cold.time_mask(part.data.rows, since, until)
+            for _ in range(8):  # stale rows (a document revived, deleted or archived again) are rare
+                mask = window
+                if excluded:
+                    mask = np.ones(part.data.count, bool) if window is None else window.copy()
+                    mask[sorted(excluded)] = False
+                hits = cold.nearest(part.data, spec, query, k, filters, mask=mask)
+                stale = self._stale(pool, collection, part, [i for i, _ in hits])
+                if not stale:
+                    break
+                excluded |= stale
+            rows = cold.rows_of(part.data, [i for i, _ in hits if i not in excluded])
+            found += [(d, p, i, row) for (i, d), row in zip([h for h in hits if h[0] not in excluded], rows)]
+            found = sorted(found, key=lambda f: (f[0], f[1], f[2]))[:k]
+        answer.hits = [(row, d) for d, _, _, row in found]
         return answer
+
+    def _parts(self, store: ObjectStore, dims: int, months: list[list[ArchiveFile]], tally: dict[str, int]) -> list:
+        """The months to search, as one slice when they fit the memory budget, else as loaders
+        of consecutive months that each fit (a month larger than the budget is a part alone)."""
+        size = lambda files: sum(f.rows for f in files) * (4 * dims + 200)  # noqa: E731 - vectors, norms, rows, roughly
+        every = [f for files in months for f in files]
+        if size(every) <= self.memory_bytes:
+            return [self.load(store, dims, every, tally)]
+        parts, current = [], []
+        for files in months:
+            if current and size(current + files) > self.memory_bytes:
+                parts.append(current)
+                current = []
+            current = current + files
+        if current:
+            parts.append(current)
+        return [lambda files=files: self.load(store, dims, files, tally) for files in parts]
 
     @staticmethod
     def _stale(pool: ConnectionPool, collection: str, loaded: Slice, indices: list[int]) -> set[int]:
-        """Rows whose document the index no longer places in their file's batch."""
+        """Rows whose document the index no longer places in their file's batch (revived,
+        archived again later, or gone from the source)."""
         if not indices:
             return set()
         doc_ids = sorted({loaded.doc_ids[i] for i in indices})
@@ -291,7 +360,8 @@ class ArchiveSearch:
                 doc_id: _batch_tag(job_id, batch)
                 for doc_id, job_id, batch in conn.execute(
                     "SELECT a.doc_id, f.job_id, f.batch FROM vector_platform.archived_documents a "
-                    "JOIN vector_platform.archive_files f ON f.id = a.file_id WHERE a.collection = %s AND a.doc_id = ANY(%s)",
+                    "JOIN vector_platform.archive_files f ON f.id = a.file_id "
+                    "WHERE a.collection = %s AND a.doc_id = ANY(%s) AND a.deleted_at IS NULL",
                     (collection, doc_ids),
                 )
             }

@@ -1,7 +1,8 @@
 """`archive_reconciles`: the row archive holds what left Postgres, and nothing is in both.
 
 For one collection:
-- every completed job's counts (documents, vectors deleted) equal the rows of its receipts;
+- every completed job's counts (documents and vectors its deletes removed, each delete
+  refused unless it removes what the batch's files hold) equal the rows of its receipts;
 - every receipt's file is on the object store with the size the receipt says;
 - no document is both live and archived, and no chunk or vector row of an archived document
   is still in Postgres;
@@ -69,6 +70,8 @@ def archive_reconciles(
         ).fetchall()
 
     for job_id, status, documents, vectors, error, doc_rows, vector_rows in jobs:
+        if status == "running":  # checked again when it completes
+            continue
         if status != "completed":
             problems.append(f"job {job_id} is {status}" + (f": {error}" if error else "") + " (the next run resumes it)")
             continue
@@ -135,7 +138,8 @@ def _read_back(store: ObjectStore, files: list[tuple], sample: list[tuple], prob
     for f, docs in wanted.items():
         _, _, _, _, model_key, dims, _, _, key, _, _ = f
         try:
-            table = pq.read_table(store.open_input(key), columns=["doc_id", "content_hash", "text", "embedding"])
+            with store.open_input(key) as src:
+                table = pq.read_table(src, columns=["doc_id", "content_hash", "text", "embedding"])
         except (OSError, ValueError) as err:
             problems.append(f"{key} could not be read ({err})")
             continue

@@ -154,9 +154,10 @@ def _tidy(pool: ConnectionPool, collection: str, job_id: int, say) -> float:
     """After a job deleted rows: an HNSW index keeps deleted rows in its graph until a vacuum
     repairs it (scans walk past them and can come back short of k), and repairing is slow
     when much was deleted. As pgvector advises, a table that lost REINDEX_FRACTION of its
-    rows or more gets its index rebuilt first (REINDEX CONCURRENTLY, checked valid; a failed
-    rebuild's leftover is dropped and the old index kept), then VACUUM (ANALYZE). Searches and
-    ingest go on meanwhile."""
+    rows or more gets its index rebuilt first (REINDEX CONCURRENTLY; a failed rebuild's own
+    leftover is dropped and the old index kept), then VACUUM (ANALYZE). Searches and ingest go
+    on meanwhile. A failure here comes after the job completed: nothing is lost, and the next
+    job tidies again."""
     began = time.perf_counter()
     with pool.connection() as conn:
         coll = catalog.get_collection(conn, collection)
@@ -171,13 +172,23 @@ def _tidy(pool: ConnectionPool, collection: str, job_id: int, say) -> float:
             gone = int(deleted.get(model_key) or 0)
             index = tables.current_index(conn, table)
             if index and gone and gone / (gone + left) >= REINDEX_FRACTION:
+                spec = catalog.get_model(conn, model_key)
+                work_mem_mb = int(min(1024, max(64, tables.graph_bytes_estimate(left, spec, index["m"]) * 1.3 / 2**20)))
                 try:
+                    conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (f"{work_mem_mb}MB",))
                     conn.execute(sql.SQL("REINDEX INDEX CONCURRENTLY {}").format(sql.Identifier(tables.VECTORS, index["name"])))
                 except psycopg.Error as err:
                     say(f"{collection}/{model_key}: rebuilding the index failed ({err}); vacuuming it instead")
-                dropped = tables.drop_invalid_indexes(conn, table)
-                if dropped:
-                    say(f"{collection}/{model_key}: dropped invalid index leftovers {', '.join(dropped)}")
+                    # Only this rebuild's own leftover (PostgreSQL names it <index>_ccnew): an
+                    # index another run is building right now is not ours to drop.
+                    for (leftover,) in conn.execute(
+                        "SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+                        "JOIN pg_namespace n ON n.oid = i.relnamespace WHERE n.nspname = %s AND NOT x.indisvalid "
+                        "AND i.relname LIKE %s", (tables.VECTORS, index["name"] + "\\_ccnew%")).fetchall():
+                        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(tables.VECTORS, leftover)))
+                        say(f"{collection}/{model_key}: dropped the failed rebuild's leftover {leftover}")
+                finally:
+                    conn.execute("RESET maintenance_work_mem")
             conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(tables.table_id(table)))
     seconds = round(time.perf_counter() - began, 3)
     say(f"{collection}: vector tables tidied after the archival in {seconds:.1f} s")
@@ -289,9 +300,23 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
 
         # 5: the delete, vectors before chunks before documents, with the checkpoint.
         with conn.transaction():
-            for vtable, _, _ in models.values():
-                conn.execute(sql.SQL("DELETE FROM {} WHERE chunk_id = ANY(%s)").format(tables.table_id(vtable)), (chunk_ids,))
-            conn.execute("DELETE FROM vector_platform.chunks WHERE collection = %s AND doc_id = ANY(%s)", (collection, doc_ids))
+            # What is deleted must be exactly what the files hold, or nothing is (the rollback).
+            held = {r["key"]: r["rows"] for r in receipts}
+            gone_vectors = 0
+            for model_key, (vtable, _, _) in models.items():
+                gone = conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE chunk_id = ANY(%s)").format(tables.table_id(vtable)), (chunk_ids,)
+                ).rowcount
+                written = sum(held[r["key"]] for r in receipts if r["model_key"] == model_key)
+                gone_vectors += gone
+                if gone != written:
+                    raise ArchiveError(f"{collection}/{model_key}: the delete would remove {gone} vectors, the files hold "
+                                       f"{written}; nothing deleted")
+            gone_chunks = conn.execute(
+                "DELETE FROM vector_platform.chunks WHERE collection = %s AND doc_id = ANY(%s)", (collection, doc_ids)
+            ).rowcount
+            if gone_chunks != len(chunk_ids):
+                raise ArchiveError(f"{collection}: {gone_chunks} chunks to delete, {len(chunk_ids)} read; nothing deleted")
             now = clock.now()
             by_id = {d[0]: d for d in docs}
             placed = [(doc_id, file_ids[r["key"]], position // DOCS_PER_ROW_GROUP)
@@ -310,7 +335,11 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
                 (collection, now, [p[0] for p in placed], [by_id[p[0]][3] for p in placed], [by_id[p[0]][5] for p in placed],
                  [p[1] for p in placed], [p[2] for p in placed]),
             )
-            conn.execute("DELETE FROM vector_platform.documents WHERE collection = %s AND doc_id = ANY(%s)", (collection, doc_ids))
+            gone_docs = conn.execute(
+                "DELETE FROM vector_platform.documents WHERE collection = %s AND doc_id = ANY(%s)", (collection, doc_ids)
+            ).rowcount
+            if gone_docs != sum(held[r["key"]] for r in receipts if r["kind"] == "documents"):
+                raise ArchiveError(f"{collection}: {gone_docs} documents to delete, the files hold another count; nothing deleted")
             nbytes = sum(r["bytes"] for r in receipts)
             conn.execute(
                 """
@@ -319,7 +348,7 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
                     chunks = chunks + %s, vectors = vectors + %s, bytes = bytes + %s, updated_at = %s
                 WHERE id = %s
                 """,
-                (docs[-1][5], doc_ids[-1], len(doc_ids), len(chunk_ids), vectors_total, nbytes, now, job_id),
+                (docs[-1][5], doc_ids[-1], gone_docs, gone_chunks, gone_vectors, nbytes, now, job_id),  # what the deletes removed
             )
     report.batches += 1
     report.documents += len(doc_ids)

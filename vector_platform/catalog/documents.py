@@ -111,9 +111,21 @@ def drop_staged_duplicates(conn: psycopg.Connection) -> list[tuple[str, int, int
     ).fetchall()
 
 
-def drop_staged_archived(conn: psycopg.Connection, collection: str) -> int:
+def drop_staged_archived(conn: psycopg.Connection, collection: str, now: dt.datetime) -> int:
     """Remove staged records of documents the row archive holds with the same content: an
-    archived document stays archived (the source still has it); a changed one comes back live."""
+    archived document stays archived (the source still has it); a changed one comes back live.
+    Archived documents the source no longer has (and did not fail to read) are marked deleted,
+    and unmarked when it has them again. Runs in the source's transaction: a refused source
+    (empty, or deleting too much) rolls this back too."""
+    conn.execute(
+        sql.SQL(
+            "UPDATE vector_platform.archived_documents a SET deleted_at = CASE WHEN EXISTS "
+            "(SELECT 1 FROM {stage} s WHERE s.doc_id = a.doc_id) THEN NULL ELSE %s END "
+            "WHERE a.collection = %s AND NOT EXISTS (SELECT 1 FROM {rejected} r WHERE r.doc_id = a.doc_id) "
+            "AND (a.deleted_at IS NULL) = NOT EXISTS (SELECT 1 FROM {stage} s WHERE s.doc_id = a.doc_id)"
+        ).format(stage=STAGE, rejected=REJECTED),
+        (now, collection),
+    )
     return conn.execute(
         sql.SQL(
             "DELETE FROM {stage} s USING vector_platform.archived_documents a "

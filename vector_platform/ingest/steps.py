@@ -94,7 +94,7 @@ def register_documents(pool: ConnectionPool, collection: str, allow_deletes: boo
             for doc_id, position, kept in docs_sql.drop_staged_duplicates(conn):
                 rejections.add(f"{doc_id}@{position}", f"duplicate id {doc_id!r} at position {position}: the one at {kept} is kept", None)
             rejections.flush()
-            archived = docs_sql.drop_staged_archived(conn, collection)
+            archived = docs_sql.drop_staged_archived(conn, collection, clock.now())
             plan = docs_sql.plan_source(conn, collection)
             plan["read"] += archived  # read fine, and left in the archive
             # Refusing raises inside the transaction: the dead letters written so far roll back too.

@@ -255,7 +255,10 @@ def search(
             else:
                 archive_hits, notes = archive_payload
                 result.warnings.extend(notes)
-                lists.append(archive_hits)
+                # One list per collection, by score (the same model and fingerprint): a chunk
+                # whose batch was deleted between the two reads is answered once, live.
+                live = {h.chunk_id for h in hits}
+                hits = merge.by_score([hits, [h for h in archive_hits if h.chunk_id not in live]], lambda h: h.score, k)
         lists.append(hits)
         fingerprints[name] = fingerprint
         queried.append(name)

@@ -265,8 +265,12 @@ def time_mask(rows: pa.Table, since: dt.datetime | None, until: dt.datetime | No
     return mask
 
 
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
 def _micros(when: dt.datetime) -> int:
-    return int(when.timestamp() * 1_000_000) if when.tzinfo else int(when.replace(tzinfo=dt.timezone.utc).timestamp() * 1_000_000)
+    """Microseconds since the epoch, exactly (a float timestamp can be one off)."""
+    return ((when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)) - _EPOCH) // dt.timedelta(microseconds=1)
 
 
 def nearest(
