@@ -130,7 +130,10 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
 
     async def document(request: Request) -> JSONResponse:
         name, doc_id = request.path_params["name"], request.path_params["doc_id"]
-        doc = await run_in_threadpool(vp.get, name, doc_id)
+        try:
+            doc = await run_in_threadpool(vp.get, name, doc_id)
+        except KeyError:
+            raise HttpError(404, f"no collection {name!r}") from None
         if doc is None:
             raise HttpError(404, f"no document {doc_id!r} in {name!r}")
         return JSONResponse(json.loads(json.dumps(doc, default=str)))

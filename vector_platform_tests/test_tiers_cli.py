@@ -166,6 +166,15 @@ def test_http_api_answers_what_the_cli_answers_and_needs_its_key(cli_platform, t
         assert _post_oversized(f"{base}/search", b"[" + b"1," * 600_000 + b"1]", key=key) == 413
         status, vec = _request(f"{base}/search", {"vector": [0.01] * 384, "collections": [name], "k": 3}, key=key)
         assert status == 200 and len(vec["hits"]) == 3
+        status, windowed = _request(f"{base}/search", {**body, "include_archive": True, "since": "2000-01-01"}, key=key)
+        assert status == 200 and windowed["hits"] == []  # these documents have no source timestamp: no window holds them
+        assert _request(f"{base}/search", {**body, "since": "last week"}, key=key)[0] == 400
+        status, doc = _request(f"{base}/collections/{name}/documents/d3", key=key)
+        assert status == 200 and doc == json.loads(run_cli(env, "get", name, "d3", "--json").stdout)
+        assert doc["source_tier"] == "active" and doc["body"].startswith("d3 ")
+        assert _request(f"{base}/collections/{name}/documents/nope", key=key)[0] == 404
+        assert _request(f"{base}/collections/no_such_collection/documents/d3", key=key)[0] == 404
+        assert run_cli(env, "get", name, "nope", check=False).returncode == 1
     finally:
         server.terminate()
         server.wait(timeout=30)
