@@ -260,6 +260,14 @@ class Platform:
             store=self.store(), include_archive=include_archive, since=since, until=until,
         )
 
+    def archive_rows(self, name: str) -> RunSummary:
+        """One pass of row archival over `name` by its archive_rows_older_than_days rule: runs
+        `row_archive_job` (the asset and its archive_reconciles check), as the nightly
+        schedule does."""
+        coll = self.collection(name)
+        self._register_partitions(coll)
+        return self._run("row_archive_job", name)
+
     def get(self, name: str, doc_id: str) -> dict[str, Any] | None:
         """One document by id: from Postgres when it is there (active, cold, or deleted at
         the source), else from the row archive by one ranged read. None when unknown."""

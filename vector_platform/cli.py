@@ -173,7 +173,8 @@ def _report_runs(runs) -> int:
         state = "ok" if run.success else "FAILED"
         print(f"{run.job} [{run.partition}] {state} (run {run.run_id[:8]}, {run.mode.replace('_', '-')})")
         for asset, meta in run.metadata.items():
-            shown = {k: v for k, v in meta.items() if not k.startswith("dagster/") and not isinstance(v, (dict, list))}
+            shown = {k: v for k, v in meta.items() if not k.startswith("dagster/") and not isinstance(v, (dict, list))
+                     and not (isinstance(v, str) and "\n" in v)}  # tables and charts are for the UI
             print(f"  {asset}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
         for check, passed in run.checks.items():
             print(f"  check {check}: {'passed' if passed else 'FAILED'}")
@@ -225,6 +226,10 @@ def _timestamp(text: str) -> dt.datetime:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an ISO date or time (e.g. 2024-07-01)") from None
     return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def cmd_archive_rows(args) -> int:
+    return _report_runs([_platform().archive_rows(args.name)])
 
 
 def cmd_get(args) -> int:
@@ -514,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--since", type=_timestamp, help="only rows whose source timestamp is at or after this (ISO date or time, UTC)")
     search.add_argument("--until", type=_timestamp, help="only rows whose source timestamp is before this (ISO date or time, UTC)")
     search.set_defaults(func=cmd_search)
+
+    archive_rows = sub.add_parser(
+        "archive-rows", help="move the collection's rows older than its archive_rows_older_than_days rule to the row archive now "
+        "(row_archive_job; the nightly schedule does the same)")
+    archive_rows.add_argument("name")
+    archive_rows.set_defaults(func=cmd_archive_rows)
 
     get = sub.add_parser("get", help="one document by id: Postgres first, then the row archive")
     get.add_argument("name")
