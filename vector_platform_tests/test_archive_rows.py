@@ -5,6 +5,7 @@ the delete loses nothing and duplicates nothing."""
 
 import datetime as dt
 import io
+import json
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from vector_platform import catalog, clock, tables
 from vector_platform.archive import rows as archive
 from vector_platform.archive.reconcile import archive_reconciles as reconcile
 from vector_platform.locks import lock_key
+from vector_platform.models import MINILM
 
 from .conftest import write_jsonl
 from .test_tiers import corpus
@@ -144,7 +146,13 @@ def test_a_kill_anywhere_in_a_batch_loses_nothing_and_duplicates_nothing(make_pl
         jobs = conn.execute("SELECT status, documents FROM vector_platform.archival_jobs WHERE collection = %s", (name,)).fetchall()
     assert len(keys) == len(set(keys)) and jobs == [("completed", len(old))]
     listed = vp.store().list(f"archive/{name}")
-    assert sorted(listed) == sorted(keys)  # the re-run rewrote the same objects: none left over
+    with psycopg.connect(pg_dsn) as conn:
+        [(job_id,)] = conn.execute("SELECT id FROM vector_platform.archival_jobs WHERE collection = %s", (name,)).fetchall()
+    manifest = archive.manifest_key(name, job_id)
+    assert sorted(listed) == sorted(keys + [manifest])  # the re-run rewrote the same objects: none left over
+    written = json.loads(vp.store().get_bytes(manifest))
+    assert sorted(f["key"] for f in written["files"]) == sorted(keys) and written["documents"] == len(old)
+    assert {f["fingerprint"] for f in written["files"] if f["kind"] == "vectors"} == {MINILM.fingerprint}
     figures = reconcile(vp.pool(), vp.store(), name)
     assert figures["problems"] == [] and figures["sampled_documents"] == min(20, len(old)) and figures["sampled_vectors"] > 0
 
@@ -393,7 +401,6 @@ def test_an_archived_document_gone_from_the_source_is_no_longer_answered_and_com
     assert reconcile(vp.pool(), vp.store(), name)["problems"] == []
     # An archive larger than the memory budget is searched in parts of whole months: same answer.
     from vector_platform.archive.reads import ArchiveSearch
-    from vector_platform.models import MINILM
 
     whole = ArchiveSearch(root=tmp_path / "cache-a")
     parts = ArchiveSearch(root=tmp_path / "cache-b", memory_bytes=8 * 1024)  # a month or two at a time

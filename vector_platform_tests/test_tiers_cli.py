@@ -37,6 +37,11 @@ def run_cli(env, *args, check=True):
 
 def test_cli_moves_rules_and_status(cli_platform, pg_dsn):
     vp, name, env = cli_platform
+    run_cli(env, "collections", "rules", name, "--archive-rows-older-than-days", "30")
+    done = run_cli(env, "archive-rows", name)  # these documents have no source timestamp: none is old
+    assert f"row_archive_job [{name}] ok" in done.stdout and "documents=0" in done.stdout
+    assert "check archive_reconciles: passed" in done.stdout
+    run_cli(env, "collections", "rules", name, "--archive-rows-older-than-days", "0")
     done = run_cli(env, "tier", name, "cold", "--wait")
     assert "evict_job" in done.stdout and "ok" in done.stdout
     done = run_cli(env, "collections", "rules", name, "--evict-after-days", "7", "--archive-after-days", "30",

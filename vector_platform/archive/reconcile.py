@@ -3,7 +3,8 @@
 For one collection:
 - every completed job's counts (documents and vectors its deletes removed, each delete
   refused unless it removes what the batch's files hold) equal the rows of its receipts;
-- every receipt's file is on the object store with the size the receipt says;
+- every receipt's file is on the object store with the size the receipt says, and every
+  completed job's manifest is there;
 - no document is both live and archived, and no chunk or vector row of an archived document
   is still in Postgres;
 - a sample of archived documents (1 %, at least 20) is read back from Parquet (their row
@@ -24,6 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from psycopg_pool import ConnectionPool
 
+from vector_platform.archive.rows import manifest_key
 from vector_platform.object_store import ObjectStore
 
 SAMPLE_FRACTION = 0.01
@@ -81,6 +83,9 @@ def archive_reconciles(
             )
 
     on_store = store.sizes(f"archive/{collection}")
+    for job_id, status, *_ in jobs:
+        if status == "completed" and manifest_key(collection, job_id) not in on_store:
+            problems.append(f"completed job {job_id} has no manifest ({manifest_key(collection, job_id)})")
     for _, _, _, _, _, _, _, _, key, nbytes, _ in files:
         if key not in on_store:
             problems.append(f"{key} has a receipt but is not on the object store")

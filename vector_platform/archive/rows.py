@@ -28,6 +28,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -139,6 +140,7 @@ def _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, batch_do
             )
         raise
     with pool.connection() as conn:
+        _write_manifest(conn, store, collection, job_id)  # before 'completed': a completed job always has one
         conn.execute(
             "UPDATE vector_platform.archival_jobs SET status = 'completed', error = NULL, finished_at = %s, updated_at = %s "
             "WHERE id = %s",
@@ -193,6 +195,29 @@ def _tidy(pool: ConnectionPool, collection: str, job_id: int, say) -> float:
     seconds = round(time.perf_counter() - began, 3)
     say(f"{collection}: vector tables tidied after the archival in {seconds:.1f} s")
     return seconds
+
+
+def manifest_key(collection: str, job_id: int) -> str:
+    return f"archive/{collection}/manifests/job-{job_id:06d}.json"
+
+
+def _write_manifest(conn, store: ObjectStore, collection: str, job_id: int) -> None:
+    """The job's manifest next to its files: cutoff, counts, and every file with its checksum,
+    rows, model and fingerprint, so the archive can be read without the catalog."""
+    job = conn.execute(
+        "SELECT cutoff, started_at, documents, chunks, vectors, bytes, batches FROM vector_platform.archival_jobs WHERE id = %s",
+        (job_id,),
+    ).fetchone()
+    columns = ("batch", "kind", "model_key", "fingerprint", "dims", "storage_type", "year", "month", "first_key", "last_key",
+               "key", "sha256", "bytes", "rows", "row_groups", "id_hash")
+    files = [dict(zip(columns, row)) for row in conn.execute(
+        f"SELECT {', '.join(columns)} FROM vector_platform.archive_files WHERE job_id = %s ORDER BY id", (job_id,))]
+    manifest = {
+        "format": 1, "collection": collection, "job_id": job_id, "layout": "rows", "cutoff": job[0].isoformat(),
+        "started_at": job[1].isoformat(), "documents": job[2], "chunks": job[3], "vectors": job[4], "bytes": job[5],
+        "batches": job[6], "files": files,
+    }
+    store.put_bytes(manifest_key(collection, job_id), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
 def _open_job(conn, collection: str, cutoff: dt.datetime, run_id: str | None) -> tuple[int, dt.datetime, bool]:
