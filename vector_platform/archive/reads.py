@@ -309,7 +309,7 @@ class ArchiveSearch:
             parts = [loaded]
         else:
             parts = self._parts(store, spec.dims, [wanted[m] for m in sorted(wanted)], answer.data_from)
-        found: list[tuple[float, int, int]] = []  # (distance, part, row)
+        best: list[tuple[float, int, int, dict[str, Any]]] = []  # (distance, part, row index, row), best first
         for p, part in enumerate(parts):
             if not isinstance(part, Slice):
                 part = part()  # loaded now, searched, and left to the LRU
@@ -326,9 +326,9 @@ class ArchiveSearch:
                     break
                 excluded |= stale
             rows = cold.rows_of(part.data, [i for i, _ in hits if i not in excluded])
-            found += [(d, p, i, row) for (i, d), row in zip([h for h in hits if h[0] not in excluded], rows)]
-            found = sorted(found, key=lambda f: (f[0], f[1], f[2]))[:k]
-        answer.hits = [(row, d) for d, _, _, row in found]
+            best += [(d, p, i, row) for (i, d), row in zip([h for h in hits if h[0] not in excluded], rows)]
+            best = sorted(best, key=lambda f: (f[0], f[1], f[2]))[:k]
+        answer.hits = [(row, d) for d, _, _, row in best]
         return answer
 
     def _parts(self, store: ObjectStore, dims: int, months: list[list[ArchiveFile]], tally: dict[str, int]) -> list:

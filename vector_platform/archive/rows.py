@@ -210,8 +210,9 @@ def _write_manifest(conn, store: ObjectStore, collection: str, job_id: int) -> N
     ).fetchone()
     columns = ("batch", "kind", "model_key", "fingerprint", "dims", "storage_type", "year", "month", "first_key", "last_key",
                "key", "sha256", "bytes", "rows", "row_groups", "id_hash")
-    files = [dict(zip(columns, row)) for row in conn.execute(
-        f"SELECT {', '.join(columns)} FROM vector_platform.archive_files WHERE job_id = %s ORDER BY id", (job_id,))]
+    query = sql.SQL("SELECT {} FROM vector_platform.archive_files WHERE job_id = %s ORDER BY id").format(
+        sql.SQL(", ").join(map(sql.Identifier, columns)))
+    files = [dict(zip(columns, row)) for row in conn.execute(query, (job_id,))]
     manifest = {
         "format": 1, "collection": collection, "job_id": job_id, "layout": "rows", "cutoff": job[0].isoformat(),
         "started_at": job[1].isoformat(), "documents": job[2], "chunks": job[3], "vectors": job[4], "bytes": job[5],
