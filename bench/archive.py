@@ -29,10 +29,7 @@ import datetime as dt
 import hashlib
 import io
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,7 +40,6 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from cold_search import start_moto  # noqa: E402
 
 NOW = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
 MONTHS = 36
@@ -127,17 +123,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--queries", type=int, default=200)
     args = parser.parse_args()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
-    home = Path(tempfile.mkdtemp(prefix="vp-bench-home-"))
-    os.environ["VP_HOME"] = str(home)
-    moto, endpoint = start_moto()
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    from vector_platform.archive import rows as archive
-    from vector_platform.archive.reads import archive_search
-    from vector_platform.archive.reconcile import archive_reconciles
-
     f: dict[str, float] = {}
-    try:
+    with common.s3_bench_home():
+        from vector_platform.archive import rows as archive
+        from vector_platform.archive.reconcile import archive_reconciles
+
         with common.server(args.dsn) as dsn:
             vp = common.platform(dsn, "s3://bench/platform")
             rows, vectors = dated_rows(args.rows)
@@ -189,9 +179,6 @@ def main() -> None:
                         if column.path_in_schema.startswith("embedding"):
                             embedding_bytes += column.total_compressed_size
             file_bytes = sum(store.size_of(k) for k in keys)
-    finally:
-        moto.terminate()
-        shutil.rmtree(home, ignore_errors=True)
     n_old = report.documents
     print(f"{args.rows} rows x 384 d, 1 chunk per document, {MONTHS} months; archived the older {n_old} "
           f"({report.batches} batches of {archive.BATCH_DOCUMENTS}, {report.files} files) to moto_server (S3 over HTTP)")

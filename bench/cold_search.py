@@ -14,12 +14,8 @@ thread each, order alternated). Last line: `cold_vs_numpy_p50=<ours / numpy>`.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,39 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    moto = Path(sys.executable).parent / "moto_server"
-    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    import boto3
-
-    for _ in range(100):
-        try:
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
-            return proc, endpoint
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.2)
-    raise RuntimeError("moto_server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn")
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=300)
     args = parser.parse_args()
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
-    home = Path(tempfile.mkdtemp(prefix="vp-bench-home-"))
-    os.environ["VP_HOME"] = str(home)
-    moto, endpoint = start_moto()
-    os.environ["AWS_ENDPOINT_URL"] = endpoint
-    from vector_platform.search import cold_cache, flush_query_log
-
     figures: dict[str, float] = {}
-    try:
+    with common.s3_bench_home():
+        from vector_platform.search import cold_cache, flush_query_log
+
         with common.server(args.dsn) as dsn:
             vp = common.platform(dsn, "s3://bench/platform")
             rows, vectors = common.scifact(args.rows)
@@ -122,9 +95,6 @@ def main() -> None:
             run = vp.tier(name, "active")
             figures["rehydrate_s"] = time.perf_counter() - t0
             assert run.success, run.error
-    finally:
-        moto.terminate()
-        shutil.rmtree(home, ignore_errors=True)
     mib = figures["snapshot_bytes"] / 2**20
     print(f"{args.rows} rows x 384 d; snapshot {mib:.1f} MiB on moto_server (S3 over HTTP); {args.queries} queries, k 10")
     print(f"active HNSW (ef_search 100)    p50 {common.pct(active_times, 50):8.3f} ms  p95 {common.pct(active_times, 95):8.3f} ms")

@@ -5,7 +5,13 @@ its table with the product's own loader and index builder (no embedding involved
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +49,40 @@ def scifact(n: int | None = None, seed: int = 0) -> tuple[list[tuple], np.ndarra
 def query_vectors(n: int = 300) -> np.ndarray:
     q = np.load(DATA / "queries_minilm.npy").astype(np.float32)[:n]
     return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """moto_server on a free 127.0.0.1 port with a bucket `bench`: (process, endpoint)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    moto = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    for _ in range(100):
+        try:
+            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+            return proc, endpoint
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.2)
+    raise RuntimeError("moto_server did not start")
+
+
+@contextmanager
+def s3_bench_home():
+    """A temporary VP_HOME and moto_server as the S3 endpoint (bucket `bench`), both gone after."""
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+    home = Path(tempfile.mkdtemp(prefix="vp-bench-home-"))
+    os.environ["VP_HOME"] = str(home)
+    moto, endpoint = start_moto()
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    try:
+        yield home
+    finally:
+        moto.terminate()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @contextmanager

@@ -51,6 +51,16 @@ def ingested_dated(make_platform, tmp_path, n: int):
     return vp, name, docs, old
 
 
+def archive_by_rule(vp, name: str):
+    """Set the 730-day rule and run row_archive_job (the asset and its check) at NOW."""
+    vp.set_rules(name, archive_rows_older_than_days=730)
+    clock.set_now(NOW)
+    try:
+        return vp.archive_rows(name)
+    finally:
+        clock.set_now(None)
+
+
 def counts(dsn: str, name: str) -> dict:
     with psycopg.connect(dsn) as conn:
         table = catalog.vector_table_name(conn, name, "minilm_l6_v2")
@@ -161,12 +171,7 @@ def test_the_row_archive_asset_applies_the_collections_rule(make_platform, pg_ds
     vp, name, docs, old = ingested_dated(make_platform, tmp_path, 90)
     run = vp._run("row_archive_job", name)
     assert run.success and run.metadata["row_archive"]["why"] == "no archive_rows_older_than_days rule"
-    vp.set_rules(name, archive_rows_older_than_days=730)
-    clock.set_now(NOW)
-    try:
-        run = vp._run("row_archive_job", name)
-    finally:
-        clock.set_now(None)
+    run = archive_by_rule(vp, name)
     assert run.success, run.error
     assert run.metadata["row_archive"]["documents"] == len(old) > 0
     assert counts(pg_dsn, name)["archived"] == len(old)
@@ -257,12 +262,7 @@ def test_get_and_search_still_find_archived_rows_labelled_and_scored_as_before(m
 
 def test_archive_reconciles_catches_a_missing_file_a_damaged_row_and_a_row_both_live_and_archived(make_platform, pg_dsn, tmp_path):
     vp, name, docs, old = ingested_dated(make_platform, tmp_path, 150)
-    vp.set_rules(name, archive_rows_older_than_days=730)
-    clock.set_now(NOW)
-    try:
-        run = vp._run("row_archive_job", name)
-    finally:
-        clock.set_now(None)
+    run = archive_by_rule(vp, name)
     assert run.success and run.checks == {"archive_reconciles": True}, run.error
     store = vp.store()
     assert reconcile(vp.pool(), store, name, sample_fraction=1.0)["sampled_documents"] == len(old)
