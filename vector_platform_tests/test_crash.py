@@ -9,6 +9,7 @@ import psycopg
 from psycopg import sql
 
 from vector_platform import catalog
+from vector_platform.catalog import cache_index
 from vector_platform.models import MINILM
 
 from .conftest import cli, cli_env, scifact_docs, write_jsonl
@@ -22,9 +23,17 @@ def test_sigkill_during_embeddings_then_rerun_converges(pg_dsn, tmp_path, unique
 
     proc = subprocess.Popen(cli("ingest", unique_name, "--quiet"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     cache = tmp_path / "objects" / "embedding_cache" / MINILM.fingerprint
+    store_url = (tmp_path / "objects").as_uri()
+
+    def indexed() -> int:
+        # A batch is finished once its file is indexed (files are written first, then indexed:
+        # a kill in between leaves a file the re-run does not count on).
+        with psycopg.connect(pg_dsn) as conn:
+            return cache_index.count(conn, store_url, MINILM.fingerprint)
+
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if cache.exists() and len(list(cache.glob("*.parquet"))) >= 2:
+        if indexed() >= 2 * 64:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the ingest finished before it could be killed: " + proc.stdout.read().decode()[-2000:]
