@@ -1,6 +1,19 @@
 """Vector tables (`vp_vectors`), their HNSW indexes and serving views (`vp_serving`): DDL,
 bulk loading and index builds. Search reads them through `vector_platform.search`.
 
+Two layouts. A plain table has `chunk_id` as its primary key. A collection with a row-archival
+rule (`archive_rows_older_than_days`) gets a table partitioned by month on the source
+timestamp, so that archival detaches whole months instead of deleting rows (see
+`vector_platform.archive.partitions`):
+
+- partitions are named `<table>_pYYYYMM` (UTC months) and made on demand by the writes that
+  need them (`ensure_partitions`); rows without a source timestamp live in `<table>_pundated`
+  (the partition key is `coalesce(source_ts, 'infinity')`: PostgreSQL refuses `DETACH ...
+  CONCURRENTLY` on a table with a default partition, so there is none);
+- a unique key must contain the partition key, which `chunk_id` alone cannot be: writes
+  delete-then-insert under a transaction lock of the table instead of `ON CONFLICT`;
+- the HNSW index is a partitioned index built partition by partition (`ensure_hnsw`).
+
 All statements are composed with `psycopg.sql`; names were validated by `names` first.
 Index builds run on a connection in autocommit mode, reset their session settings on every
 path, and check that what they built is valid (`pg_index.indisvalid`) before it counts.
@@ -8,6 +21,7 @@ path, and check that what they built is valid (`pg_index.indisvalid`) before it 
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -19,6 +33,7 @@ from psycopg import sql
 from vector_platform.catalog.collections import announce_change
 from vector_platform.catalog.schema import SERVING, VECTORS
 from vector_platform.ingest.copy_binary import encode_vector_rows
+from vector_platform.locks import lock_key
 from vector_platform.models import ModelSpec
 from vector_platform.names import bounded_identifier
 
@@ -67,24 +82,112 @@ def score_from_distance(spec: ModelSpec, distance: float) -> float:
     return -distance
 
 
-def create_table(conn: psycopg.Connection, table: str, spec: ModelSpec) -> None:
+_COLUMNS = """
+    doc_id text NOT NULL,
+    seq int NOT NULL,
+    content_hash text NOT NULL,
+    text text NOT NULL,
+    metadata jsonb NOT NULL DEFAULT '{{}}',
+    source_ts timestamptz,
+    embedding {vtype} NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+"""
+PARTITION_KEY = "coalesce(source_ts, 'infinity'::timestamptz)"
+UNDATED_SUFFIX = "_pundated"
+
+
+def create_table(conn: psycopg.Connection, table: str, spec: ModelSpec, partitioned: bool = False) -> None:
+    """Create the vector table if it is missing (an existing table keeps its layout)."""
+    if not partitioned:
+        conn.execute(
+            sql.SQL("CREATE TABLE IF NOT EXISTS {table} (chunk_id uuid PRIMARY KEY," + _COLUMNS + ")").format(
+                table=table_id(table), vtype=column_type(spec))
+        )
+        return
+    if table_exists(conn, table):
+        return
     conn.execute(
-        sql.SQL(
-            """
-            CREATE TABLE IF NOT EXISTS {table} (
-                chunk_id uuid PRIMARY KEY,
-                doc_id text NOT NULL,
-                seq int NOT NULL,
-                content_hash text NOT NULL,
-                text text NOT NULL,
-                metadata jsonb NOT NULL DEFAULT '{{}}',
-                source_ts timestamptz,
-                embedding {vtype} NOT NULL,
-                updated_at timestamptz NOT NULL DEFAULT now()
-            )
-            """
-        ).format(table=table_id(table), vtype=column_type(spec))
+        sql.SQL("CREATE TABLE {table} (chunk_id uuid NOT NULL," + _COLUMNS + ") PARTITION BY RANGE ((" + PARTITION_KEY + "))").format(
+            table=table_id(table), vtype=column_type(spec))
     )
+    conn.execute(sql.SQL("CREATE INDEX {} ON {} (chunk_id)").format(
+        sql.Identifier(bounded_identifier(table, suffix="_chunk_id")), table_id(table)))
+    conn.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ('infinity') TO (MAXVALUE)").format(
+        table_id(bounded_identifier(table, suffix=UNDATED_SUFFIX)), table_id(table)))
+
+
+def is_partitioned(conn: psycopg.Connection, table: str) -> bool:
+    row = conn.execute(
+        "SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s", (VECTORS, table)).fetchone()
+    return bool(row and row[0])
+
+
+def month_of(ts: dt.datetime) -> tuple[int, int]:
+    utc = ts.astimezone(dt.timezone.utc)  # months in UTC, whatever the session's time zone
+    return utc.year, utc.month
+
+
+def month_bounds(year: int, month: int) -> tuple[dt.datetime, dt.datetime]:
+    lower = dt.datetime(year, month, 1, tzinfo=dt.timezone.utc)
+    upper = dt.datetime(year + month // 12, month % 12 + 1, 1, tzinfo=dt.timezone.utc)
+    return lower, upper
+
+
+def partition_name(table: str, year: int, month: int) -> str:
+    return bounded_identifier(table, suffix=f"_p{year:04d}{month:02d}")
+
+
+def partitions(conn: psycopg.Connection, table: str) -> dict[str, tuple[int, int] | None]:
+    """The attached partitions of a partitioned vector table: name -> (year, month), or None
+    for the undated one. Months come from the names, which `ensure_partitions` alone gives."""
+    found = {}
+    for (name,) in conn.execute(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace "
+        "WHERE n.nspname = %s AND p.relname = %s AND NOT i.inhdetachpending ORDER BY c.relname",
+        (VECTORS, table),
+    ):
+        suffix = name[-8:]
+        found[name] = (int(suffix[2:6]), int(suffix[6:8])) if suffix[:2] == "_p" and suffix[2:].isdigit() else None
+    return found
+
+
+class PartitionInUse(RuntimeError):
+    """A month's partition name belongs to a detached partition that archival has not finished."""
+
+
+def ensure_partitions(conn: psycopg.Connection, table: str, timestamps) -> list[str]:
+    """Make the month partitions that rows with these source timestamps need (in the caller's
+    transaction). A partition is created as a plain table and then attached, which locks the
+    parent only SHARE UPDATE EXCLUSIVE: searches and other writes go on meanwhile."""
+    wanted = {month_of(ts) for ts in timestamps if ts is not None}
+    if not wanted:
+        return []
+    have = set(partitions(conn, table).values())
+    missing = sorted(wanted - have)
+    if not missing:
+        return []
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("partitions", table),))
+    have = set(partitions(conn, table).values())  # another writer may have made them meanwhile
+    made = []
+    for year, month in missing:
+        if (year, month) in have:
+            continue
+        name = partition_name(table, year, month)
+        if relation_exists(conn, VECTORS, name):
+            raise PartitionInUse(
+                f"{VECTORS}.{name} is a detached partition that row archival has not finished; "
+                f"run `vector-platform archive-rows` for this collection, then write rows of {year:04d}-{month:02d} again"
+            )
+        lower, upper = month_bounds(year, month)
+        conn.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(table_id(name), table_id(table)))
+        conn.execute(
+            sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+                table_id(table), table_id(name), sql.Literal(lower), sql.Literal(upper))
+        )
+        made.append(name)
+    return made
 
 
 def table_exists(conn: psycopg.Connection, table: str) -> bool:
@@ -109,10 +212,11 @@ def relation_exists(conn: psycopg.Connection, schema: str, name: str) -> bool:
 
 
 def table_stats(conn: psycopg.Connection, table: str) -> tuple[int, int]:
-    """(rows, bytes with indexes and TOAST) of a vector table."""
+    """(rows, bytes with indexes and TOAST) of a vector table, all its partitions included."""
     return conn.execute(
         sql.SQL(
-            "SELECT (SELECT count(*) FROM {t}), pg_total_relation_size(c.oid) FROM pg_class c "
+            "SELECT (SELECT count(*) FROM {t}), "
+            "(SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint FROM pg_partition_tree(c.oid)) FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
         ).format(t=table_id(table)),
         (VECTORS, table),
@@ -133,13 +237,21 @@ def copy_upsert(
     COPied straight into it inside a savepoint, which writes each row once instead of twice; if
     a concurrent writer got there first, the unique violation rolls the savepoint back and the
     batch takes the staged path: COPY into a temp table, then INSERT ... ON CONFLICT DO UPDATE.
+    A partitioned table has no unique key on chunk_id: its rows are staged the same way, then
+    the table's rows of those chunks are deleted and the staged ones inserted, under a
+    transaction lock of the table (two writers cannot interleave the two statements).
+
     Runs in the caller's transaction: all rows land or none do.
     """
     if not len(rows):
         return 0
     payload = encode_vector_rows(rows, vectors)
     columns = sql.SQL(", ").join(map(sql.Identifier, ROW_COLUMNS + ("embedding",)))
-    if assume_new and spec.storage_type == "vector":
+    partitioned = is_partitioned(conn, table)
+    if partitioned:
+        ensure_partitions(conn, table, [r[6] for r in rows])
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("vector_rows", table),))
+    elif assume_new and spec.storage_type == "vector":
         try:
             with conn.transaction(), conn.cursor() as cur:
                 with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(table_id(table), columns)) as copy:
@@ -158,6 +270,18 @@ def copy_upsert(
         with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(stage, columns)) as copy:
             copy.write(payload)
         cast = sql.SQL("embedding::{}").format(column_type(spec))
+        if partitioned:
+            cur.execute(sql.SQL("DELETE FROM {table} t USING {stage} s WHERE t.chunk_id = s.chunk_id").format(
+                table=table_id(table), stage=stage))
+            cur.execute(
+                sql.SQL(
+                    "INSERT INTO {table} (chunk_id, doc_id, seq, content_hash, text, metadata, source_ts, embedding) "
+                    "SELECT chunk_id, doc_id, seq, content_hash, text, metadata, source_ts, {cast} FROM {stage}"
+                ).format(table=table_id(table), cast=cast, stage=stage)
+            )
+            written = cur.rowcount
+            cur.execute(sql.SQL("DROP TABLE {}").format(stage))
+            return written
         cur.execute(
             sql.SQL(
                 """
@@ -197,7 +321,8 @@ def graph_bytes_estimate(rows: int, spec: ModelSpec, m: int) -> int:
 def _hnsw_indexes(conn: psycopg.Connection, table: str) -> list[tuple[str, list[str], int, bool]]:
     return conn.execute(
         """
-        SELECT i.relname, coalesce(i.reloptions, '{}'), pg_relation_size(i.oid), x.indisvalid
+        SELECT i.relname, coalesce(i.reloptions, '{}'),
+               (SELECT coalesce(sum(pg_relation_size(relid)), 0)::bigint FROM pg_partition_tree(i.oid)), x.indisvalid
         FROM pg_index x
         JOIN pg_class t ON t.oid = x.indrelid
         JOIN pg_namespace n ON n.oid = t.relnamespace
@@ -258,23 +383,22 @@ def ensure_hnsw(
     """
     if not conn.autocommit:
         raise ValueError("ensure_hnsw needs a connection in autocommit mode")
+    if is_partitioned(conn, table):
+        return _ensure_hnsw_partitioned(conn, table, spec, m, ef_construction, max_work_mem_mb, parallel_workers)
     rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_id(table))).fetchone()[0]
     dropped = drop_invalid_indexes(conn, table)
     existing = current_index(conn, table)
     name = index_name(table)
     if existing and (existing["m"], existing["ef_construction"]) == (m, ef_construction):
         return IndexReport(existing["name"], "kept", 0.0, existing["bytes"], rows, 0, dropped)
-    work_mem_mb = int(min(max_work_mem_mb, max(64, graph_bytes_estimate(rows, spec, m) * 1.3 / 2**20)))
-    opclass, expression = index_opclass(spec), indexed_expression(spec)
-    params = sql.SQL("WITH (m = {}, ef_construction = {})").format(sql.Literal(m), sql.Literal(ef_construction))
+    work_mem_mb = _work_mem_mb(rows, spec, m, max_work_mem_mb)
     started = time.perf_counter()
     try:
-        conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (f"{work_mem_mb}MB",))
-        conn.execute("SELECT set_config('max_parallel_maintenance_workers', %s, false)", (str(parallel_workers),))
+        _set_build_settings(conn, work_mem_mb, parallel_workers)
         if existing is None:
             conn.execute(
                 sql.SQL("CREATE INDEX {} ON {} USING hnsw ({} {}) {}").format(
-                    sql.Identifier(name), table_id(table), expression, opclass, params
+                    sql.Identifier(name), table_id(table), indexed_expression(spec), index_opclass(spec), _with(m, ef_construction)
                 )
             )
             if not _index_is_valid(conn, name):
@@ -286,7 +410,7 @@ def ensure_hnsw(
             conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(VECTORS, tmp)))
             conn.execute(
                 sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} USING hnsw ({} {}) {}").format(
-                    sql.Identifier(tmp), table_id(table), expression, opclass, params
+                    sql.Identifier(tmp), table_id(table), indexed_expression(spec), index_opclass(spec), _with(m, ef_construction)
                 )
             )
             if not _index_is_valid(conn, tmp):
@@ -297,12 +421,119 @@ def ensure_hnsw(
                 conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(sql.Identifier(VECTORS, tmp), sql.Identifier(name)))
             action = "rebuilt"
     finally:
-        conn.execute("RESET maintenance_work_mem")
-        conn.execute("RESET max_parallel_maintenance_workers")
+        _reset_build_settings(conn)
     seconds = time.perf_counter() - started
     conn.execute(sql.SQL("ANALYZE {}").format(table_id(table)))
     size = current_index(conn, table)["bytes"]
     return IndexReport(name, action, seconds, size, rows, work_mem_mb, dropped)
+
+
+def _with(m: int, ef_construction: int) -> sql.Composable:
+    return sql.SQL("WITH (m = {}, ef_construction = {})").format(sql.Literal(m), sql.Literal(ef_construction))
+
+
+def _work_mem_mb(rows: int, spec: ModelSpec, m: int, max_work_mem_mb: int) -> int:
+    return int(min(max_work_mem_mb, max(64, graph_bytes_estimate(rows, spec, m) * 1.3 / 2**20)))
+
+
+def _set_build_settings(conn: psycopg.Connection, work_mem_mb: int, parallel_workers: int) -> None:
+    conn.execute("SELECT set_config('maintenance_work_mem', %s, false)", (f"{work_mem_mb}MB",))
+    conn.execute("SELECT set_config('max_parallel_maintenance_workers', %s, false)", (str(parallel_workers),))
+
+
+def _reset_build_settings(conn: psycopg.Connection) -> None:
+    conn.execute("RESET maintenance_work_mem")
+    conn.execute("RESET max_parallel_maintenance_workers")
+
+
+def _index_oid(conn: psycopg.Connection, name: str) -> int | None:
+    row = conn.execute(
+        "SELECT i.oid FROM pg_class i JOIN pg_namespace n ON n.oid = i.relnamespace WHERE n.nspname = %s AND i.relname = %s",
+        (VECTORS, name),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _ensure_hnsw_partitioned(
+    conn: psycopg.Connection, table: str, spec: ModelSpec, m: int, ef_construction: int, max_work_mem_mb: int,
+    parallel_workers: int,
+) -> IndexReport:
+    """The partitioned HNSW index, as PostgreSQL builds one without blocking writes: the parent
+    index is created invalid `ON ONLY` the parent; each partition's index is built
+    `CONCURRENTLY`, checked valid and attached; once every partition has one the parent index
+    is valid. Partitions attached later get theirs from PostgreSQL (built on the empty table).
+
+    An interrupted build is resumed: its parent index stays, partitions whose index is already
+    attached are skipped, and an invalid leftover of a partition is dropped and rebuilt. A
+    rebuild (m or ef_construction changed) builds a second partitioned index the same way and
+    swaps it in once valid; search uses the old one until then."""
+    rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_id(table))).fetchone()[0]
+    name = index_name(table)
+    existing = current_index(conn, table)
+    if existing and (existing["m"], existing["ef_construction"]) == (m, ef_construction):
+        return IndexReport(existing["name"], "kept", 0.0, existing["bytes"], rows, 0, [])
+    target = name if existing is None else bounded_identifier(table, suffix="_hnsw_new")
+    child_suffix = "_hnsw" if existing is None else "_hnsw_new"
+    dropped = []
+    for leftover, options, _, valid in _hnsw_indexes(conn, table):
+        wanted = dict(o.split("=", 1) for o in options) == {"m": str(m), "ef_construction": str(ef_construction)}
+        if not valid and not (leftover == target and wanted):  # another build's leftover: not resumable
+            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(VECTORS, leftover)))
+            dropped.append(leftover)
+    if _index_oid(conn, target) is None:
+        conn.execute(sql.SQL("CREATE INDEX {} ON ONLY {} USING hnsw ({} {}) {}").format(
+            sql.Identifier(target), table_id(table), indexed_expression(spec), index_opclass(spec), _with(m, ef_construction)))
+    started = time.perf_counter()
+    work_mem_mb = 64
+    try:
+        while True:
+            # Partitions without an index attached to the target (PostgreSQL attaches one by
+            # itself to a partition created meanwhile, so this ends).
+            todo = conn.execute(
+                """
+                SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                WHERE i.inhparent = %s::regclass AND NOT i.inhdetachpending AND NOT EXISTS (
+                    SELECT 1 FROM pg_inherits ii JOIN pg_index x ON x.indexrelid = ii.inhrelid
+                    WHERE ii.inhparent = %s::regclass AND x.indrelid = c.oid)
+                ORDER BY c.relname
+                """,
+                (f"{VECTORS}.{table}", f"{VECTORS}.{target}"),
+            ).fetchall()
+            if not todo:
+                break
+            for (part,) in todo:
+                child = bounded_identifier(part, suffix=child_suffix)
+                part_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_id(part))).fetchone()[0]
+                work_mem_mb = max(work_mem_mb, _work_mem_mb(part_rows, spec, m, max_work_mem_mb))
+                _set_build_settings(conn, _work_mem_mb(part_rows, spec, m, max_work_mem_mb), parallel_workers)
+                if _index_oid(conn, child) is not None and not _index_is_valid(conn, child):
+                    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(VECTORS, child)))
+                    dropped.append(child)
+                conn.execute(sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} USING hnsw ({} {}) {}").format(
+                    sql.Identifier(child), table_id(part), indexed_expression(spec), index_opclass(spec), _with(m, ef_construction)))
+                if not _index_is_valid(conn, child):
+                    conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(VECTORS, child)))
+                    raise InvalidIndex(f"the index of partition {VECTORS}.{part} came out invalid")
+                conn.execute(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(
+                    sql.Identifier(VECTORS, target), sql.Identifier(VECTORS, child)))
+    finally:
+        _reset_build_settings(conn)
+    if not _index_is_valid(conn, target):
+        raise InvalidIndex(f"index {target} on {VECTORS}.{table} is not valid with every partition's index attached")
+    action = "built"
+    if existing is not None:
+        with conn.transaction():
+            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(VECTORS, existing["name"])))
+            conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(sql.Identifier(VECTORS, target), sql.Identifier(name)))
+            for part in partitions(conn, table):
+                old = bounded_identifier(part, suffix="_hnsw_new")
+                if _index_oid(conn, old) is not None:
+                    conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                        sql.Identifier(VECTORS, old), sql.Identifier(bounded_identifier(part, suffix="_hnsw"))))
+        action = "rebuilt"
+    seconds = time.perf_counter() - started
+    conn.execute(sql.SQL("ANALYZE {}").format(table_id(table)))
+    return IndexReport(name, action, seconds, current_index(conn, table)["bytes"], rows, work_mem_mb, dropped)
 
 
 # ---------------------------------------------------------------- serving view

@@ -39,13 +39,19 @@ def dated(n: int, months: int = 36) -> list[dict]:
     return docs
 
 
-def ingested_dated(make_platform, tmp_path, n: int):
-    """(platform, collection, documents, ids older than two years at NOW): a dated collection, ingested."""
+def ingested_dated(make_platform, tmp_path, n: int, layout: str = "rows"):
+    """(platform, collection, documents, ids older than two years at NOW): a dated collection,
+    ingested. The partitioned layout: the rule is set before the first ingest, which then makes
+    a month-partitioned vector table; set after it (the row layout), the table stays as it is."""
     vp = make_platform()
     name = f"arch_{uuid.uuid4().hex[:8]}"
     docs = dated(n)
     vp.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", docs))
+    if layout == "partitions":
+        vp.set_rules(name, archive_rows_older_than_days=730)
     assert all(r.success for r in vp.ingest(name))
+    with psycopg.connect(vp.postgres.resolved_dsn()) as conn:
+        assert tables.is_partitioned(conn, catalog.vector_table_name(conn, name, "minilm_l6_v2")) == (layout == "partitions")
     cutoff = archive.cutoff_for(730, NOW)
     old = {d["id"] for d in docs if dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc) < cutoff}
     return vp, name, docs, old
@@ -59,6 +65,26 @@ def archive_by_rule(vp, name: str):
         return vp.archive_rows(name)
     finally:
         clock.set_now(None)
+
+
+def old_partitions(dsn: str, name: str, cutoff: dt.datetime, before: bool = False) -> list[str]:
+    """The vector table's attached partitions of months wholly before the cutoff (`before`:
+    the months of documents that were older than the cutoff, which such partitions held)."""
+    with psycopg.connect(dsn) as conn:
+        table = catalog.vector_table_name(conn, name, "minilm_l6_v2")
+        if before:
+            months = {tables.month_of(ts) for (ts,) in conn.execute(
+                "SELECT source_ts FROM vector_platform.archived_documents WHERE collection = %s", (name,))}
+            return sorted(f"{y}-{m}" for y, m in months if archive.wholly_before((y, m), cutoff))
+        return sorted(p for p, ym in tables.partitions(conn, table).items() if ym and archive.wholly_before(ym, cutoff))
+
+
+def detached_tables(dsn: str, name: str) -> list[str]:
+    """Vector tables of the collection left detached (none once archival finished)."""
+    with psycopg.connect(dsn) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT coalesce(detached_as, partition) FROM vector_platform.archive_partitions "
+            "WHERE collection = %s AND state <> 'dropped'", (name,))]
 
 
 def counts(dsn: str, name: str) -> dict:
@@ -76,8 +102,9 @@ def counts(dsn: str, name: str) -> dict:
         }
 
 
-def test_old_rows_move_to_verified_files_and_stay_archived(make_platform, pg_dsn, tmp_path):
-    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 240)
+@pytest.mark.parametrize("layout", ["rows", "partitions"])
+def test_old_rows_move_to_verified_files_and_stay_archived(make_platform, pg_dsn, tmp_path, layout):
+    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 240, layout)
     cutoff = archive.cutoff_for(730, NOW)
     assert 60 < len(old) < 90
     before = counts(pg_dsn, name)
@@ -87,6 +114,9 @@ def test_old_rows_move_to_verified_files_and_stay_archived(make_platform, pg_dsn
     after = counts(pg_dsn, name)
     assert after["documents"] == before["documents"] - len(old) and after["archived"] == len(old) and after["live_old"] == 0
     assert after["vectors"] == before["vectors"] - report.vectors and after["chunks"] == before["chunks"] - report.chunks
+    if layout == "partitions":  # the months wholly before the cutoff left as partitions, detached and dropped
+        assert report.layout == "partitions" and report.partitions_dropped == len(old_partitions(pg_dsn, name, cutoff, before=True)) >= 11
+        assert old_partitions(pg_dsn, name, cutoff) == [] and detached_tables(pg_dsn, name) == []
 
     # Every receipt's file is on the store with its bytes; together they hold exactly the old documents.
     store = vp.store()

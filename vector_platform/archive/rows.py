@@ -20,6 +20,11 @@ A kill anywhere leaves either the rows live (before 5; the re-run writes the sam
 receipts again) or the batch done and checkpointed: nothing lost, nothing twice. Ingest
 leaves an archived document archived while its content is unchanged (see
 `catalog.documents.drop_staged_archived`).
+
+A month-partitioned vector table (the partitioned layout) keeps, at step 5, its rows of
+months wholly before the cutoff, checked to be exactly what the files hold; once the batches
+are done, `archive.partitions` detaches those months' partitions, checks them against the
+files and drops them.
 """
 
 from __future__ import annotations
@@ -83,6 +88,10 @@ class ArchiveReport:
     seconds: float = 0.0
     vacuum_seconds: float = 0.0
     months: list[str] = field(default_factory=list)
+    layout: str = "rows"
+    partitions_dropped: int = 0  # month partitions detached, checked against the archive and dropped
+    partition_rows_dropped: int = 0
+    partitions_kept: list[str] = field(default_factory=list)
 
     def as_metadata(self) -> dict[str, Any]:
         return {**{k: v for k, v in self.__dict__.items() if k != "cutoff"}, "cutoff": self.cutoff.isoformat()}
@@ -108,8 +117,24 @@ def archive_rows(
     started = time.perf_counter()
     with _only_job(dsn, collection):
         with pool.connection() as conn, conn.transaction():
-            job_id, job_cutoff, resumed = _open_job(conn, collection, cutoff, run_id)
+            layout = "partitions" if _partitioned_tables(conn, collection) else "rows"
+            job_id, job_cutoff, resumed = _open_job(conn, collection, cutoff, run_id, layout)
         return _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, batch_documents, started, say)
+
+
+def _partitioned_tables(conn, collection: str) -> dict[str, str]:
+    """model key -> vector table, for the collection's month-partitioned vector tables."""
+    found = {}
+    for model_key in catalog.get_collection(conn, collection).models:
+        table = catalog.vector_table_name(conn, collection, model_key)
+        if tables.table_exists(conn, table) and tables.is_partitioned(conn, table):
+            found[model_key] = table
+    return found
+
+
+def wholly_before(ym: tuple[int, int], cutoff: dt.datetime) -> bool:
+    """Whether a source month ends before the cutoff: its partition can leave as a whole."""
+    return tables.month_bounds(*ym)[1] <= cutoff
 
 
 @contextlib.contextmanager
@@ -132,6 +157,15 @@ def _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, batch_do
     try:
         while _archive_batch(pool, store, dsn, collection, job_id, job_cutoff, batch_documents, report, say):
             pass
+        with pool.connection() as conn:
+            report.layout = "partitions" if _partitioned_tables(conn, collection) else "rows"
+        if report.layout == "partitions":
+            from vector_platform.archive.partitions import archive_partitions  # it builds on this module
+
+            parts = archive_partitions(pool, store, dsn, collection, job_id, job_cutoff, say)
+            report.partitions_dropped = parts.dropped
+            report.partition_rows_dropped = parts.rows_dropped
+            report.partitions_kept = parts.kept
     except Exception as err:
         with pool.connection() as conn:
             conn.execute(
@@ -146,20 +180,23 @@ def _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, batch_do
             "WHERE id = %s",
             (clock.now(), clock.now(), job_id),
         )
-    if report.documents:
-        report.vacuum_seconds = _tidy(pool, collection, job_id, say)
+    if report.documents or report.partitions_kept:
+        report.vacuum_seconds = _tidy(pool, collection, job_id, job_cutoff, say)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
 
 
-def _tidy(pool: ConnectionPool, collection: str, job_id: int, say) -> float:
+def _tidy(pool: ConnectionPool, collection: str, job_id: int, cutoff: dt.datetime, say) -> float:
     """After a job deleted rows: an HNSW index keeps deleted rows in its graph until a vacuum
     repairs it (scans walk past them and can come back short of k), and repairing is slow
     when much was deleted. As pgvector advises, a table that lost REINDEX_FRACTION of its
     rows or more gets its index rebuilt first (REINDEX CONCURRENTLY; a failed rebuild's own
     leftover is dropped and the old index kept), then VACUUM (ANALYZE). Searches and ingest go
     on meanwhile. A failure here comes after the job completed: nothing is lost, and the next
-    job tidies again."""
+    job tidies again.
+
+    A partitioned table lost whole months by DROP, which leaves nothing to repair: only its
+    partitions from the cutoff's month on (where rows were deleted by key) are vacuumed."""
     began = time.perf_counter()
     with pool.connection() as conn:
         coll = catalog.get_collection(conn, collection)
@@ -169,6 +206,12 @@ def _tidy(pool: ConnectionPool, collection: str, job_id: int, say) -> float:
         for model_key in coll.models:
             table = catalog.vector_table_name(conn, collection, model_key)
             if not tables.table_exists(conn, table):
+                continue
+            if tables.is_partitioned(conn, table):
+                for part, ym in tables.partitions(conn, table).items():
+                    if ym is not None and f"{ym[0]:04d}-{ym[1]:02d}" in months_touched(conn, job_id, model_key):
+                        conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(tables.table_id(part)))
+                conn.execute(sql.SQL("ANALYZE {}").format(tables.table_id(table)))
                 continue
             left = tables.table_stats(conn, table)[0]
             gone = int(deleted.get(model_key) or 0)
@@ -197,6 +240,13 @@ def _tidy(pool: ConnectionPool, collection: str, job_id: int, say) -> float:
     return seconds
 
 
+def months_touched(conn, job_id: int, model_key: str) -> set[str]:
+    """The source months ('YYYY-MM') a job wrote vector files of, for one model."""
+    return {f"{y:04d}-{m:02d}" for y, m in conn.execute(
+        "SELECT DISTINCT year, month FROM vector_platform.archive_files WHERE job_id = %s AND model_key = %s",
+        (job_id, model_key)).fetchall()}
+
+
 def manifest_key(collection: str, job_id: int) -> str:
     return f"archive/{collection}/manifests/job-{job_id:06d}.json"
 
@@ -205,7 +255,8 @@ def _write_manifest(conn, store: ObjectStore, collection: str, job_id: int) -> N
     """The job's manifest next to its files: cutoff, counts, and every file with its checksum,
     rows, model and fingerprint, so the archive can be read without the catalog."""
     job = conn.execute(
-        "SELECT cutoff, started_at, documents, chunks, vectors, bytes, batches FROM vector_platform.archival_jobs WHERE id = %s",
+        "SELECT cutoff, started_at, documents, chunks, vectors, bytes, batches, layout FROM vector_platform.archival_jobs "
+        "WHERE id = %s",
         (job_id,),
     ).fetchone()
     columns = ("batch", "kind", "model_key", "fingerprint", "dims", "storage_type", "year", "month", "first_key", "last_key",
@@ -214,14 +265,18 @@ def _write_manifest(conn, store: ObjectStore, collection: str, job_id: int) -> N
         sql.SQL(", ").join(map(sql.Identifier, columns)))
     files = [dict(zip(columns, row)) for row in conn.execute(query, (job_id,))]
     manifest = {
-        "format": 1, "collection": collection, "job_id": job_id, "layout": "rows", "cutoff": job[0].isoformat(),
+        "format": 1, "collection": collection, "job_id": job_id, "layout": job[7], "cutoff": job[0].isoformat(),
         "started_at": job[1].isoformat(), "documents": job[2], "chunks": job[3], "vectors": job[4], "bytes": job[5],
         "batches": job[6], "files": files,
+        "partitions": [dict(zip(("model_key", "partition", "year", "month", "rows", "remainder_rows", "state"), r))
+                       for r in conn.execute(
+                           "SELECT model_key, partition, year, month, rows, remainder_rows, state "
+                           "FROM vector_platform.archive_partitions WHERE job_id = %s ORDER BY id", (job_id,))],
     }
     store.put_bytes(manifest_key(collection, job_id), json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
-def _open_job(conn, collection: str, cutoff: dt.datetime, run_id: str | None) -> tuple[int, dt.datetime, bool]:
+def _open_job(conn, collection: str, cutoff: dt.datetime, run_id: str | None, layout: str) -> tuple[int, dt.datetime, bool]:
     row = conn.execute(
         "SELECT id, cutoff FROM vector_platform.archival_jobs WHERE collection = %s AND status <> 'completed' FOR UPDATE",
         (collection,),
@@ -238,9 +293,9 @@ def _open_job(conn, collection: str, cutoff: dt.datetime, run_id: str | None) ->
     job_id = conn.execute(
         """
         INSERT INTO vector_platform.archival_jobs (collection, layout, cutoff, status, started_at, updated_at, run_id)
-        VALUES (%s, 'rows', %s, 'running', %s, %s, %s) RETURNING id
+        VALUES (%s, %s, %s, 'running', %s, %s, %s) RETURNING id
         """,
-        (collection, cutoff, now, now, run_id),
+        (collection, layout, cutoff, now, now, run_id),
     ).fetchone()[0]
     return job_id, cutoff, False
 
@@ -293,8 +348,7 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
         # 1-3: write and verify every file of the batch, month by month.
         by_month: dict[tuple[int, int], list[tuple]] = {}
         for doc in docs:
-            utc = doc[5].astimezone(dt.timezone.utc)  # months in UTC, whatever the session's time zone
-            by_month.setdefault((utc.year, utc.month), []).append(doc)
+            by_month.setdefault(tables.month_of(doc[5]), []).append(doc)
         tag = f"job-{job_id:06d}-batch-{batch_no:06d}"  # fixed by the checkpoint: a resumed batch rewrites it
         writes: list[tuple] = []
         vectors_total = 0
@@ -316,28 +370,37 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
         # Object stores answer each request slowly but many at once: the batch's files are
         # written and read back side by side. Any failure fails the batch before its receipts.
         with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool_of_uploads:
-            receipts = list(pool_of_uploads.map(lambda w: _write_verified(store, *w), writes))
+            receipts = list(pool_of_uploads.map(lambda w: write_verified(store, *w), writes))
         faults.point("archive_rows.after_upload")
 
         # 4: the receipts, before anything is deleted.
         with conn.transaction():
-            file_ids = {r["key"]: _record_receipt(conn, job_id, collection, store, r, spec_of(models, r)) for r in receipts}
+            file_ids = {r["key"]: record_receipt(conn, job_id, collection, store, r, spec_of(models, r)) for r in receipts}
         faults.point("archive_rows.after_receipts")
 
         # 5: the delete, vectors before chunks before documents, with the checkpoint.
         with conn.transaction():
             # What is deleted must be exactly what the files hold, or nothing is (the rollback).
             held = {r["key"]: r["rows"] for r in receipts}
-            gone_vectors = 0
+            # A partitioned table keeps the vectors of months wholly before the cutoff: their
+            # partitions leave whole once the batches are done (archive.partitions).
+            kept_ids = [c for d in docs if wholly_before(tables.month_of(d[5]), cutoff) for c in chunks_of.get(d[0], [])]
+            kept_set = set(kept_ids)
+            archived_vectors = 0
             for model_key, (vtable, _, _) in models.items():
+                keep = tables.is_partitioned(conn, vtable) and bool(kept_ids)
+                kept = conn.execute(
+                    sql.SQL("SELECT count(*) FROM {} WHERE chunk_id = ANY(%s)").format(tables.table_id(vtable)), (kept_ids,)
+                ).fetchone()[0] if keep else 0
                 gone = conn.execute(
-                    sql.SQL("DELETE FROM {} WHERE chunk_id = ANY(%s)").format(tables.table_id(vtable)), (chunk_ids,)
+                    sql.SQL("DELETE FROM {} WHERE chunk_id = ANY(%s)").format(tables.table_id(vtable)),
+                    ([c for c in chunk_ids if c not in kept_set] if keep else chunk_ids,),
                 ).rowcount
                 written = sum(held[r["key"]] for r in receipts if r["model_key"] == model_key)
-                gone_vectors += gone
-                if gone != written:
-                    raise ArchiveError(f"{collection}/{model_key}: the delete would remove {gone} vectors, the files hold "
-                                       f"{written}; nothing deleted")
+                archived_vectors += gone + kept
+                if gone + kept != written:
+                    raise ArchiveError(f"{collection}/{model_key}: the delete would remove {gone} vectors and keep {kept} "
+                                       f"for their partition's detach, the files hold {written}; nothing deleted")
             gone_chunks = conn.execute(
                 "DELETE FROM vector_platform.chunks WHERE collection = %s AND doc_id = ANY(%s)", (collection, doc_ids)
             ).rowcount
@@ -374,7 +437,7 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
                     chunks = chunks + %s, vectors = vectors + %s, bytes = bytes + %s, updated_at = %s
                 WHERE id = %s
                 """,
-                (docs[-1][5], doc_ids[-1], gone_docs, gone_chunks, gone_vectors, nbytes, now, job_id),  # what the deletes removed
+                (docs[-1][5], doc_ids[-1], gone_docs, gone_chunks, archived_vectors, nbytes, now, job_id),  # what the deletes removed
             )
     report.batches += 1
     report.documents += len(doc_ids)
@@ -392,7 +455,7 @@ def _id_hash(ids) -> str:
     return hashlib.sha256(b"".join(str(i).encode() + b"\n" for i in sorted(ids))).hexdigest()
 
 
-def _write_verified(store: ObjectStore, key: str, table: pa.Table, id_column: str, row_group_rows: int | None,
+def write_verified(store: ObjectStore, key: str, table: pa.Table, id_column: str, row_group_rows: int | None,
                     receipt: dict[str, Any]) -> dict[str, Any]:
     """Write one Parquet file, read it back, and return its receipt (not yet recorded)."""
     buf = io.BytesIO()
@@ -421,7 +484,7 @@ def spec_of(models: dict, receipt: dict[str, Any]):
     return models[receipt["model_key"]][1] if receipt["model_key"] else None
 
 
-def _record_receipt(conn, job_id: int, collection: str, store: ObjectStore, r: dict[str, Any], spec) -> int:
+def record_receipt(conn, job_id: int, collection: str, store: ObjectStore, r: dict[str, Any], spec) -> int:
     return conn.execute(
         """
         INSERT INTO vector_platform.archive_files

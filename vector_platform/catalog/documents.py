@@ -393,6 +393,15 @@ def sync_row_metadata(conn: psycopg.Connection, collection: str, table: sql.Comp
     ).rowcount
 
 
+def source_months(conn: psycopg.Connection, collection: str) -> list[dt.datetime]:
+    """The first instant (UTC) of every month a live document of the collection is dated in."""
+    return [r[0] for r in conn.execute(
+        "SELECT DISTINCT date_trunc('month', source_ts, 'UTC') FROM vector_platform.documents "
+        "WHERE collection = %s AND deleted_at IS NULL AND source_ts IS NOT NULL",
+        (collection,),
+    )]
+
+
 _ORPHAN = """
     NOT EXISTS (SELECT 1 FROM vector_platform.chunks c JOIN vector_platform.documents d USING (collection, doc_id)
                 WHERE c.chunk_id = v.chunk_id AND c.collection = %s AND d.deleted_at IS NULL)

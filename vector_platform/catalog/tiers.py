@@ -369,3 +369,13 @@ def purge_archived_rows(conn: psycopg.Connection, collection: str) -> None:
 def manifest_text(manifest: dict[str, Any]) -> bytes:
     """The manifest as stored: canonical JSON, so its sha256 is reproducible."""
     return json.dumps(manifest, sort_keys=True, indent=1).encode()
+
+
+def wants_partitions(conn: psycopg.Connection, collection: str) -> bool:
+    """A collection with a row-archival rule gets month-partitioned vector tables (those made
+    from now on: an existing table keeps its layout, see `vector_platform.tables`)."""
+    row = conn.execute(
+        "SELECT tier_rules->>'archive_rows_older_than_days' IS NOT NULL FROM vector_platform.collections WHERE name = %s",
+        (collection,),
+    ).fetchone()
+    return bool(row and row[0])

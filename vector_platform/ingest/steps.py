@@ -20,6 +20,7 @@ from psycopg_pool import ConnectionPool
 
 from vector_platform import catalog, clock, tables
 from vector_platform.catalog import documents as docs_sql
+from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog.dead_letters import clean_ref
 from vector_platform.ingest import embedding_cache
 from vector_platform.ingest.chunking import Chunker
@@ -340,7 +341,8 @@ def load_vectors(
         spec = catalog.get_model(conn, model_key)
         table = catalog.vector_table_name(conn, collection, model_key)
         with conn.transaction():
-            tables.create_table(conn, table, spec)
+            tables.create_table(conn, table, spec, partitioned=tier_sql.wants_partitions(conn, collection))
+        partitioned = tables.is_partitioned(conn, table)
         tid = tables.table_id(table)
         missing_total = docs_sql.count_chunks_missing(conn, collection, tid)
     inserted = without_vector = seen = 0
@@ -371,6 +373,8 @@ def load_vectors(
         with conn.transaction():
             # Two joins over the whole collection: room for in-memory hash joins, this transaction only.
             conn.execute("SELECT set_config('work_mem', '256MB', true)")
+            if partitioned:  # a changed source timestamp moves the row to its month's partition
+                tables.ensure_partitions(conn, table, docs_sql.source_months(conn, collection))
             updated = docs_sql.sync_row_metadata(conn, collection, tid)
             removed = docs_sql.delete_orphan_rows(conn, collection, tid)
         lap("seconds_syncing")

@@ -221,7 +221,8 @@ def _restore(pool, store, collection, model_key, receipt: SnapshotReceipt, setti
     with pool.connection() as conn:
         spec = catalog.get_model(conn, model_key)
         table = catalog.vector_table_name(conn, collection, model_key)
-        tables.create_table(conn, table, spec)
+        tables.create_table(conn, table, spec, partitioned=tier_sql.wants_partitions(conn, collection))
+        partitioned = tables.is_partitioned(conn, table)
         after = conn.execute(sql.SQL("SELECT chunk_id::text FROM {} ORDER BY chunk_id DESC LIMIT 1").format(tables.table_id(table))).fetchone()
         after = after[0] if after else None
     if after is not None:
@@ -245,6 +246,8 @@ def _restore(pool, store, collection, model_key, receipt: SnapshotReceipt, setti
             vectors = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(len(rows), receipt.manifest["dims"])
             payload = encode_vector_rows(rows, vectors, updated_at=data["updated_at"])
             with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                if partitioned:
+                    tables.ensure_partitions(conn, table, data["source_ts"])
                 if not direct:
                     cur.execute(
                         sql.SQL("CREATE TEMP TABLE vp_restore_stage (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(tables.table_id(table))
