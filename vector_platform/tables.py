@@ -216,7 +216,8 @@ def table_stats(conn: psycopg.Connection, table: str) -> tuple[int, int]:
     return conn.execute(
         sql.SQL(
             "SELECT (SELECT count(*) FROM {t}), "
-            "(SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint FROM pg_partition_tree(c.oid)) FROM pg_class c "
+            "CASE WHEN c.relkind = 'p' THEN (SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint "
+            "FROM pg_partition_tree(c.oid)) ELSE pg_total_relation_size(c.oid) END FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
         ).format(t=table_id(table)),
         (VECTORS, table),
@@ -322,7 +323,8 @@ def _hnsw_indexes(conn: psycopg.Connection, table: str) -> list[tuple[str, list[
     return conn.execute(
         """
         SELECT i.relname, coalesce(i.reloptions, '{}'),
-               (SELECT coalesce(sum(pg_relation_size(relid)), 0)::bigint FROM pg_partition_tree(i.oid)), x.indisvalid
+               CASE WHEN i.relkind = 'I' THEN (SELECT coalesce(sum(pg_relation_size(relid)), 0)::bigint
+                    FROM pg_partition_tree(i.oid)) ELSE pg_relation_size(i.oid) END, x.indisvalid
         FROM pg_index x
         JOIN pg_class t ON t.oid = x.indrelid
         JOIN pg_namespace n ON n.oid = t.relnamespace

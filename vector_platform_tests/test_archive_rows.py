@@ -1,7 +1,9 @@
-"""Row archival, row layout (first slice of issue 9): documents older than the cutoff, with
-their chunks and vectors, move to verified Parquet files with receipts before any delete;
-search stops returning them; ingest leaves them archived; a kill between the receipts and
-the delete loses nothing and duplicates nothing."""
+"""Row archival (issue 9): documents older than the cutoff, with their chunks and vectors,
+move to verified Parquet files with receipts before any delete; search stops returning them;
+ingest leaves them archived; a kill between the receipts and the delete loses nothing and
+duplicates nothing. Tests marked with a `layout` run on both layouts: a plain vector table
+(rows deleted by key) and a month-partitioned one (old months detached and dropped); what
+only the partitioned layout does is in test_archive_partitions."""
 
 import datetime as dt
 import io
@@ -244,8 +246,9 @@ def test_archival_refuses_a_second_run_a_cold_collection_and_half_ingested_docum
         archive.archive_rows(vp.pool(), vp.store(), pg_dsn, name, cutoff)
 
 
-def test_get_and_search_still_find_archived_rows_labelled_and_scored_as_before(make_platform, pg_dsn, tmp_path):
-    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 200)
+@pytest.mark.parametrize("layout", ["rows", "partitions"])
+def test_get_and_search_still_find_archived_rows_labelled_and_scored_as_before(make_platform, pg_dsn, tmp_path, layout):
+    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 200, layout)
     cutoff = archive.cutoff_for(730, NOW)
     queries = [d["text"] for d in docs[::17]]
     before = {q: [(h.doc_id, h.chunk_id, round(h.score, 5)) for h in vp.search(q, [name], k=8, exact=True).hits] for q in queries}
@@ -373,8 +376,9 @@ def test_an_unavailable_object_store_deletes_nothing_records_the_error_and_a_lat
     assert reconcile(vp.pool(), vp.store(), name)["problems"] == []
 
 
-def test_ingest_and_search_go_on_during_archival(make_platform, pg_dsn, tmp_path):
-    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 200)
+@pytest.mark.parametrize("layout", ["rows", "partitions"])
+def test_ingest_and_search_go_on_during_archival(make_platform, pg_dsn, tmp_path, layout):
+    vp, name, docs, old = ingested_dated(make_platform, tmp_path, 200, layout)
     cutoff = archive.cutoff_for(730, NOW)
     errors, answers = [], []
 

@@ -5,7 +5,8 @@ A collection with a row-archival rule keeps its vectors in month partitions (see
 every document older than the cutoff: documents, chunks and vectors are written to the
 archive and verified, and the catalog rows are deleted, but the vectors of a month that lies
 wholly before the cutoff stay in their partition (the batch checks that they are exactly
-what its files hold). Then, for each such month of each vector table:
+what its files hold). Then, as soon as the batches (in source-timestamp order) are past a
+month, for that month's partition in each vector table:
 
 1. under the collection's writer lock: if no live document has a row in the partition, it is
    detached (`DETACH PARTITION ... CONCURRENTLY`: searches and writes go on) and renamed out
@@ -19,7 +20,9 @@ what its files hold). Then, for each such month of each vector table:
 3. only then is the table dropped.
 
 Exporting before detaching means a row is always somewhere search finds it: live until the
-detach, in the archive from its batch's commit on. A kill at any point is finished by the
+detach, in the archive from its batch's commit on. (In between, a search without the archive
+can still return an archived document's row from its month's partition: only for the
+seconds until the detach, or, after a kill, until the next run.) A kill at any point is finished by the
 next run: a `DETACH` left waiting for `FINALIZE` is finalized, a detached table is checked and
 dropped, and a table that cannot be checked (the object store is down) is kept and reported.
 """
@@ -57,19 +60,25 @@ def old_months(cutoff: dt.datetime) -> Callable[[tuple[int, int] | None], bool]:
     return lambda ym: ym is not None and tables.month_bounds(*ym)[1] <= cutoff
 
 
-def archive_partitions(
-    pool: ConnectionPool, store: ObjectStore, dsn: str, collection: str, job_id: int, cutoff: dt.datetime,
+def finish_detached(
+    pool: ConnectionPool, store: ObjectStore, dsn: str, collection: str, report: PartitionReport,
     say: Callable[[str], None] = lambda _: None,
-) -> PartitionReport:
-    """Steps 1-3 for every month partition wholly before `cutoff`, after finishing any partition
-    an earlier run left detached."""
-    report = PartitionReport()
+) -> None:
+    """Finish every partition an earlier run left detaching or detached (a job starts here)."""
     with pool.connection() as conn:
         unfinished = conn.execute(
             "SELECT id FROM vector_platform.archive_partitions WHERE collection = %s AND state IN ('detaching', 'detached') "
             "ORDER BY id", (collection,)).fetchall()
     for (record,) in unfinished:
         _resume(pool, store, dsn, collection, record, report, say)
+
+
+def detach_old_months(
+    pool: ConnectionPool, store: ObjectStore, dsn: str, collection: str, job_id: int, cutoff: dt.datetime,
+    report: PartitionReport, say: Callable[[str], None] = lambda _: None,
+) -> None:
+    """Steps 1-3 for every month partition wholly before `cutoff` (after each of the job's
+    batches, with the batch's last timestamp as the cutoff: the months it finished)."""
     is_old = old_months(cutoff)
     with pool.connection() as conn:
         coll = catalog.get_collection(conn, collection)
@@ -82,7 +91,6 @@ def archive_partitions(
         record = _detach(pool, store, dsn, collection, job_id, model_key, table, part, ym, report, say)
         if record is not None:
             _check_and_drop(pool, store, collection, record, report, say)
-    return report
 
 
 def _detach(pool, store, dsn, collection, job_id, model_key, table, part, ym, report: PartitionReport, say) -> int | None:
@@ -252,7 +260,7 @@ def _write_remainder(conn, store, collection, job_id, model_key, source: str, ym
 
 
 def partition_summary(conn, collection: str) -> dict[str, Any]:
-    """Detached partitions not yet dropped (with why), and how many were dropped."""
+    """Detached partitions not yet dropped (with why), and how many were dropped (status)."""
     rows = conn.execute(
         "SELECT state, coalesce(detached_as, partition), year, month, error FROM vector_platform.archive_partitions "
         "WHERE collection = %s ORDER BY id", (collection,)).fetchall()

@@ -6,7 +6,8 @@ For one collection:
 - every receipt's file is on the object store with the size the receipt says, and every
   completed job's manifest is there;
 - no document is both live and archived, and no chunk or vector row of an archived document
-  is still in Postgres;
+  is still in Postgres (vectors: while no job runs, since a partitioned table keeps them
+  until the job's partition detach); no partition is left detached and not dropped;
 - a sample of archived documents (1 %, at least 20) is read back from Parquet (their row
   group, as `get` reads it): each must be where the index says, its content must hash to the
   content_hash it was archived with, and its chunks must be in the vector files of its batch
@@ -23,14 +24,25 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from vector_platform import catalog, tables
 from vector_platform.archive.rows import manifest_key
 from vector_platform.object_store import ObjectStore
 
 SAMPLE_FRACTION = 0.01
 MIN_SAMPLE = 20
 MAX_PROBLEMS = 20  # listed in the result; the count says how many there were
+
+
+def _vector_tables(conn, collection: str) -> list[str]:
+    found = []
+    for model_key in catalog.get_collection(conn, collection).models:
+        table = catalog.vector_table_name(conn, collection, model_key)
+        if tables.table_exists(conn, table):
+            found.append(table)
+    return found
 
 
 def archive_reconciles(
@@ -64,6 +76,25 @@ def archive_reconciles(
             "ON a.collection = c.collection AND a.doc_id = c.doc_id WHERE c.collection = %s",
             (collection,),
         ).fetchone()[0]
+        running = any(j[1] == "running" for j in jobs)
+        # Between a job's batches and its partitions' detach, a partitioned table still holds
+        # archived documents' vectors: checked when no job runs.
+        vectors_left = 0 if running else sum(
+            conn.execute(
+                sql.SQL(
+                    "SELECT count(*) FROM {} v JOIN vector_platform.archived_documents a ON a.collection = %s "
+                    "AND a.doc_id = v.doc_id WHERE NOT EXISTS (SELECT 1 FROM vector_platform.documents d "
+                    "WHERE d.collection = a.collection AND d.doc_id = a.doc_id)"
+                ).format(tables.table_id(table)),
+                (collection,),
+            ).fetchone()[0]
+            for table in _vector_tables(conn, collection)
+        )
+        pending = [] if running else conn.execute(
+            "SELECT coalesce(detached_as, partition), year, month, state, error FROM vector_platform.archive_partitions "
+            "WHERE collection = %s AND state IN ('detaching', 'detached') ORDER BY id",
+            (collection,),
+        ).fetchall()
         archived = conn.execute(
             "SELECT a.doc_id, a.content_hash, a.row_group, f.key, f.job_id, f.batch, f.year, f.month "
             "FROM vector_platform.archived_documents a JOIN vector_platform.archive_files f ON f.id = a.file_id "
@@ -95,6 +126,11 @@ def archive_reconciles(
         problems.append(f"{live_and_archived} documents are both live and archived")
     if chunks_left:
         problems.append(f"{chunks_left} chunks of archived documents are still in Postgres")
+    if vectors_left:
+        problems.append(f"{vectors_left} vectors of archived documents are still in Postgres")
+    for table, year, month, state, error in pending:
+        problems.append(f"partition {table} ({year:04d}-{month:02d}) is {state}, not yet checked against the archive and "
+                        f"dropped" + (f": {error}" if error else "") + " (the next run finishes it)")
 
     size = min(len(archived), max(min_sample, math.ceil(sample_fraction * len(archived))))
     sample = random.Random(seed).sample(archived, size) if size else []
@@ -107,6 +143,8 @@ def archive_reconciles(
         "archived_documents": len(archived),
         "live_and_archived": live_and_archived,
         "chunks_of_archived_still_live": chunks_left,
+        "vectors_of_archived_still_live": vectors_left,
+        "partitions_pending": len(pending),
         "sampled_documents": len(sample),
         "sampled_vectors": checked,
         "problem_count": len(problems),

@@ -154,18 +154,23 @@ def _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, batch_do
     report = ArchiveReport(collection, job_id, job_cutoff, resumed)
     if resumed:
         say(f"{collection}: resuming archival job {job_id} (cutoff {job_cutoff:%Y-%m-%d})")
+    from vector_platform.archive import partitions  # it builds on this module
+
+    parts = partitions.PartitionReport()
     try:
-        while _archive_batch(pool, store, dsn, collection, job_id, job_cutoff, batch_documents, report, say):
-            pass
+        partitions.finish_detached(pool, store, dsn, collection, parts, say)  # what a killed run left
         with pool.connection() as conn:
             report.layout = "partitions" if _partitioned_tables(conn, collection) else "rows"
-        if report.layout == "partitions":
-            from vector_platform.archive.partitions import archive_partitions  # it builds on this module
-
-            parts = archive_partitions(pool, store, dsn, collection, job_id, job_cutoff, say)
-            report.partitions_dropped = parts.dropped
-            report.partition_rows_dropped = parts.rows_dropped
-            report.partitions_kept = parts.kept
+        more = True
+        while more:
+            more = _archive_batch(pool, store, dsn, collection, job_id, job_cutoff, batch_documents, report, say)
+            if report.layout == "partitions":
+                # Keyset order: months that end before the batch's last timestamp are done, so
+                # they leave now (each month's archived rows stay searchable live only until then).
+                with pool.connection() as conn:
+                    (last_ts,) = conn.execute("SELECT last_ts FROM vector_platform.archival_jobs WHERE id = %s", (job_id,)).fetchone()
+                done = job_cutoff if not more or last_ts is None else min(job_cutoff, last_ts)
+                partitions.detach_old_months(pool, store, dsn, collection, job_id, done, parts, say)
     except Exception as err:
         with pool.connection() as conn:
             conn.execute(
@@ -173,6 +178,9 @@ def _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, batch_do
                 (f"{type(err).__name__}: {err}"[:2000], clock.now(), job_id),
             )
         raise
+    report.partitions_dropped = parts.dropped
+    report.partition_rows_dropped = parts.rows_dropped
+    report.partitions_kept = parts.kept
     with pool.connection() as conn:
         _write_manifest(conn, store, collection, job_id)  # before 'completed': a completed job always has one
         conn.execute(
@@ -532,8 +540,12 @@ def archive_summary(conn, collection: str, jobs: int = 5) -> dict[str, Any]:
         (collection, jobs),
     ).fetchall()
     keys = ("id", "status", "cutoff", "documents", "vectors", "bytes", "batches", "started_at", "finished_at", "error")
+    from vector_platform.archive.partitions import partition_summary
+
+    parts = partition_summary(conn, collection)
     return {
         "documents": documents, "vector_rows": int(vector_rows), "files": files, "bytes": int(nbytes),
+        "partitions_dropped": parts["dropped"], "partitions_pending": parts["pending"],
         "jobs": [{k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in zip(keys, row)} for row in last],
     }
 
