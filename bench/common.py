@@ -109,14 +109,16 @@ def platform(dsn: str, store_url: str):
     return Platform(resources=resources, instance=dg.DagsterInstance.ephemeral())
 
 
-def load_collection(vp, name: str, rows, vectors, m: int = 16, ef_construction: int = 64, batch: int = 20_000) -> str:
-    """Declare `name` and fill its serving model's table directly (COPY + HNSW + serving view)."""
+def load_collection(vp, name: str, rows, vectors, m: int = 16, ef_construction: int = 64, batch: int = 20_000,
+                    partitioned: bool = False) -> str:
+    """Declare `name` and fill its serving model's table directly (COPY + HNSW + serving view);
+    `partitioned`: a month-partitioned table, as a collection with a row-archival rule gets."""
     source = Path(tempfile.mkdtemp(prefix="vp-bench-src-")) / "empty.jsonl"
     source.write_text("")
     vp.add_collection(name, source, hnsw_m=m, hnsw_ef_construction=ef_construction)
     with vp.pool().connection() as conn:
         table = catalog.vector_table_name(conn, name, MINILM.key)
-        tables.create_table(conn, table, MINILM)
+        tables.create_table(conn, table, MINILM, partitioned=partitioned)
         for start in range(0, len(rows), batch):
             with conn.transaction():
                 tables.copy_upsert(conn, table, MINILM, rows[start : start + batch], vectors[start : start + batch], assume_new=True)

@@ -11,13 +11,17 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import psycopg
 import pytest
+from pgvector.psycopg import register_vector
 
 from vector_platform import catalog, tables
 from vector_platform.archive import rows as archive
 from vector_platform.archive.partitions import partition_summary
 from vector_platform.archive.reconcile import archive_reconciles as reconcile
+from vector_platform.models import MINILM
+from vector_platform.search import active
 from vector_platform.object_store import ObjectStore
 
 from .conftest import write_jsonl
@@ -70,6 +74,15 @@ def test_every_partition_is_indexed_and_top_k_across_partitions_returns_k(make_p
     stamps = {d["id"]: dt.datetime.fromtimestamp(d["timestamp"], dt.timezone.utc) for d in docs}
     window = vp.search(docs[0]["text"], [name], k=100, since=since, until=until)
     assert {h.doc_id for h in window.hits} == {i for i, ts in stamps.items() if since <= ts < until}
+    with psycopg.connect(pg_dsn) as conn:  # and it reads only the partitions of the window's months
+        register_vector(conn)
+        query = active._nearest_query(conn, tables.view_id(name), MINILM, False, None, exact=False, timed=True)
+        with conn.transaction():  # the settings search runs with
+            active._apply_settings(conn, active.plan_settings(False, 100, iterative=True), None)
+            plan = [r[0] for r in conn.execute(
+                "EXPLAIN " + query, {"q": np.ones(384, np.float32), "k": 100, "since": since, "until": until}, prepare=False)]
+    scanned = [line for line in plan if "Scan" in line]
+    assert 6 <= len(scanned) <= 8 and all("Index Scan using" in line and "hnsw" in line for line in scanned), plan
 
     # A document dated in a month with no partition yet gets one, indexed by PostgreSQL itself;
     # a document moved to another month leaves its old partition (one row per chunk, always).

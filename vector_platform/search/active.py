@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from vector_platform.models import ModelSpec
-from vector_platform.tables import operator
+from vector_platform.tables import PARTITION_KEY, operator
 
 # pgvector's upper bound for hnsw.ef_search, hence for k.
 MAX_K = 1000
@@ -72,8 +72,13 @@ def _order_by(spec: ModelSpec, exact: bool) -> sql.Composable:
     return sql.SQL("embedding::{cast} {op} %(q)s::{cast}").format(cast=cast, op=operator(spec))
 
 
+# The same window twice: on source_ts, and on a month-partitioned table's partition key (see
+# `tables.PARTITION_KEY`; equal for every dated row, false both ways for undated ones), which
+# lets PostgreSQL skip the partitions outside the window.
 TIME_CONDITION = sql.SQL(
     "source_ts >= coalesce(%(since)s::timestamptz, '-infinity') AND source_ts < coalesce(%(until)s::timestamptz, 'infinity')"
+    " AND " + PARTITION_KEY + " >= coalesce(%(since)s::timestamptz, '-infinity')"
+    " AND " + PARTITION_KEY + " < coalesce(%(until)s::timestamptz, 'infinity')"
 )
 
 
