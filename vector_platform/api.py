@@ -520,6 +520,8 @@ def _collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
                 "bytes": size,
                 "hnsw_index": index["name"] if index else None,
                 "fingerprint": catalog.table_fingerprint(conn, coll.name, model_key),
+                # month-partitioned (a row-archival rule when the table was made) or one table
+                "partitions": len(tables.partitions(conn, table)) if tables.is_partitioned(conn, table) else None,
             }
             table_bytes += size
             if model_key == coll.serving_model:

@@ -89,6 +89,21 @@ def cmd_collections_list(args) -> int:
     return 0
 
 
+def _say_layout(vp, name: str) -> None:
+    """Which layout row archival will use for the collection's vector tables."""
+    from vector_platform import catalog, tables
+
+    with vp.pool().connection() as conn:
+        coll = catalog.get_collection(conn, name)
+        table = catalog.vector_table_name(conn, name, coll.serving_model)
+        exists, partitioned = tables.table_exists(conn, table), tables.is_partitioned(conn, table)
+    if not exists:
+        print(f"{name}: its vector tables will be partitioned by source month (archival detaches whole months)", file=sys.stderr)
+    elif not partitioned:
+        print(f"{name}: its vector table already exists unpartitioned: archival deletes rows by key in batches. Tables made "
+              "from now on (a model upgrade, or evict then rehydrate) are partitioned by source month", file=sys.stderr)
+
+
 def cmd_collections_rules(args) -> int:
     from vector_platform.catalog import tiers as tier_sql
 
@@ -108,6 +123,8 @@ def cmd_collections_rules(args) -> int:
         if not states:
             raise KeyError(f"unknown collection {args.name!r}")
         rules = states[0].rules
+    if changes.get("archive_rows_older_than_days"):
+        _say_layout(vp, args.name)
     if args.json:
         _print_json({"collection": args.name, "rules": rules.to_json()})
     else:
@@ -267,7 +284,13 @@ def cmd_status(args) -> int:
             f"vectors={c['vectors']:<7} dead_letters={c['dead_letters']:<4} pg={c['bytes_postgres'] / 2**20:.1f} MiB "
             f"store={c['bytes_object_store'] / 2**20:.1f} MiB last_queried={c['last_queried_at'] or '-'}"
         )
+        serving = c["tables"].get(c["serving_model"])
+        if serving and serving.get("partitions") is not None:
+            print(f"  vectors: partitioned by source month ({serving['partitions']} partitions)")
         archive = c["archive"]
+        for pending in archive.get("partitions_pending", []):
+            print(f"  partition {pending['table']} ({pending['month']}) is {pending['state']}, not yet checked and dropped"
+                  + (f": {pending['error']}" if pending["error"] else "") + " (the next archive-rows finishes it)")
         if archive["documents"] or archive["jobs"]:
             job = archive["jobs"][0] if archive["jobs"] else None
             print(
