@@ -53,6 +53,7 @@ class PartitionReport:
     rows_deleted: int = 0  # vector rows removed by key from partitions that could not be detached
     remainder_rows: int = 0
     kept: list[str] = field(default_factory=list)  # why a month stayed attached
+    handled: set[str] = field(default_factory=set)  # partitions this run has dealt with already
 
 
 def old_months(cutoff: dt.datetime) -> Callable[[tuple[int, int] | None], bool]:
@@ -86,8 +87,10 @@ def detach_old_months(
         for model_key in coll.models:
             table = catalog.vector_table_name(conn, collection, model_key)
             if tables.table_exists(conn, table) and tables.is_partitioned(conn, table):
-                todo += [(model_key, table, part, ym) for part, ym in tables.partitions(conn, table).items() if is_old(ym)]
+                todo += [(model_key, table, part, ym) for part, ym in tables.partitions(conn, table).items()
+                         if is_old(ym) and part not in report.handled]
     for model_key, table, part, ym in todo:
+        report.handled.add(part)
         record = _detach(pool, store, dsn, collection, job_id, model_key, table, part, ym, report, say)
         if record is not None:
             _check_and_drop(pool, store, collection, record, report, say)

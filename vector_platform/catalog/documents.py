@@ -402,15 +402,19 @@ def source_months(conn: psycopg.Connection, collection: str) -> list[dt.datetime
     )]
 
 
+# A row whose chunk is not live. Rows of archived documents are not orphans: a month-
+# partitioned table keeps them, already in the archive, until their month's partition is
+# detached (see vector_platform.archive.partitions).
 _ORPHAN = """
     NOT EXISTS (SELECT 1 FROM vector_platform.chunks c JOIN vector_platform.documents d USING (collection, doc_id)
-                WHERE c.chunk_id = v.chunk_id AND c.collection = %s AND d.deleted_at IS NULL)
+                WHERE c.chunk_id = v.chunk_id AND c.collection = %(c)s AND d.deleted_at IS NULL)
+    AND NOT EXISTS (SELECT 1 FROM vector_platform.archived_documents a WHERE a.collection = %(c)s AND a.doc_id = v.doc_id)
 """
 
 
 def delete_orphan_rows(conn: psycopg.Connection, collection: str, table: sql.Composable) -> int:
     """Remove rows whose chunk is gone (document deleted or re-chunked)."""
-    return conn.execute(sql.SQL("DELETE FROM {t} v WHERE " + _ORPHAN).format(t=table), (collection,)).rowcount
+    return conn.execute(sql.SQL("DELETE FROM {t} v WHERE " + _ORPHAN).format(t=table), {"c": collection}).rowcount
 
 
 def count_lost(conn: psycopg.Connection, collection: str, model_key: str, table: sql.Composable) -> dict[str, int]:
@@ -430,7 +434,7 @@ def count_lost(conn: psycopg.Connection, collection: str, model_key: str, table:
         {"c": collection, "m": model_key},
     ).fetchone()
     orphans = conn.execute(
-        sql.SQL("SELECT count(*) FROM {t} v WHERE " + _ORPHAN).format(t=table), (collection,)
+        sql.SQL("SELECT count(*) FROM {t} v WHERE " + _ORPHAN).format(t=table), {"c": collection}
     ).fetchone()[0]
     return {"lost": lost, "orphans": orphans, "live_chunks": live}
 
