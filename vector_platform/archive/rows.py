@@ -390,20 +390,27 @@ def _archive_batch(pool, store, dsn, collection, job_id, cutoff, batch_documents
         with conn.transaction():
             # What is deleted must be exactly what the files hold, or nothing is (the rollback).
             held = {r["key"]: r["rows"] for r in receipts}
-            # A partitioned table keeps the vectors of months wholly before the cutoff: their
-            # partitions leave whole once the batches are done (archive.partitions).
-            kept_ids = [c for d in docs if wholly_before(tables.month_of(d[5]), cutoff) for c in chunks_of.get(d[0], [])]
-            kept_set = set(kept_ids)
+            # A partitioned table keeps its rows in partitions of months wholly before the
+            # cutoff (by the row's own timestamp, which is where the row is): those partitions
+            # leave whole once the batches are past them (archive.partitions).
+            keep_before = tables.month_bounds(*tables.month_of(cutoff))[0]
             archived_vectors = 0
             for model_key, (vtable, _, _) in models.items():
-                keep = tables.is_partitioned(conn, vtable) and bool(kept_ids)
-                kept = conn.execute(
-                    sql.SQL("SELECT count(*) FROM {} WHERE chunk_id = ANY(%s)").format(tables.table_id(vtable)), (kept_ids,)
-                ).fetchone()[0] if keep else 0
-                gone = conn.execute(
-                    sql.SQL("DELETE FROM {} WHERE chunk_id = ANY(%s)").format(tables.table_id(vtable)),
-                    ([c for c in chunk_ids if c not in kept_set] if keep else chunk_ids,),
-                ).rowcount
+                if tables.is_partitioned(conn, vtable):
+                    old_month = sql.SQL(tables.PARTITION_KEY + " < %(before)s")
+                    kept = conn.execute(
+                        sql.SQL("SELECT count(*) FROM {} WHERE chunk_id = ANY(%(ids)s) AND {}").format(tables.table_id(vtable), old_month),
+                        {"ids": chunk_ids, "before": keep_before},
+                    ).fetchone()[0]
+                    gone = conn.execute(
+                        sql.SQL("DELETE FROM {} WHERE chunk_id = ANY(%(ids)s) AND NOT ({})").format(tables.table_id(vtable), old_month),
+                        {"ids": chunk_ids, "before": keep_before},
+                    ).rowcount
+                else:
+                    kept = 0
+                    gone = conn.execute(
+                        sql.SQL("DELETE FROM {} WHERE chunk_id = ANY(%s)").format(tables.table_id(vtable)), (chunk_ids,)
+                    ).rowcount
                 written = sum(held[r["key"]] for r in receipts if r["model_key"] == model_key)
                 archived_vectors += gone + kept
                 if gone + kept != written:
