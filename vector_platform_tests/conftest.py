@@ -4,6 +4,7 @@ where it does. Nothing skips for want of a server: the fixtures start them."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -98,6 +99,16 @@ def s3_url(s3_endpoint) -> str:
 
 # ---------------------------------------------------------------- embedders
 
+@functools.lru_cache(maxsize=50_000)
+def _token_vector(token: str, dims: int) -> np.ndarray:
+    """A token's seeded random vector: a pure function of (token, dims), so it is computed once
+    per process (seeding a generator costs ~20 us, and the tests' texts repeat few tokens).
+    Read-only, since every caller shares it."""
+    vec = np.random.default_rng(zlib.crc32(token.encode())).standard_normal(dims).astype(np.float32)
+    vec.flags.writeable = False
+    return vec
+
+
 class FakeEmbedder:
     """Deterministic bag-of-words vectors (a seeded random vector per token, summed).
 
@@ -112,8 +123,7 @@ class FakeEmbedder:
         self.fail_on: str | None = None  # a marker that makes the whole call raise
 
     def _token_vector(self, token: str) -> np.ndarray:
-        rng = np.random.default_rng(zlib.crc32(token.encode()))
-        return rng.standard_normal(self.spec.dims).astype(np.float32)
+        return _token_vector(token, self.spec.dims)
 
     def embed(self, texts):
         time.sleep(float(os.environ.get("FAKE_EMBED_DELAY_S", "0")))  # a slow model, for tests that kill runs
@@ -211,9 +221,12 @@ def scifact_texts():
 def instance_env(pg_server, pg_dsn, tmp_path, **extra: str) -> tuple[Path, dict[str, str]]:
     """(DAGSTER_HOME, environment) for a real Dagster instance as `make dev` runs it: the product's
     dagster.yaml, run and event storage in a fresh database of the test server, our catalog and
-    object store. For tests that start a dagster-daemon or run the CLI against it."""
-    import shutil
+    object store. For tests that start a dagster-daemon or run the CLI against it.
 
+    Two polling intervals are shortened, so that tests do not sit idle between a daemon's
+    ticks (what the daemon does on each tick is unchanged): the run queue is read every second
+    (Dagster's default: 5 s; a setting of the copied dagster.yaml) and backfills are evaluated
+    every 3 s (Dagster's fixed 30 s; see daemon_hooks/sitecustomize.py)."""
     import psycopg
     from psycopg import sql
 
@@ -222,8 +235,21 @@ def instance_env(pg_server, pg_dsn, tmp_path, **extra: str) -> tuple[Path, dict[
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(storage_db)))
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copyfile(Path(__file__).resolve().parent.parent / "dagster.yaml", home / "dagster.yaml")
+    config = (Path(__file__).resolve().parent.parent / "dagster.yaml").read_text(encoding="utf-8")
+    assert "run_coordinator:" not in config  # the product now sets one: merge the interval into it instead
+    config += (
+        "\n# Added by the tests (conftest.instance_env): the run queue read every second.\n"
+        "run_coordinator:\n"
+        "  module: dagster._core.run_coordinator\n"
+        "  class: QueuedRunCoordinator\n"
+        "  config:\n"
+        "    dequeue_interval_seconds: 1\n"
+    )
+    (home / "dagster.yaml").write_text(config, encoding="utf-8")
+    hooks = str(Path(__file__).resolve().parent / "daemon_hooks")
     env = {k: v for k, v in os.environ.items() if k != "VP_RUN_MODE"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (hooks, env.get("PYTHONPATH")) if p)
+    env["VP_TEST_DAEMON_INTERVAL_S"] = "3"
     env.update(
         DAGSTER_HOME=str(home),
         VP_DAGSTER_PG_URL=f"postgresql+psycopg2://postgres@/{storage_db}?host={pg_server.get_postmaster_info().socket_dir}",
