@@ -13,8 +13,9 @@ import time
 import dagster as dg
 
 from . import upgrade_data as data
-from .conftest import cli, instance_env, write_jsonl
+from .conftest import build_platform, cli, instance_env, write_jsonl
 
+INSTANCE_VARS = ("DAGSTER_HOME", "VP_DAGSTER_PG_URL", "VP_DAGSTER_ARTIFACTS")
 
 
 class SearchLoop:
@@ -54,7 +55,8 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
     home, env = instance_env(pg_server, pg_dsn, tmp_path, VP_BACKFILL_PARTITIONS_PER_RUN="3")
     mini, flaky = data.server(), data.server(space=data.rotation(seed=3))
     suffix = unique_name[-6:]
-    loop = None
+    loop = instance = None
+    saved_env = {key: os.environ.get(key) for key in INSTANCE_VARS}
     try:
         def run(*args, timeout=600):
             return subprocess.run(cli(*args), env=env, capture_output=True, text=True, timeout=timeout)
@@ -63,21 +65,31 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
             done = run("models", "add", key, "--model-name", f"test-{key}", "--dims", "384", "--base-url", srv.base_url,
                        "--max-tokens", "8191", "--option", "timeout_s=5", "--option", "backoff_base_s=0.05")
             assert done.returncode == 0, done.stderr
+        # The collections are set up in this process (a CLI command each would cost seconds of
+        # start-up): the Platform the CLI builds, on the same catalog, object store and Dagster
+        # instance, with no daemon yet, so in-process runs recorded in that instance, as
+        # `vector-platform ingest` and `tier` make them.
+        for key in INSTANCE_VARS:
+            os.environ[key] = env[key]
+        instance = dg.DagsterInstance.from_config(str(home))
+        setup = build_platform(pg_dsn, instance, env["VP_OBJECT_STORE"])
+
+        def ingested(name, docs):
+            setup.add_collection(name, write_jsonl(tmp_path / f"{name}.jsonl", docs), model=f"mini_{suffix}")
+            runs = setup.ingest(name)
+            assert all(r.success and r.mode == "in_process" for r in runs), [r.error for r in runs]
+
         names = [f"{unique_name[:40]}_{c}" for c in "abc"]
         corpus = data.docs_with_judged(360)
         for i, name in enumerate(names):
             docs = corpus[i * 120:(i + 1) * 120]
             if i == 1:  # collection b: every text carries a word the new model's key may not embed
                 docs = [{**d, "text": d["text"] + " FORBIDDEN_TOPIC"} for d in docs]
-            source = write_jsonl(tmp_path / f"{name}.jsonl", docs)
-            assert run("collections", "add", name, "--source", str(source), "--model", f"mini_{suffix}").returncode == 0
-            done = run("ingest", name, "--quiet")  # no daemon yet: in-process runs
-            assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+            ingested(name, docs)
         cold = f"{unique_name[:40]}_d"
-        source = write_jsonl(tmp_path / f"{cold}.jsonl", data.docs_with_judged(420)[360:])
-        assert run("collections", "add", cold, "--source", str(source), "--model", f"mini_{suffix}").returncode == 0
-        assert run("ingest", cold, "--quiet").returncode == 0
-        assert run("tier", cold, "cold").returncode == 0
+        ingested(cold, data.docs_with_judged(420)[360:])
+        moved = setup.tier(cold, "cold")
+        assert moved.success, moved.error
 
         flaky.faults.forbidden_marker = "FORBIDDEN_TOPIC"
         vp = make_platform()  # the same catalog and object store, searching while the CLI upgrades
@@ -90,9 +102,6 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
         assert all(f"{n}: NOT swapped" in done.stdout for n in names)
         assert f"{cold}: now serving flaky_{suffix}" in done.stdout  # its own run passed its gate
 
-        for key in ("DAGSTER_HOME", "VP_DAGSTER_PG_URL", "VP_DAGSTER_ARTIFACTS"):
-            os.environ[key] = env[key]
-        instance = dg.DagsterInstance.from_config(str(home))
         try:
             backfill = instance.get_backfill(backfill_id)
             assert backfill.tags["vector_platform/upgrade_to"] == f"flaky_{suffix}"
@@ -126,7 +135,6 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
             others = set(flaky.counters.texts) - set(b_texts)
             assert others <= set(loop.queries)  # and nothing else but the search loop's queries
         finally:
-            instance.dispose()
             loop.__exit__()
         # Through the first backfill, its failure, the retry and four swaps: no search failed or
         # came back empty, and no answer mixed two models.
@@ -147,5 +155,12 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
     finally:
         if loop is not None:
             loop.__exit__()
+        if instance is not None:
+            instance.dispose()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         mini.stop()
         flaky.stop()
