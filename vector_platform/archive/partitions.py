@@ -96,15 +96,18 @@ def detach_old_months(
             _check_and_drop(pool, store, collection, record, report, say)
 
 
+# A vector row (alias v) whose document is live: not archived, not deleted at the source.
+_LIVE_DOCUMENT = (
+    "EXISTS (SELECT 1 FROM vector_platform.documents d WHERE d.collection = %s AND d.doc_id = v.doc_id AND d.deleted_at IS NULL)"
+)
+
+
 def _detach(pool, store, dsn, collection, job_id, model_key, table, part, ym, report: PartitionReport, say) -> int | None:
     """Step 1; the record id of the detached partition, or None when it stayed attached."""
     year, month = ym
     with writer_lock(dsn, collection, say=say), pool.connection() as conn:
         live = conn.execute(
-            sql.SQL(
-                "SELECT count(*) FROM {} v WHERE EXISTS (SELECT 1 FROM vector_platform.documents d "
-                "WHERE d.collection = %s AND d.doc_id = v.doc_id AND d.deleted_at IS NULL)"
-            ).format(tables.table_id(part)),
+            sql.SQL("SELECT count(*) FROM {} v WHERE " + _LIVE_DOCUMENT).format(tables.table_id(part)),
             (collection,),
         ).fetchone()[0]
         if live:
@@ -206,10 +209,7 @@ def _delete_archived_rows(conn, store, collection, job_id, model_key, part, ym, 
     """A partition that stays attached: delete its rows of documents no longer live, each
     checked to be in the archive first (under the writer lock the caller holds)."""
     rows = conn.execute(
-        sql.SQL(
-            "SELECT chunk_id::text, content_hash FROM {} v WHERE NOT EXISTS (SELECT 1 FROM vector_platform.documents d "
-            "WHERE d.collection = %s AND d.doc_id = v.doc_id AND d.deleted_at IS NULL)"
-        ).format(tables.table_id(part)),
+        sql.SQL("SELECT chunk_id::text, content_hash FROM {} v WHERE NOT " + _LIVE_DOCUMENT).format(tables.table_id(part)),
         (collection,),
     ).fetchall()
     if not rows:
