@@ -30,7 +30,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from vector_platform.catalog.collections import announce_change
+from vector_platform.catalog.collections import announce_change, get_collection, vector_table_name
 from vector_platform.catalog.schema import SERVING, VECTORS
 from vector_platform.ingest.copy_binary import encode_vector_rows
 from vector_platform.locks import lock_key
@@ -114,6 +114,16 @@ def create_table(conn: psycopg.Connection, table: str, spec: ModelSpec, partitio
         sql.Identifier(bounded_identifier(table, suffix="_chunk_id")), table_id(table)))
     conn.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ('infinity') TO (MAXVALUE)").format(
         table_id(bounded_identifier(table, suffix=UNDATED_SUFFIX)), table_id(table)))
+
+
+def collection_tables(conn: psycopg.Connection, collection: str) -> dict[str, str]:
+    """model key -> vector table, for the collection's models whose table exists."""
+    found = {}
+    for model_key in get_collection(conn, collection).models:
+        table = vector_table_name(conn, collection, model_key)
+        if table_exists(conn, table):
+            found[model_key] = table
+    return found
 
 
 def is_partitioned(conn: psycopg.Connection, table: str) -> bool:
@@ -398,11 +408,7 @@ def ensure_hnsw(
     try:
         _set_build_settings(conn, work_mem_mb, parallel_workers)
         if existing is None:
-            conn.execute(
-                sql.SQL("CREATE INDEX {} ON {} USING hnsw ({} {}) {}").format(
-                    sql.Identifier(name), table_id(table), indexed_expression(spec), index_opclass(spec), _with(m, ef_construction)
-                )
-            )
+            _create_hnsw(conn, name, table, spec, m, ef_construction)
             if not _index_is_valid(conn, name):
                 raise InvalidIndex(f"index {name} on {VECTORS}.{table} was built invalid")
             action = "built"
@@ -410,11 +416,7 @@ def ensure_hnsw(
             # Search keeps using the old index until the new one is valid.
             tmp = bounded_identifier(table, suffix="_hnsw_new")
             conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(VECTORS, tmp)))
-            conn.execute(
-                sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} USING hnsw ({} {}) {}").format(
-                    sql.Identifier(tmp), table_id(table), indexed_expression(spec), index_opclass(spec), _with(m, ef_construction)
-                )
-            )
+            _create_hnsw(conn, tmp, table, spec, m, ef_construction, "CONCURRENTLY")
             if not _index_is_valid(conn, tmp):
                 conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(VECTORS, tmp)))
                 raise InvalidIndex(f"the rebuilt index on {VECTORS}.{table} came out invalid; the old one still serves")
@@ -430,8 +432,15 @@ def ensure_hnsw(
     return IndexReport(name, action, seconds, size, rows, work_mem_mb, dropped)
 
 
-def _with(m: int, ef_construction: int) -> sql.Composable:
-    return sql.SQL("WITH (m = {}, ef_construction = {})").format(sql.Literal(m), sql.Literal(ef_construction))
+def _create_hnsw(conn: psycopg.Connection, name: str, table: str, spec: ModelSpec, m: int, ef_construction: int,
+                 how: str = "") -> None:
+    """CREATE INDEX [CONCURRENTLY | ON ONLY] of the model's HNSW index (`how`)."""
+    concurrently, only = ("CONCURRENTLY ", "") if how == "CONCURRENTLY" else ("", "ONLY " if how == "ON ONLY" else "")
+    conn.execute(
+        sql.SQL("CREATE INDEX " + concurrently + "{} ON " + only + "{} USING hnsw ({} {}) WITH (m = {}, ef_construction = {})").format(
+            sql.Identifier(name), table_id(table), indexed_expression(spec), index_opclass(spec),
+            sql.Literal(m), sql.Literal(ef_construction))
+    )
 
 
 def _work_mem_mb(rows: int, spec: ModelSpec, m: int, max_work_mem_mb: int) -> int:
@@ -446,14 +455,6 @@ def _set_build_settings(conn: psycopg.Connection, work_mem_mb: int, parallel_wor
 def _reset_build_settings(conn: psycopg.Connection) -> None:
     conn.execute("RESET maintenance_work_mem")
     conn.execute("RESET max_parallel_maintenance_workers")
-
-
-def _index_oid(conn: psycopg.Connection, name: str) -> int | None:
-    row = conn.execute(
-        "SELECT i.oid FROM pg_class i JOIN pg_namespace n ON n.oid = i.relnamespace WHERE n.nspname = %s AND i.relname = %s",
-        (VECTORS, name),
-    ).fetchone()
-    return row[0] if row else None
 
 
 def _ensure_hnsw_partitioned(
@@ -482,9 +483,8 @@ def _ensure_hnsw_partitioned(
         if not valid and not (leftover == target and wanted):  # another build's leftover: not resumable
             conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(VECTORS, leftover)))
             dropped.append(leftover)
-    if _index_oid(conn, target) is None:
-        conn.execute(sql.SQL("CREATE INDEX {} ON ONLY {} USING hnsw ({} {}) {}").format(
-            sql.Identifier(target), table_id(table), indexed_expression(spec), index_opclass(spec), _with(m, ef_construction)))
+    if not relation_exists(conn, VECTORS, target):
+        _create_hnsw(conn, target, table, spec, m, ef_construction, "ON ONLY")
     started = time.perf_counter()
     work_mem_mb = 64
     try:
@@ -506,13 +506,14 @@ def _ensure_hnsw_partitioned(
             for (part,) in todo:
                 child = bounded_identifier(part, suffix=child_suffix)
                 part_rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_id(part))).fetchone()[0]
-                work_mem_mb = max(work_mem_mb, _work_mem_mb(part_rows, spec, m, max_work_mem_mb))
-                _set_build_settings(conn, _work_mem_mb(part_rows, spec, m, max_work_mem_mb), parallel_workers)
-                if _index_oid(conn, child) is not None and not _index_is_valid(conn, child):
+                part_mb = _work_mem_mb(part_rows, spec, m, max_work_mem_mb)
+                work_mem_mb = max(work_mem_mb, part_mb)
+                _set_build_settings(conn, part_mb, parallel_workers)
+                if relation_exists(conn, VECTORS, child) and not _index_is_valid(conn, child):
                     conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(VECTORS, child)))
                     dropped.append(child)
-                conn.execute(sql.SQL("CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} USING hnsw ({} {}) {}").format(
-                    sql.Identifier(child), table_id(part), indexed_expression(spec), index_opclass(spec), _with(m, ef_construction)))
+                if not relation_exists(conn, VECTORS, child):  # a valid one not yet attached is attached as it is
+                    _create_hnsw(conn, child, part, spec, m, ef_construction, "CONCURRENTLY")
                 if not _index_is_valid(conn, child):
                     conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(VECTORS, child)))
                     raise InvalidIndex(f"the index of partition {VECTORS}.{part} came out invalid")
@@ -529,7 +530,7 @@ def _ensure_hnsw_partitioned(
             conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(sql.Identifier(VECTORS, target), sql.Identifier(name)))
             for part in partitions(conn, table):
                 old = bounded_identifier(part, suffix="_hnsw_new")
-                if _index_oid(conn, old) is not None:
+                if relation_exists(conn, VECTORS, old):
                     conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
                         sql.Identifier(VECTORS, old), sql.Identifier(bounded_identifier(part, suffix="_hnsw"))))
         action = "rebuilt"

@@ -90,7 +90,11 @@ def test_every_partition_is_indexed_and_top_k_across_partitions_returns_k(make_p
     moved = dict(docs[-1], timestamp=later.timestamp())
     fresh = {"id": "fresh", "text": "a fresh document about partitions", "timestamp": later.timestamp(), "metadata": {}}
     write_jsonl(tmp_path / f"{name}.jsonl", docs[:-1] + [moved, fresh])
+    vp.set_settings(name, hnsw_m=8)  # and the partitioned index is rebuilt, partition by partition, then swapped
     assert all(r.success for r in vp.ingest(name))
+    with psycopg.connect(pg_dsn) as conn:
+        assert tables.current_index(conn, table)["m"] == 8
+    assert all(hnsw_per_partition(pg_dsn, table).values())
     with psycopg.connect(pg_dsn) as conn:
         part = tables.partition_name(table, *tables.month_of(later))
         assert part in tables.partitions(conn, table)

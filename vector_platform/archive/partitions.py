@@ -38,7 +38,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from vector_platform import catalog, clock, faults, tables
-from vector_platform.archive.rows import ArchiveError, record_receipt, write_verified
+from vector_platform.archive.rows import ArchiveError, partitioned_tables, record_receipt, write_verified
 from vector_platform.locks import writer_lock
 from vector_platform.names import bounded_identifier
 from vector_platform.object_store import ObjectStore
@@ -82,13 +82,8 @@ def detach_old_months(
     batches, with the batch's last timestamp as the cutoff: the months it finished)."""
     is_old = old_months(cutoff)
     with pool.connection() as conn:
-        coll = catalog.get_collection(conn, collection)
-        todo = []
-        for model_key in coll.models:
-            table = catalog.vector_table_name(conn, collection, model_key)
-            if tables.table_exists(conn, table) and tables.is_partitioned(conn, table):
-                todo += [(model_key, table, part, ym) for part, ym in tables.partitions(conn, table).items()
-                         if is_old(ym) and part not in report.handled]
+        todo = [(model_key, table, part, ym) for model_key, table in partitioned_tables(conn, collection).items()
+                for part, ym in tables.partitions(conn, table).items() if is_old(ym) and part not in report.handled]
     for model_key, table, part, ym in todo:
         report.handled.add(part)
         record = _detach(pool, store, dsn, collection, job_id, model_key, table, part, ym, report, say)

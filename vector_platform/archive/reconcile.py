@@ -27,22 +27,13 @@ import pyarrow.parquet as pq
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from vector_platform import catalog, tables
+from vector_platform import tables
 from vector_platform.archive.rows import manifest_key
 from vector_platform.object_store import ObjectStore
 
 SAMPLE_FRACTION = 0.01
 MIN_SAMPLE = 20
 MAX_PROBLEMS = 20  # listed in the result; the count says how many there were
-
-
-def _vector_tables(conn, collection: str) -> list[str]:
-    found = []
-    for model_key in catalog.get_collection(conn, collection).models:
-        table = catalog.vector_table_name(conn, collection, model_key)
-        if tables.table_exists(conn, table):
-            found.append(table)
-    return found
 
 
 def archive_reconciles(
@@ -88,7 +79,7 @@ def archive_reconciles(
                 ).format(tables.table_id(table)),
                 (collection,),
             ).fetchone()[0]
-            for table in _vector_tables(conn, collection)
+            for table in tables.collection_tables(conn, collection).values()
         )
         pending = [] if running else conn.execute(
             "SELECT coalesce(detached_as, partition), year, month, state, error FROM vector_platform.archive_partitions "

@@ -117,19 +117,14 @@ def archive_rows(
     started = time.perf_counter()
     with _only_job(dsn, collection):
         with pool.connection() as conn, conn.transaction():
-            layout = "partitions" if _partitioned_tables(conn, collection) else "rows"
+            layout = "partitions" if partitioned_tables(conn, collection) else "rows"
             job_id, job_cutoff, resumed = _open_job(conn, collection, cutoff, run_id, layout)
-        return _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, batch_documents, started, say)
+        return _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, layout, batch_documents, started, say)
 
 
-def _partitioned_tables(conn, collection: str) -> dict[str, str]:
+def partitioned_tables(conn, collection: str) -> dict[str, str]:
     """model key -> vector table, for the collection's month-partitioned vector tables."""
-    found = {}
-    for model_key in catalog.get_collection(conn, collection).models:
-        table = catalog.vector_table_name(conn, collection, model_key)
-        if tables.table_exists(conn, table) and tables.is_partitioned(conn, table):
-            found[model_key] = table
-    return found
+    return {k: t for k, t in tables.collection_tables(conn, collection).items() if tables.is_partitioned(conn, t)}
 
 
 def wholly_before(ym: tuple[int, int], cutoff: dt.datetime) -> bool:
@@ -150,8 +145,8 @@ def _only_job(dsn: str, collection: str) -> Iterator[None]:
         conn.close()
 
 
-def _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, batch_documents, started, say) -> ArchiveReport:
-    report = ArchiveReport(collection, job_id, job_cutoff, resumed)
+def _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, layout, batch_documents, started, say) -> ArchiveReport:
+    report = ArchiveReport(collection, job_id, job_cutoff, resumed, layout=layout)
     if resumed:
         say(f"{collection}: resuming archival job {job_id} (cutoff {job_cutoff:%Y-%m-%d})")
     from vector_platform.archive import partitions  # it builds on this module
@@ -159,8 +154,6 @@ def _run_job(pool, store, dsn, collection, job_id, job_cutoff, resumed, batch_do
     parts = partitions.PartitionReport()
     try:
         partitions.finish_detached(pool, store, dsn, collection, parts, say)  # what a killed run left
-        with pool.connection() as conn:
-            report.layout = "partitions" if _partitioned_tables(conn, collection) else "rows"
         more = True
         while more:
             more = _archive_batch(pool, store, dsn, collection, job_id, job_cutoff, batch_documents, report, say)
@@ -216,8 +209,9 @@ def _tidy(pool: ConnectionPool, collection: str, job_id: int, cutoff: dt.datetim
             if not tables.table_exists(conn, table):
                 continue
             if tables.is_partitioned(conn, table):
+                touched = months_touched(conn, job_id, model_key)
                 for part, ym in tables.partitions(conn, table).items():
-                    if ym is not None and f"{ym[0]:04d}-{ym[1]:02d}" in months_touched(conn, job_id, model_key):
+                    if ym is not None and f"{ym[0]:04d}-{ym[1]:02d}" in touched:
                         conn.execute(sql.SQL("VACUUM (ANALYZE) {}").format(tables.table_id(part)))
                 conn.execute(sql.SQL("ANALYZE {}").format(tables.table_id(table)))
                 continue

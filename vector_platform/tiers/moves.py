@@ -110,13 +110,7 @@ def move(
 def _vector_tables(pool: ConnectionPool, collection: str) -> dict[str, str]:
     """model key -> table name, for the collection's models whose table exists."""
     with pool.connection() as conn:
-        coll = catalog.get_collection(conn, collection)
-        out = {}
-        for model_key in coll.models:
-            table = catalog.vector_table_name(conn, collection, model_key)
-            if tables.table_exists(conn, table):
-                out[model_key] = table
-    return out
+        return tables.collection_tables(conn, collection)
 
 
 def _evict(pool, store, report: MoveReport, run_id, say, started) -> None:
