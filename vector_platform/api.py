@@ -459,6 +459,25 @@ class Platform:
         with self.pool().connection() as conn:
             return upgrade_sql.replace_qrels(conn, name, query_texts, judgements)
 
+    def maintain(self) -> RunSummary:
+        """VACUUM (ANALYZE) every vector table with its health check, then the storage overview
+        (maintenance_job; maintenance_schedule runs it nightly)."""
+        return self._run("maintenance_job", None)
+
+    def check_recall(self, name: str) -> RunSummary:
+        """The recall check of the collection's serving index on a sample of its logged queries
+        (recall_monitoring_job; recall_monitoring_schedule runs it weekly)."""
+        coll = self.collection(name)
+        if coll.tier != "active" or not coll.serving_model:
+            raise ValueError(f"{name} is {coll.tier}: only an active collection's index has a recall to measure")
+        from vector_platform.defs.operations.jobs import RECALL_CHECK
+
+        self._register_partitions(coll)
+        key = dg.MultiPartitionKey({"collection": name, "model": coll.serving_model})
+        # in this process whatever the run mode (`dagster job launch` cannot select a check alone);
+        # a read-only measurement, recorded in the instance like any run
+        return runs.run_in_process(self.defs, self.instance, "recall_monitoring_job", key, {}, checks_only={RECALL_CHECK})
+
     def retire_previous_models(self) -> list[tuple[str, str]]:
         """Drop previous models' tables whose retention (retain_previous_days) has run out."""
         return retire_expired(self.pool(), self.postgres.resolved_dsn(), say=_say)
@@ -475,7 +494,7 @@ class Platform:
         out = []
         with self.pool().connection() as conn:
             for coll in catalog.list_collections(conn):
-                out.append(_collection_status(conn, coll, store))
+                out.append(collection_status(conn, coll, store))
             specs = [catalog.get_model(conn, key) for key in catalog.list_model_keys(conn)]
             cache = {s.key: {"fingerprint": s.fingerprint, "vectors": cache_index.count(conn, store.url, s.fingerprint),
                              "bytes": cache_index.total_bytes(conn, store.url, s.fingerprint)} for s in specs}
@@ -500,11 +519,11 @@ def monthly_cost(postgres_bytes: int, store_bytes: int) -> dict[str, Any]:
     return {
         "postgres_gb": round(pg_gb, 6), "object_store_gb": round(store_gb, 6),
         "usd_per_gb_month": {"postgres": pg_rate, "object_store": store_rate},
-        "usd_per_month": round(pg_gb * pg_rate + store_gb * store_rate, 4),
+        "usd_per_month": round(pg_gb * pg_rate + store_gb * store_rate, 6),
     }
 
 
-def _collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
+def collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
     counts = docs_sql.collection_counts(conn, coll.name)
     archived = archive_rows.archive_summary(conn, coll.name, jobs=3)
     dead = catalog.count_open(conn, coll.name)

@@ -2,17 +2,19 @@
 
 - `pending_vectors_are_valid`  -> embeddings_are_valid (blocking)
 - `count_lost_chunks`          -> no_chunk_lost (blocking)
-- `measure_recall`             -> index_recall_meets_target
+- `measure_recall`             -> index_recall_meets_target (each measurement kept by `record_recall`)
 - `snapshot_matches_table`     -> snapshot_matches_table
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from psycopg import sql
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from vector_platform import catalog, tables
@@ -64,16 +66,24 @@ def measure_recall(
     sample: int = 100,
     seed: int = 7,
     queries: list[np.ndarray] | None = None,
+    curve: Sequence[int] = (),
+    logged_since: dt.datetime | None = None,
+    salt: str = "",
 ) -> dict[str, Any]:
     """recall@k of the HNSW index vs exact search on real logged queries, topped up with stored vectors.
 
     `queries`: query vectors to use instead of the ones logged for this model (a shadow model
-    has none logged: its gate passes the logged texts embedded with it)."""
+    has none logged: its gate passes the logged texts embedded with it). `logged_since`, `salt`:
+    which logged queries (`logged_query_vectors`). `curve`: more ef_search values to measure on
+    the same queries against the same exact answers (figures["curve"]: {ef_search: recall})."""
     with pool.connection() as conn:
         spec = catalog.get_model(conn, model_key)
         table = catalog.vector_table_name(conn, collection, model_key)
         relation = tables.table_id(table)
-        queries = list(queries[:sample]) if queries is not None else logged_query_vectors(conn, collection, model_key, sample)
+        if queries is not None:
+            queries = list(queries[:sample])
+        else:
+            queries = logged_query_vectors(conn, collection, model_key, sample, since=logged_since, salt=salt)
         from_log = len(queries)
         if len(queries) < sample:
             with conn.transaction():
@@ -85,16 +95,25 @@ def measure_recall(
             queries += [np.asarray(r[0].to_numpy() if hasattr(r[0], "to_numpy") else r[0], np.float32) for r in stored]
         plan = active.explain_nearest(conn, relation, spec, queries[0], exact=False, ef_search=ef_search) if queries else ""
         recalls, ann_ms, exact_ms = [], [], []
+        at_ef: dict[int, list[float]] = {ef: [] for ef in curve if ef != ef_search}
         for q in queries:
             t0 = time.perf_counter()
             ann = active.nearest(conn, relation, spec, q, k, exact=False, ef_search=ef_search, columns=sql.SQL("chunk_id"))
             t1 = time.perf_counter()
             truth = active.nearest(conn, relation, spec, q, k, exact=True, columns=sql.SQL("chunk_id"))
             t2 = time.perf_counter()
-            recalls.append(recall_at_k([r[0] for r in ann], [r[0] for r in truth], k))
+            truth_ids = [r[0] for r in truth]
+            recalls.append(recall_at_k([r[0] for r in ann], truth_ids, k))
             ann_ms.append((t1 - t0) * 1000)
             exact_ms.append((t2 - t1) * 1000)
+            for ef, found in at_ef.items():
+                other = active.nearest(conn, relation, spec, q, k, exact=False, ef_search=ef, columns=sql.SQL("chunk_id"))
+                found.append(recall_at_k([r[0] for r in other], truth_ids, k))
+    measured = {ef: float(np.mean(found)) for ef, found in at_ef.items() if found}
+    if recalls and curve:
+        measured[ef_search] = float(np.mean(recalls))
     return {
+        "curve": dict(sorted(measured.items())),
         "recall": float(np.mean(recalls)) if recalls else None,
         "queries": len(queries),
         "queries_from_log": from_log,
@@ -147,3 +166,32 @@ def snapshot_matches_table(pool: ConnectionPool, store: ObjectStore, collection:
         "full_read_back": tier == "cold",
         "problems": problems,
     }
+
+
+def record_recall(conn, collection: str, model_key: str, figures: dict[str, Any], at: dt.datetime) -> None:
+    """Keep one measurement of `measure_recall` in recall_history (recall over time, vp_recall)."""
+    if figures.get("recall") is None:
+        return
+    conn.execute(
+        """
+        INSERT INTO vector_platform.recall_history
+            (collection, model_key, measured_at, recall, k, ef_search, queries, queries_from_log, ann_p95_ms, curve)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+        """,
+        (collection, model_key, at, figures["recall"], figures["k"], figures["ef_search"], figures["queries"],
+         figures["queries_from_log"], figures.get("ann_p95_ms"), Jsonb({str(ef): r for ef, r in figures.get("curve", {}).items()})),
+    )
+
+
+def recall_history(conn, collection: str, model_key: str, limit: int = 12) -> list[dict[str, Any]]:
+    """The latest measurements of an index, oldest first."""
+    rows = conn.execute(
+        """
+        SELECT measured_at, recall, ef_search, queries, queries_from_log FROM (
+            SELECT * FROM vector_platform.recall_history WHERE collection = %s AND model_key = %s
+            ORDER BY measured_at DESC, id DESC LIMIT %s) latest
+        ORDER BY measured_at, id
+        """,
+        (collection, model_key, limit),
+    ).fetchall()
+    return [dict(zip(("measured_at", "recall", "ef_search", "queries", "queries_from_log"), r)) for r in rows]

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,8 @@ def _print_result(result, as_json: bool) -> None:
 
 
 def cmd_search(args) -> int:
+    from vector_platform import audit
+
     queries = []
     if args.queries:
         queries = [line.strip() for line in Path(args.queries).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -230,9 +233,59 @@ def cmd_search(args) -> int:
             raise ValueError(f"--filters is not JSON ({err})") from None
     vp = _platform()
     for query in queries:
-        result = vp.search(query, args.collection, k=args.k, exact=args.exact, filters=filters,
-                           include_archive=args.include_archive, since=args.since, until=args.until)
+        started, result, error = time.perf_counter(), None, None
+        try:
+            result = vp.search(query, args.collection, k=args.k, exact=args.exact, filters=filters,
+                               include_archive=args.include_archive, since=args.since, until=args.until)
+        except Exception as err:
+            error = str(err)[:500]
+            raise
+        finally:
+            if audit.enabled():
+                audit.record(vp.pool(), principal=audit.cli_principal(), channel="cli", collections=args.collection,
+                             query_text=query, k=args.k, results=audit.hits_of(result) if result else [],
+                             latency_ms=(time.perf_counter() - started) * 1000, error=error)
         _print_result(result, args.json)
+    return 0
+
+
+def _report_checks(run, show: dict[str, list[str]]) -> int:
+    """_report_runs, then chosen check metadata (a Markdown list or table, printed as it is);
+    exit code 1 when a check failed too, so a cron job or a monitoring script sees it."""
+    code = _report_runs([run])
+    for check, keys in show.items():
+        for key in keys:
+            value = run.check_metadata.get(check, {}).get(key)
+            if value is not None:
+                print(f"  {check} {key}:\n" + "\n".join(f"    {line}" for line in str(value).splitlines()))
+    return code or (0 if all(run.checks.values()) else 1)
+
+
+def cmd_maintenance(args) -> int:
+    return _report_checks(_platform().maintain(), {"vector_tables_healthy": ["problems"]})
+
+
+def cmd_recall(args) -> int:
+    return _report_checks(_platform().check_recall(args.name),
+                          {"index_recall_meets_target": ["recall_vs_ef_search", "recall_over_time"]})
+
+
+def cmd_audit(args) -> int:
+    from vector_platform import audit
+
+    with _platform().pool().connection() as conn:
+        rows = audit.entries(conn, since=args.since, collection=args.collection, principal=args.principal, limit=args.limit)
+    for row in rows:
+        if args.json:
+            print(audit.as_json(row))
+        else:
+            ids = ", ".join(f"{h['collection']}/{h['doc_id']}" for h in row["results"][:5])
+            more = f" (+{len(row['results']) - 5})" if len(row["results"]) > 5 else ""
+            outcome = f"ERROR {row['error']}" if row["error"] else f"{len(row['results'])} hits: {ids}{more}"
+            print(f"{row['at']:%Y-%m-%d %H:%M:%S%z}  {row['principal']} ({row['channel']}{', ' + row['client'] if row['client'] else ''})"
+                  f"  {','.join(row['collections'])}  {row['latency_ms']:.1f} ms  {row['query_text']!r}  {outcome}")
+    if not rows and not args.json:
+        print("no audit rows" + ("" if audit.enabled() else " (auditing is off: set VP_AUDIT=1)"))
     return 0
 
 
@@ -542,6 +595,23 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--since", type=_timestamp, help="only rows whose source timestamp is at or after this (ISO date or time, UTC)")
     search.add_argument("--until", type=_timestamp, help="only rows whose source timestamp is before this (ISO date or time, UTC)")
     search.set_defaults(func=cmd_search)
+
+    maint = sub.add_parser("maintenance", help="VACUUM (ANALYZE) the vector tables, check their health, refresh the "
+                           "storage overview (maintenance_job; nightly by maintenance_schedule); exit 1 if a check fails")
+    maint.set_defaults(func=cmd_maintenance)
+
+    recall = sub.add_parser("recall", help="measure a collection's index recall@10 on a sample of its logged queries "
+                            "(recall_monitoring_job; weekly by recall_monitoring_schedule); exit 1 below the target")
+    recall.add_argument("name")
+    recall.set_defaults(func=cmd_recall)
+
+    aud = sub.add_parser("audit", help="the audit log of searches (written while VP_AUDIT=1), newest first")
+    aud.add_argument("--collection", help="only searches of this collection")
+    aud.add_argument("--principal", help="only searches by this API key name or OS user")
+    aud.add_argument("--since", type=_timestamp, help="only searches at or after this (ISO date or time, UTC)")
+    aud.add_argument("--limit", type=int, default=50)
+    aud.add_argument("--json", action="store_true", help="one JSON object per line")
+    aud.set_defaults(func=cmd_audit)
 
     archive_rows = sub.add_parser(
         "archive-rows", help="move the collection's rows older than its archive_rows_older_than_days rule to the row archive now "

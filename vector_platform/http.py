@@ -8,8 +8,10 @@
     GET  /collections  -> name, tier, serving model and models of every collection
     GET  /healthz      -> {"status": "ok"} when the database answers
 
-When VP_API_KEY is set every request needs it, as `X-API-Key: <key>` or
-`Authorization: Bearer <key>`, compared in constant time. Bodies are capped at
+When VP_API_KEY (one key, named `api-key`) or VP_API_KEYS (`name:key,name2:key2`, one per
+caller) is set every request needs a key, as `X-API-Key: <key>` or `Authorization: Bearer
+<key>`, compared in constant time against every configured key. With VP_AUDIT=1 each search is
+written to the audit log under the key's name (`vector_platform.audit`). Bodies are capped at
 VP_HTTP_MAX_BODY_BYTES (default 1 MiB) and k at VP_HTTP_MAX_K (default 100). Errors are JSON
 (`{"error": ...}`) without stack traces. Binds 127.0.0.1 unless told otherwise.
 """
@@ -21,6 +23,7 @@ import hmac
 import json
 import logging
 import os
+import time
 from typing import Any
 
 from starlette.applications import Starlette
@@ -52,25 +55,44 @@ class HttpError(Exception):
         self.status = status
 
 
+def api_keys(single: str | None = None, named: str | None = None) -> dict[str, str]:
+    """{name: key} from VP_API_KEY (named `api-key`) and VP_API_KEYS (`name:key,...`)."""
+    single = single if single is not None else os.environ.get("VP_API_KEY") or None
+    named = named if named is not None else os.environ.get("VP_API_KEYS") or ""
+    keys = {"api-key": single} if single else {}
+    for entry in filter(None, (part.strip() for part in named.split(","))):
+        name, sep, key = entry.partition(":")
+        if not sep or not name.strip() or not key.strip():
+            raise ValueError("VP_API_KEYS must look like name:key,name2:key2 (a part has no name or no key)")
+        keys[name.strip()] = key.strip()
+    return keys
+
+
 def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | None = None, max_k: int | None = None) -> Starlette:
     """The app. `platform` defaults to `Platform()` on the environment's settings; `api_key`
-    to $VP_API_KEY (unset: no key needed)."""
-    from vector_platform import catalog
+    to $VP_API_KEY, plus the named keys of $VP_API_KEYS (none set: no key needed)."""
+    from vector_platform import audit, catalog
     from vector_platform.api import Platform
 
     vp = platform or Platform()
-    key = api_key if api_key is not None else os.environ.get("VP_API_KEY") or None
+    keys = api_keys(single=api_key)
     max_body = max_body_bytes or int(os.environ.get("VP_HTTP_MAX_BODY_BYTES", str(2**20)))
     k_limit = max_k or int(os.environ.get("VP_HTTP_MAX_K", "100"))
+    auditing = audit.enabled()
 
-    def authorised(request: Request) -> bool:
-        if key is None:
-            return True
+    def principal(request: Request) -> str | None:
+        """The name of the key presented (every key is compared, in constant time), or None."""
+        if not keys:
+            return "anonymous"
         given = request.headers.get("x-api-key") or ""
         bearer = request.headers.get("authorization") or ""
         if not given and bearer.lower().startswith("bearer "):
             given = bearer[7:]
-        return hmac.compare_digest(given.encode(), key.encode())
+        found = None
+        for name, key in keys.items():
+            if hmac.compare_digest(given.encode(), key.encode()):
+                found = name
+        return found
 
     async def read_json(request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -112,10 +134,24 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
         if not isinstance(include_archive, bool):
             raise HttpError(400, "include_archive must be true or false")
         window = {name: _instant(body.get(name), name) for name in ("since", "until")}
-        result = await run_in_threadpool(
-            vp.search, query, collections, k=k, exact=exact, vector=vector, filters=body.get("filters"),
-            include_archive=include_archive, **window,
-        )
+        started = time.perf_counter()
+        result, error = None, None
+        try:
+            result = await run_in_threadpool(
+                vp.search, query, collections, k=k, exact=exact, vector=vector, filters=body.get("filters"),
+                include_archive=include_archive, **window,
+            )
+        except Exception as err:
+            error = str(err)[:500] if isinstance(err, (ValueError, KeyError)) else f"internal error ({err.__class__.__name__})"
+            raise
+        finally:
+            if auditing:
+                await run_in_threadpool(
+                    audit.record, vp.pool(), principal=request.state.principal, channel="http",
+                    client=request.client.host if request.client else None, collections=collections,
+                    query_text=query, k=k, results=audit.hits_of(result) if result else [],
+                    latency_ms=(time.perf_counter() - started) * 1000, error=error,
+                )
         return JSONResponse(result.as_json())
 
     async def collections(request: Request) -> JSONResponse:
@@ -148,7 +184,8 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
 
     def guarded(handler):
         async def endpoint(request: Request) -> JSONResponse:
-            if not authorised(request):
+            request.state.principal = principal(request)
+            if request.state.principal is None:
                 return JSONResponse({"error": "missing or wrong API key"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
             try:
                 return await handler(request)
@@ -178,6 +215,6 @@ def serve(host: str = "127.0.0.1", port: int = 8080, platform=None) -> int:
 
     app = create_app(platform)
     print(f"serving the search API on http://{host}:{port} (POST /search, GET /collections, GET /healthz)"
-          + ("; API key required" if os.environ.get("VP_API_KEY") else ""), flush=True)
+          + ("; API key required" if api_keys() else ""), flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
     return 0

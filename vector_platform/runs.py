@@ -41,6 +41,7 @@ class RunSummary:
     success: bool
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
+    check_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
     error: str | None = None
     mode: str = "in_process"
 
@@ -76,6 +77,7 @@ def summarise(job: str, partition: str, run_id: str, success: bool, events: Iter
         elif event.event_type == kinds.ASSET_CHECK_EVALUATION:
             evaluation = event.event_specific_data
             summary.checks[evaluation.check_name] = evaluation.passed
+            summary.check_metadata[evaluation.check_name] = {k: v.value for k, v in evaluation.metadata.items()}
         elif event.event_type in (kinds.STEP_FAILURE, kinds.RUN_FAILURE) and summary.error is None:
             error = getattr(event.event_specific_data, "error", None)
             if error is not None:
@@ -93,8 +95,12 @@ def root_cause(error) -> str:
     return _FAILURE_PREFIX.sub("", error.message.strip())
 
 
-def run_in_process(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, partition_key, run_config: dict) -> RunSummary:
+def run_in_process(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, partition_key, run_config: dict,
+                   checks_only: set[dg.AssetCheckKey] | None = None) -> RunSummary:
+    """`checks_only`: run just these asset checks of the job, no asset."""
     job = defs.resolve_job_def(job_name)
+    if checks_only:
+        job = job.get_subset(asset_selection=set(), asset_check_selection=checks_only)
     result = job.execute_in_process(
         partition_key=partition_key,
         instance=instance,

@@ -32,6 +32,8 @@ def test_one_lineage_graph_with_checks_and_descriptions():
         "serving_view": ["hnsw_index"],
         "cold_snapshot": ["vector_table"],
         "row_archive": ["vector_table"],
+        "table_maintenance": ["hnsw_index"],
+        "storage_overview": ["cold_snapshot", "row_archive", "vector_table"],
     }
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert checks == {
@@ -42,6 +44,7 @@ def test_one_lineage_graph_with_checks_and_descriptions():
         ("hnsw_index", "shadow_passes_quality_gate"),
         ("cold_snapshot", "snapshot_passes_quality_gate"),
         ("row_archive", "archive_reconciles"),
+        ("table_maintenance", "vector_tables_healthy"),
     }
     for key in graph.get_all_asset_keys():
         assert graph.get(key).description and len(graph.get(key).description) > 80

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Sequence
 
 import numpy as np
@@ -21,14 +22,24 @@ def log_queries(conn: psycopg.Connection, entries: Sequence[tuple]) -> None:
         )
 
 
-def logged_query_vectors(conn: psycopg.Connection, collection: str, model_key: str, limit: int) -> list[np.ndarray]:
-    """The most recent distinct real queries' vectors (what users actually ask)."""
+def logged_query_vectors(
+    conn: psycopg.Connection, collection: str, model_key: str, limit: int, since: dt.datetime | None = None, salt: str = ""
+) -> list[np.ndarray]:
+    """A sample of the distinct real queries users asked (since `since`), each with its latest vector.
+
+    The sample is an even spread over the distinct query texts, not the first ones in any
+    order: texts are ranked by md5(text || salt), so the same salt draws the same sample (a
+    check is repeatable) and another salt (the week, say) draws another."""
     rows = conn.execute(
         """
-        SELECT DISTINCT ON (query_text) query_vector FROM vector_platform.query_stats
-        WHERE collection = %s AND model_key = %s AND query_vector IS NOT NULL
-        ORDER BY query_text, queried_at DESC LIMIT %s
+        SELECT query_vector FROM (
+            SELECT DISTINCT ON (query_text) query_text, query_vector FROM vector_platform.query_stats
+            WHERE collection = %(c)s AND model_key = %(m)s AND query_vector IS NOT NULL
+              AND (%(since)s::timestamptz IS NULL OR queried_at >= %(since)s)
+            ORDER BY query_text, queried_at DESC
+        ) latest
+        ORDER BY md5(coalesce(query_text, '') || %(salt)s) LIMIT %(n)s
         """,
-        (collection, model_key, limit),
+        {"c": collection, "m": model_key, "since": since, "salt": salt, "n": limit},
     ).fetchall()
     return [np.asarray(r[0].to_numpy() if hasattr(r[0], "to_numpy") else r[0], np.float32) for r in rows]

@@ -6,9 +6,12 @@ check then measures every partition and passes only if all do, with the figures 
 partition in its metadata.
 """
 
+import datetime as dt
+import os
+
 import dagster as dg
 
-from vector_platform import catalog, checks
+from vector_platform import catalog, checks, clock, pictures
 from vector_platform.defs.ingest.assets import embeddings, hnsw_index, vector_table
 from vector_platform.defs.partitions import collection_model_partitions, partition_pairs
 from vector_platform.defs.resources import ObjectStoreResource, PostgresResource
@@ -65,22 +68,43 @@ def no_chunk_lost(context: dg.AssetCheckExecutionContext, postgres: PostgresReso
 def index_recall_meets_target(
     context: dg.AssetCheckExecutionContext, postgres: PostgresResource
 ) -> dg.AssetCheckResult:
-    """recall@10 of the HNSW index against exact search, on logged queries when there are enough
-    and stored vectors otherwise (>= 100 queries), at the collection's ef_search, meets the
-    collection's recall target, and the query plan really uses the index. Latency p50/p95 of
-    both go in the metadata. An empty table has nothing to miss and passes, saying so."""
+    """recall@10 of the HNSW index against exact search, on a sample of the real queries logged
+    in the last VP_RECALL_QUERY_DAYS (default 30) days, topped up with stored vectors (>= 100
+    queries), at the collection's ef_search, meets the collection's recall target, and the
+    query plan really uses the index. Also measured on the same queries: recall at other
+    ef_search values (the trade-off curve). Each measurement is kept (recall_history): the
+    metadata shows recall vs ef_search and recall over time. recall_monitoring_schedule runs this
+    check weekly on each serving index, on a new sample of queries each week. An empty table has
+    nothing to miss and passes, saying so."""
     pool = postgres.pool()
+    now = clock.now()
+    since = now - dt.timedelta(days=float(os.environ.get("VP_RECALL_QUERY_DAYS", "30")))
+    week = now.strftime("%G-W%V")  # a new sample of logged queries each ISO week
     results = {}
     for collection, model_key in partition_pairs(context):
         with pool.connection() as conn:
             settings = catalog.get_collection(conn, collection).settings
-        figures = checks.measure_recall(pool, collection, model_key, ef_search=settings.hnsw_ef_search, sample=100)
+        ef = settings.hnsw_ef_search
+        figures = checks.measure_recall(
+            pool, collection, model_key, ef_search=ef, sample=100, curve=sorted({10, 20, 40, ef // 2, ef, ef * 2} - {0}),
+            logged_since=since, salt=week,
+        )
         if figures["recall"] is None:
             passed = True
         else:
             passed = figures["recall"] >= settings.recall_target and bool(figures["uses_index"])
-        metadata = {k: v for k, v in figures.items() if k != "plan" and v is not None}
+            with pool.connection() as conn:
+                checks.record_recall(conn, collection, model_key, figures, now)
+                history = checks.recall_history(conn, collection, model_key)
+        metadata = {k: v for k, v in figures.items() if k not in ("plan", "curve") and v is not None}
         metadata["recall"] = figures["recall"] if figures["recall"] is not None else "no rows: nothing to measure"
         metadata.update(target=settings.recall_target, plan=dg.MetadataValue.md(f"```\n{figures['plan']}\n```"))
+        if figures["recall"] is not None:
+            metadata["recall_vs_ef_search"] = dg.MetadataValue.md(pictures.bar_table(
+                ["ef_search", f"recall@{figures['k']}"], figures["curve"].items(), values=figures["curve"].values(), top=1.0))
+            metadata["recall_over_time"] = dg.MetadataValue.md(pictures.bar_table(
+                ["measured (UTC)", "recall", "ef_search", "queries (logged)"],
+                [(f"{h['measured_at']:%Y-%m-%d %H:%M}", h["recall"], h["ef_search"], f"{h['queries']} ({h['queries_from_log']})")
+                 for h in history], values=[h["recall"] for h in history], top=1.0))
         results[f"{collection}|{model_key}"] = (passed, metadata)
     return combine(context, results)
