@@ -9,6 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
 
@@ -58,6 +59,11 @@ def without_chunk_ids(found: dict) -> dict:
     return {q: [(doc, score) for doc, _, score in hits] for q, hits in found.items()}
 
 
+def same_up_to_float32(a: dict, b: dict) -> bool:
+    return all([h[:2] for h in a[q]] == [h[:2] for h in b[q]] and np.allclose([h[2] for h in a[q]], [h[2] for h in b[q]], atol=1e-5)
+               for q in QUERIES)
+
+
 def table_rows(pg_dsn, name: str) -> int:
     with psycopg.connect(pg_dsn) as conn:
         table = catalog.vector_table_name(conn, name, "minilm_l6_v2")
@@ -101,3 +107,206 @@ def test_backup_drop_restore_returns_the_same_answers_without_embedding(make_pla
     assert {d: vp.get(name, d) for d in docs} == docs
     with psycopg.connect(pg_dsn) as conn:
         assert tables.current_index(conn, catalog.vector_table_name(conn, name, "minilm_l6_v2")) is not None
+
+
+@pytest.fixture(autouse=True)
+def _flush_query_log(pg_dsn):
+    """Searches log in batches off the request path: written before the server stops at the end."""
+    yield
+    from vector_platform import db
+    from vector_platform.search import flush_query_log
+
+    flush_query_log(db.get_pool(pg_dsn))
+
+
+def collection_exists(pg_dsn, name: str) -> bool:
+    with psycopg.connect(pg_dsn) as conn:
+        return catalog.get_collection(conn, name, missing_ok=True) is not None
+
+
+def test_restore_as_new_beside_the_original_from_s3_and_a_later_ingest_adds_nothing(make_platform, pg_dsn, tmp_path, s3_url):
+    vp = make_platform()
+    docs = corpus(60, "s") + [{"id": "poison", "text": "POISON_NAN this one the model answers with a NaN"}]
+    name = f"bk_{uuid.uuid4().hex[:8]}"
+    source = write_jsonl(tmp_path / "s.jsonl", docs)
+    vp.add_collection(name, source)
+    assert all(r.success for r in vp.ingest(name))
+    exact = answers(vp, name, exact=True)
+    location = s3_url.replace("/platform", "/backups")  # the same bucket, another prefix than the primary's
+
+    info = vp.backup(name, to=location)
+    assert info.uri.startswith("s3://") and vp.backups(name, location)[0].id == info.id
+    new = f"{name}_copy"
+    fake = FAKES["minilm_l6_v2"]
+    calls = fake.calls
+    report = vp.restore(name, location, as_name=new)
+    assert report.renamed_from == name and report.vectors == info.rows and fake.calls == calls
+
+    # Both serve the same documents with the same scores; the copy's chunk ids are its own.
+    assert without_chunk_ids(answers(vp, new, exact=True)) == without_chunk_ids(exact)
+    assert without_chunk_ids(answers(vp, new, exact=False)) == without_chunk_ids(answers(vp, name, exact=False))
+    assert answers(vp, name, exact=True) == exact
+    assert vp.get(new, "s3")["body"] == vp.get(name, "s3")["body"]
+    with psycopg.connect(pg_dsn) as conn:
+        from vector_platform.catalog import documents as docs_sql
+        from vector_platform.ingest.chunking import chunk_id
+
+        table = catalog.vector_table_name(conn, new, "minilm_l6_v2")
+        for chunk, doc, text in conn.execute("SELECT chunk_id, doc_id, text FROM vector_platform.chunks WHERE collection = %s", (new,)):
+            assert chunk == chunk_id(new, doc, text)
+        assert docs_sql.count_lost(conn, new, "minilm_l6_v2", tables.table_id(table)) == {
+            "lost": 0, "orphans": 0, "live_chunks": len(docs)}
+        (ref,) = conn.execute("SELECT ref FROM vector_platform.dead_letters WHERE collection = %s AND resolved_at IS NULL", (new,)).fetchone()
+        assert ref == str(chunk_id(new, "poison", docs[-1]["text"])), "the dead letter follows its chunk's new id"
+
+    # An ingest of the same source into the copy finds everything in place: only the dead-lettered
+    # chunk goes to the model again (as every ingest retries it), nothing is written.
+    rows, texts = table_rows(pg_dsn, new), len(fake.texts)
+    runs = vp.ingest(new)
+    assert all(r.success for r in runs), [r.error for r in runs]
+    assert set(fake.texts[texts:]) <= {docs[-1]["text"]}
+    assert table_rows(pg_dsn, new) == rows
+    assert all(passed for run in runs for passed in run.checks.values())
+
+
+def test_a_corrupted_or_incomplete_backup_is_refused_and_nothing_is_created(make_platform, pg_dsn, tmp_path):
+    vp = make_platform()
+    name = ingested(vp, tmp_path, n=40)
+    location = tmp_path / "backups"
+    info = vp.backup(name, to=location.as_uri())
+    part = next((location / name / info.id / "vectors" / "minilm_l6_v2").glob("part-*.parquet"))
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    part.write_bytes(bytes(data))
+
+    with pytest.raises(BackupCorrupt, match="does not match its checksum"):
+        vp.restore(name, location.as_uri(), as_name=f"{name}_x")
+    assert not collection_exists(pg_dsn, f"{name}_x") and vector_tables_of(pg_dsn, f"{name}_x") == []
+    with pytest.raises(DropRefused, match="no longer reads back"):
+        vp.drop_collection(name, backups=location.as_uri())
+    assert collection_exists(pg_dsn, name)
+
+    # A backup without its manifest (one that never finished) is neither listed nor restored.
+    (location / name / info.id / "manifest.json").unlink()
+    assert vp.backups(name, location.as_uri()) == []
+    with pytest.raises(BackupError, match="no complete backup"):
+        vp.restore(name, location.as_uri(), as_name=f"{name}_y")
+    with pytest.raises(DropRefused, match="no backup of"):
+        vp.drop_collection(name, backups=location.as_uri())
+
+
+def test_a_cold_collection_comes_back_cold_then_rehydrates_without_embedding(make_platform, pg_dsn, tmp_path):
+    vp = make_platform()
+    name = ingested(vp, tmp_path, n=50)
+    hot = answers(vp, name, exact=True)
+    assert vp.tier(name, "cold").success
+    cold = answers(vp, name, exact=True)
+    assert same_up_to_float32(cold, hot)  # cold search scores in numpy, pgvector in C: equal to ~1e-7
+    location = (tmp_path / "backups").as_uri()
+    info = vp.backup(name, to=location)
+    assert info.tier == "cold" and info.manifest["vectors"]["minilm_l6_v2"]["source"].startswith("cold snapshot")
+    vp.drop_collection(name, backups=location)
+    assert not list((tmp_path / "objects" / "collections").glob(f"{name}/**/*.parquet")), "the snapshot files went with it"
+
+    fake = FAKES["minilm_l6_v2"]
+    calls = fake.calls
+    report = vp.restore(name, location)
+    assert fake.calls == calls, "a restore never embeds"
+    assert report.tier == "cold" and vp.collection(name).tier == "cold" and report.snapshots
+    assert vector_tables_of(pg_dsn, name) == []
+    assert answers(vp, name, exact=True) == cold
+    calls = fake.calls
+    run = vp.tier(name, "active")  # the new snapshot's digest is what the restored table must have
+    assert run.success, run.error
+    assert fake.calls == calls
+    assert same_up_to_float32(answers(vp, name, exact=True), hot)
+
+
+def test_drop_needs_a_backup_of_the_current_state(make_platform, pg_dsn, tmp_path):
+    vp = make_platform()
+    name = ingested(vp, tmp_path, n=30)
+    location = (tmp_path / "backups").as_uri()
+    with pytest.raises(DropRefused, match="no backup of"):
+        vp.drop_collection(name, backups=location)
+    with pytest.raises(BackupError, match="overlaps the primary object store"):
+        vp.backup(name, to=(tmp_path / "objects" / "backups").as_uri())
+
+    vp.backup(name, to=location)
+    vp.set_settings(name, recall_target=0.9)  # the collection changed since its backup
+    with pytest.raises(DropRefused, match="does not hold its current state .*definition"):
+        vp.drop_collection(name, backups=location)
+    assert collection_exists(pg_dsn, name) and table_rows(pg_dsn, name) > 0
+    with pytest.raises(RestoreRefused, match="exists"):
+        vp.restore(name, location)
+
+    report = vp.drop_collection(name, force=True)
+    assert report.forced and report.backup_id is None and not collection_exists(pg_dsn, name)
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT forced, backup_uri, files_removed_at IS NOT NULL FROM vector_platform.dropped_collections "
+                            "WHERE collection = %s", (name,)).fetchall() == [(True, None, True)]
+    with pytest.raises(KeyError):
+        vp.drop_collection(name, force=True)
+
+
+def test_missing_models_are_registered_and_a_model_key_with_another_identity_is_refused(make_platform, pg_dsn, tmp_path):
+    from vector_platform.models import ModelSpec
+
+    vp = make_platform()
+    key = f"m_{uuid.uuid4().hex[:8]}"
+    vp.add_model(ModelSpec(key, "local", "fake/small", dims=32))
+    name = f"bk_{uuid.uuid4().hex[:8]}"
+    vp.add_collection(name, write_jsonl(tmp_path / "m.jsonl", corpus(20, "m")), model=key)
+    assert all(r.success for r in vp.ingest(name))
+    location = (tmp_path / "backups").as_uri()
+    vp.backup(name, to=location)
+    vp.drop_collection(name, backups=location)
+
+    # As in another database where the key means another model: refused, nothing written.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE vector_platform.models SET dims = 48 WHERE key = %s", (key,))
+    with pytest.raises(RestoreRefused, match="registered here as another model"):
+        vp.restore(name, location)
+    assert not collection_exists(pg_dsn, name)
+
+    # As in a fresh database: the model is registered from the backup's spec.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM vector_platform.models WHERE key = %s", (key,))
+    report = vp.restore(name, location)
+    assert report.models_registered == [key]
+    with psycopg.connect(pg_dsn) as conn:
+        assert catalog.get_model(conn, key).dims == 32
+    assert key in vp.instance.get_dynamic_partitions("model")
+    assert vp.search("alpha beta", [name], k=3).hits
+
+
+def test_cli_backup_list_drop_restore_and_a_killed_restore_leaves_nothing(make_platform, pg_dsn, tmp_path):
+    vp = make_platform()  # the same database and object store as the CLI's (cli_env)
+    name = ingested(vp, tmp_path, n=40)
+    exact = answers(vp, name, exact=True)
+    env = cli_env(pg_dsn, tmp_path)
+
+    def run(*args, **extra):
+        return subprocess.run(cli(*args), env={**env, **extra}, capture_output=True, text=True, timeout=300)
+
+    refused = run("collections", "drop", name)
+    assert refused.returncode == 2 and "no backup of" in refused.stderr, refused.stderr
+    made = run("backup", name, "--json")
+    assert made.returncode == 0, made.stderr
+    backup_id = json.loads(made.stdout)["id"]
+    assert (tmp_path / "home" / "backups" / name / backup_id / "manifest.json").exists()  # the default location
+    listed = run("backups", name, "--json")
+    assert [b["id"] for b in json.loads(listed.stdout)["backups"]] == [backup_id]
+    assert backup_id in run("backups", name).stdout
+    dropped = run("collections", "drop", name)
+    assert dropped.returncode == 0 and backup_id in dropped.stdout, dropped.stderr
+    assert not collection_exists(pg_dsn, name)
+
+    killed = run("restore", name, VP_FAILPOINT="restore.before_commit")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not collection_exists(pg_dsn, name) and vector_tables_of(pg_dsn, name) == [], "a killed restore leaves nothing"
+
+    restored = run("restore", name)
+    assert restored.returncode == 0 and f"restored from backup {backup_id}" in restored.stdout, restored.stderr
+    assert answers(vp, name, exact=True) == exact
+    again = run("restore", name)
+    assert again.returncode == 2 and "exists" in again.stderr
