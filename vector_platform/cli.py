@@ -504,6 +504,8 @@ def cmd_restore(args) -> int:
           f"{report.chunks} chunks, vectors: {vectors}; nothing embedded)")
     if report.models_registered:
         print(f"  models registered: {', '.join(report.models_registered)}")
+    for warning in report.warnings:
+        print(f"  warning: {warning}")
     return 0
 
 

@@ -210,7 +210,7 @@ def test_a_cold_collection_comes_back_cold_then_rehydrates_without_embedding(mak
 
     fake = FAKES["minilm_l6_v2"]
     calls = fake.calls
-    report = vp.restore(name, location)
+    report = vp.restore(name, info.uri)  # the backup's own folder
     assert fake.calls == calls, "a restore never embeds"
     assert report.tier == "cold" and vp.collection(name).tier == "cold" and report.snapshots
     assert vector_tables_of(pg_dsn, name) == []
@@ -238,6 +238,8 @@ def test_drop_needs_a_backup_of_the_current_state(make_platform, pg_dsn, tmp_pat
     assert collection_exists(pg_dsn, name) and table_rows(pg_dsn, name) > 0
     with pytest.raises(RestoreRefused, match="exists"):
         vp.restore(name, location)
+    with pytest.raises(BackupError, match="is a backup of collection"):
+        vp.restore("another_one", vp.backups(name, location)[0].uri)
 
     report = vp.drop_collection(name, force=True)
     assert report.forced and report.backup_id is None and not collection_exists(pg_dsn, name)
@@ -310,3 +312,43 @@ def test_cli_backup_list_drop_restore_and_a_killed_restore_leaves_nothing(make_p
     assert answers(vp, name, exact=True) == exact
     again = run("restore", name)
     assert again.returncode == 2 and "exists" in again.stderr
+
+
+def test_the_row_archive_is_not_in_backups_so_drop_refuses_and_restore_says_so(make_platform, pg_dsn, tmp_path):
+    import datetime as dt
+
+    from vector_platform import clock
+
+    vp = make_platform()
+    now = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+    docs = corpus(40, "r")
+    for i, doc in enumerate(docs):  # half of them older than the rule's two years
+        doc["timestamp"] = (now - dt.timedelta(days=900 if i % 2 else 30 + i)).timestamp()
+    name = f"bk_{uuid.uuid4().hex[:8]}"
+    vp.add_collection(name, write_jsonl(tmp_path / "r.jsonl", docs))
+    assert all(r.success for r in vp.ingest(name))
+    vp.set_rules(name, archive_rows_older_than_days=730)
+    clock.set_now(now)
+    try:
+        assert vp.archive_rows(name).success
+    finally:
+        clock.set_now(None)
+    exact = answers(vp, name, exact=True)
+    location = (tmp_path / "backups").as_uri()
+
+    info = vp.backup(name, to=location)
+    assert info.row_archive["included"] is False and info.row_archive["documents"] == 20 and info.documents == 20
+    with pytest.raises(DropRefused, match="row archive"):
+        vp.drop_collection(name, backups=location)
+
+    new = f"{name}_r"
+    report = vp.restore(name, location, as_name=new)
+    assert any("row archive" in w and "20 documents" in w for w in report.warnings)
+    with psycopg.connect(pg_dsn) as conn:  # the rule came along: the table is made month-partitioned
+        assert tables.is_partitioned(conn, catalog.vector_table_name(conn, new, "minilm_l6_v2"))
+    assert without_chunk_ids(answers(vp, new, exact=True)) == without_chunk_ids(exact)
+    assert without_chunk_ids(answers(vp, new, exact=False)) == without_chunk_ids(exact)
+
+    assert list((tmp_path / "objects").glob(f"archive/{name}/**/*.parquet"))
+    vp.drop_collection(name, force=True)
+    assert list((tmp_path / "objects").glob(f"archive/{name}/**/*.parquet")) == [], "its archive files went too"

@@ -66,6 +66,7 @@ class RestoreReport:
     vectors: dict[str, int]
     models_registered: list[str] = field(default_factory=list)
     snapshots: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def as_json(self) -> dict[str, Any]:
@@ -103,6 +104,11 @@ def restore_collection(
             _sweep_unowned_snapshots(pool, primary, target)
             report = RestoreReport(target, info.id, info.uri, manifest["tier"], source_name if renamed else None,
                                    0, 0, {}, [s.key for s in missing])
+            archive = manifest["row_archive"]
+            if not archive["included"] and (archive["documents"] or archive["files"]):
+                report.warnings.append(
+                    f"the row archive of {source_name!r} ({archive['documents']} documents) is not in backups: those "
+                    "documents are not restored (an ingest of the source would add them again as new documents)")
             published: dict[str, SnapshotReceipt] = {}
             try:
                 if manifest["tier"] == "cold":
@@ -130,6 +136,8 @@ def restore_collection(
     report.seconds = round(time.perf_counter() - started, 3)
     say(f"{target}: restored from backup {info.id} ({report.documents} documents, "
         + ", ".join(f"{m} {n} vectors" for m, n in report.vectors.items()) + f", {manifest['tier']}); nothing embedded")
+    for warning in report.warnings:
+        say(f"warning: {warning}")
     return report
 
 
@@ -280,7 +288,7 @@ def _load_vectors(pool, conn, manifest, paths, specs, target: str, renamed: bool
         digest = snapshots.RowsDigest(pool)
         for batch in _vector_batches(manifest, paths, model_key, target, renamed):
             digest.add(pa.Table.from_batches([batch]))
-            rows, vectors, updated_at = snapshots.batch_rows(batch)
+            rows, vectors, updated_at = snapshots.rows_of_batch(batch)
             tables.copy_restored_rows(conn, table, spec, rows, vectors, updated_at, partitioned)
         _check_digest(manifest, model_key, digest.value, renamed)
         rows, table_digest = snapshots.table_digest(conn, table)

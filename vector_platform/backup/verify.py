@@ -99,10 +99,21 @@ def fetch_verified(store: ObjectStore, manifest: dict[str, Any], local_dir: Path
             raise BackupCorrupt(f"backup {manifest['id']}: {entry['key']} does not hold the {entry['rows']} rows its manifest says")
         paths[entry["key"]] = target
     for model_key, part in manifest["vectors"].items():
-        ids = sorted(i for f in part["files"] for i in pq.read_table(paths[f["key"]], columns=["chunk_id"]).column(0).to_pylist())
-        if hashlib.sha256(b"".join(i.encode() + b"\n" for i in ids)).hexdigest() != part["id_hash"]:
-            raise BackupCorrupt(f"backup {manifest['id']}: the chunk ids of {model_key}'s vectors differ from the manifest's")
+        check_vector_ids(manifest, model_key, [pq.ParquetFile(paths[f["key"]]) for f in part["files"]])
     return paths
+
+
+def check_vector_ids(manifest: dict[str, Any], model_key: str, files: list[pq.ParquetFile]) -> None:
+    """The chunk ids of a model's vector files, read in file order, must hash to the
+    manifest's `id_hash` (the sha256 of the sorted ids, one per line). Files hold their rows
+    in chunk_id order and follow each other in it, so the ids stream in sorted order: constant
+    memory, and rows out of order read as a mismatch."""
+    digest = hashlib.sha256()
+    for parquet in files:
+        for batch in parquet.iter_batches(columns=["chunk_id"], batch_size=65536):
+            digest.update(b"".join(i.encode() + b"\n" for i in batch.column(0).to_pylist()))
+    if digest.hexdigest() != manifest["vectors"][model_key]["id_hash"]:
+        raise BackupCorrupt(f"backup {manifest['id']}: the chunk ids of {model_key}'s vectors differ from the manifest's")
 
 
 def clear_local(local_dir: Path) -> None:

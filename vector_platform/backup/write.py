@@ -23,6 +23,7 @@ to delete it without --force.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import uuid
@@ -34,7 +35,7 @@ from psycopg_pool import ConnectionPool
 
 from vector_platform import catalog, clock, faults, tables
 from vector_platform.backup.locations import FORMAT, FORMAT_VERSION, MANIFEST, BackupCorrupt, BackupError, BackupInfo, folder
-from vector_platform.backup.verify import collection_state, verify_in_place
+from vector_platform.backup.verify import check_vector_ids, collection_state, verify_in_place
 from vector_platform.catalog import backups as backup_sql
 from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog.tiers import SnapshotReceipt
@@ -180,10 +181,11 @@ def _read_back(target: ObjectStore, manifest: dict[str, Any]) -> None:
                 if pq.ParquetFile(f).metadata.num_rows != entry["rows"]:
                     raise BackupCorrupt(f"{target.uri(entry['key'])}: the rows read back differ from the {entry['rows']} written")
     for model_key, part in manifest["vectors"].items():
-        try:
-            snapshots.verify_files(target, part["files"], part["rows"], part["id_hash"], f"{target.url}/vectors/{model_key}")
-        except snapshots.SnapshotCorrupt as err:
-            raise BackupCorrupt(str(err)) from None
+        with contextlib.ExitStack() as stack:
+            files = [pq.ParquetFile(stack.enter_context(target.open_input(f["key"]))) for f in part["files"]]
+            if sum(f.metadata.num_rows for f in files) != part["rows"]:
+                raise BackupCorrupt(f"{target.url}/vectors/{model_key}: the rows read back differ from the {part['rows']} written")
+            check_vector_ids(manifest, model_key, files)
 
 
 def _manifest_text(manifest: dict[str, Any]) -> bytes:

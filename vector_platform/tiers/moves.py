@@ -222,7 +222,7 @@ def _restore(pool, store, collection, model_key, receipt: SnapshotReceipt, setti
     try:
         paths = snapshots.fetch_verified(store, receipt, work)
         for batch in snapshots.read_batches(paths, after=after, batch_rows=RESTORE_BATCH_ROWS):
-            rows, vectors, updated_at = snapshots.batch_rows(batch)
+            rows, vectors, updated_at = snapshots.rows_of_batch(batch)
             with pool.connection() as conn, conn.transaction():
                 tables.copy_restored_rows(conn, table, spec, rows, vectors, updated_at, partitioned)
             faults.point("rehydrate.after_first_batch")

@@ -220,13 +220,6 @@ def write_table_files(
     return _write_files(store, _table_pages(pool, table, _group_rows(spec)), spec, prefix)
 
 
-def write_pages(
-    store: ObjectStore, pages: Iterator[pa.Table], spec: ModelSpec, prefix: str
-) -> tuple[list[dict[str, Any]], str, int]:
-    """Snapshot rows (chunk_id order) as snapshot files under `prefix`, no manifest, no receipt."""
-    return _write_files(store, pages, spec, prefix)
-
-
 def _write_files(
     store: ObjectStore, pages: Iterator[pa.Table], spec: ModelSpec, prefix: str
 ) -> tuple[list[dict[str, Any]], str, int]:
@@ -354,15 +347,9 @@ def verify(store: ObjectStore, manifest: dict[str, Any], expected_rows: int, exp
     stored = store.get_bytes(f"{manifest['prefix']}/manifest.json")
     if stored != tier_sql.manifest_text(manifest):
         raise SnapshotCorrupt(f"the manifest of {manifest['prefix']} read back differs from the one written")
-    verify_files(store, manifest["files"], expected_rows, expected_id_hash, manifest["prefix"])
-
-
-def verify_files(store: ObjectStore, files: list[dict[str, Any]], expected_rows: int, expected_id_hash: str, where: str) -> None:
-    """Read snapshot files back from the store: each file's sha256, size and rows must be its
-    entry's, and the sorted chunk ids of all of them must hash to `expected_id_hash`."""
     ids = []
     rows = 0
-    for entry in files:
+    for entry in manifest["files"]:
         sha, size = sha256_of(store, entry["key"])
         if (sha, size) != (entry["sha256"], entry["bytes"]):
             raise SnapshotCorrupt(f"{entry['key']}: read back {size} bytes with sha256 {sha[:12]}…, wrote {entry['bytes']} ({entry['sha256'][:12]}…)")
@@ -373,10 +360,10 @@ def verify_files(store: ObjectStore, files: list[dict[str, Any]], expected_rows:
             ids += parquet.read(columns=["chunk_id"]).column("chunk_id").to_pylist()
         rows += entry["rows"]
     if rows != expected_rows:
-        raise SnapshotCorrupt(f"{where}: {rows} rows read back, the table has {expected_rows}")
+        raise SnapshotCorrupt(f"{manifest['prefix']}: {rows} rows read back, the table has {expected_rows}")
     ids.sort()
     if hashlib.sha256(b"".join(i.encode() + b"\n" for i in ids)).hexdigest() != expected_id_hash:
-        raise SnapshotCorrupt(f"{where}: the chunk ids read back differ from the table's")
+        raise SnapshotCorrupt(f"{manifest['prefix']}: the chunk ids read back differ from the table's")
 
 
 def verify_present(store: ObjectStore, receipt: SnapshotReceipt) -> None:
@@ -431,7 +418,7 @@ def fetch_verified(store: ObjectStore, receipt: SnapshotReceipt, local_dir: Path
     return paths
 
 
-def batch_rows(batch: pa.RecordBatch) -> tuple[list[tuple], np.ndarray, list]:
+def rows_of_batch(batch: pa.RecordBatch) -> tuple[list[tuple], np.ndarray, list]:
     """(rows in `tables.ROW_COLUMNS` order, vectors, updated_at) of a batch of snapshot rows:
     what `tables.copy_restored_rows` loads."""
     data = batch.to_pydict()
@@ -498,7 +485,7 @@ def clear_local(local_dir: Path) -> None:
 
 
 __all__ = [
-    "HashingSink", "RowsDigest", "SnapshotCorrupt", "SnapshotError", "SnapshotResult", "arrow_schema", "batch_rows", "delete_snapshot",
+    "HashingSink", "RowsDigest", "SnapshotCorrupt", "SnapshotError", "SnapshotResult", "arrow_schema", "rows_of_batch", "delete_snapshot",
     "ensure_snapshot", "fetch_verified", "new_manifest", "publish", "read_batches", "sha256_of", "table_digest", "verify",
-    "verify_files", "verify_receipt", "write_pages", "write_table_files",
+    "verify_receipt", "write_table_files",
 ]
