@@ -250,15 +250,18 @@ def test_drop_needs_a_backup_of_the_current_state(make_platform, pg_dsn, tmp_pat
         vp.drop_collection(name, force=True)
 
 
-def test_missing_models_are_registered_and_a_model_key_with_another_identity_is_refused(make_platform, pg_dsn, tmp_path):
+def test_missing_models_are_registered_and_a_model_key_with_another_identity_is_refused(make_platform, pg_dsn, tmp_path,
+                                                                                         monkeypatch):
+    from vector_platform.backup import restore as restore_module
     from vector_platform.models import ModelSpec
 
     vp = make_platform()
     key = f"m_{uuid.uuid4().hex[:8]}"
-    vp.add_model(ModelSpec(key, "local", "fake/small", dims=32))
+    vp.add_model(ModelSpec(key, "local", "fake/small", dims=32, storage_type="halfvec"))
     name = f"bk_{uuid.uuid4().hex[:8]}"
-    vp.add_collection(name, write_jsonl(tmp_path / "m.jsonl", corpus(20, "m")), model=key)
+    vp.add_collection(name, write_jsonl(tmp_path / "m.jsonl", corpus(30, "m")), model=key)
     assert all(r.success for r in vp.ingest(name))
+    exact = answers(vp, name, exact=True)
     location = (tmp_path / "backups").as_uri()
     vp.backup(name, to=location)
     vp.drop_collection(name, backups=location)
@@ -270,15 +273,17 @@ def test_missing_models_are_registered_and_a_model_key_with_another_identity_is_
         vp.restore(name, location)
     assert not collection_exists(pg_dsn, name)
 
-    # As in a fresh database: the model is registered from the backup's spec.
+    # As in a fresh database: the model is registered from the backup's spec. The halfvec rows
+    # go through a staging table, several batches in the one transaction.
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM vector_platform.models WHERE key = %s", (key,))
+    monkeypatch.setattr(restore_module, "BATCH_ROWS", 7)
     report = vp.restore(name, location)
     assert report.models_registered == [key]
     with psycopg.connect(pg_dsn) as conn:
-        assert catalog.get_model(conn, key).dims == 32
+        assert catalog.get_model(conn, key).storage_type == "halfvec"
     assert key in vp.instance.get_dynamic_partitions("model")
-    assert vp.search("alpha beta", [name], k=3).hits
+    assert answers(vp, name, exact=True) == exact
 
 
 def test_cli_backup_list_drop_restore_and_a_killed_restore_leaves_nothing(make_platform, pg_dsn, tmp_path):
