@@ -2,12 +2,9 @@
 primary store, and backup locations on file:// and on moto's S3 over HTTP."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -286,10 +283,17 @@ def test_missing_models_are_registered_and_a_model_key_with_another_identity_is_
     assert answers(vp, name, exact=True) == exact
 
 
-def test_cli_backup_list_drop_restore_and_a_killed_restore_leaves_nothing(make_platform, pg_dsn, tmp_path):
+def snapshot_files(tmp_path, name: str) -> set[str]:
+    root = tmp_path / "objects"
+    return {str(p.relative_to(root)) for p in root.glob(f"collections/{name}/snapshots/**/*") if p.is_file()}
+
+
+def test_cli_backup_list_drop_restore_and_killed_drops_and_restores_are_finished_by_a_rerun(make_platform, pg_dsn, tmp_path):
     vp = make_platform()  # the same database and object store as the CLI's (cli_env)
     name = ingested(vp, tmp_path, n=40)
+    assert vp.tier(name, "cold").success  # its vectors are files on the object store
     exact = answers(vp, name, exact=True)
+    old_files = snapshot_files(tmp_path, name)
     env = cli_env(pg_dsn, tmp_path)
 
     def run(*args, **extra):
@@ -304,17 +308,28 @@ def test_cli_backup_list_drop_restore_and_a_killed_restore_leaves_nothing(make_p
     listed = run("backups", name, "--json")
     assert [b["id"] for b in json.loads(listed.stdout)["backups"]] == [backup_id]
     assert backup_id in run("backups", name).stdout
-    dropped = run("collections", "drop", name)
-    assert dropped.returncode == 0 and backup_id in dropped.stdout, dropped.stderr
-    assert not collection_exists(pg_dsn, name)
 
+    # Killed after its commit: the collection is gone, its files are not (yet).
+    killed = run("collections", "drop", name, VP_FAILPOINT="drop.after_catalog")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not collection_exists(pg_dsn, name) and snapshot_files(tmp_path, name) == old_files
+
+    # A restore killed before its commit: nothing in Postgres. It finished the drop first.
     killed = run("restore", name, VP_FAILPOINT="restore.before_commit")
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not collection_exists(pg_dsn, name) and vector_tables_of(pg_dsn, name) == [], "a killed restore leaves nothing"
+    assert not snapshot_files(tmp_path, name) & old_files
+    with psycopg.connect(pg_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM vector_platform.dropped_collections WHERE collection = %s "
+                            "AND files_removed_at IS NULL", (name,)).fetchone()[0] == 0
 
     restored = run("restore", name)
     assert restored.returncode == 0 and f"restored from backup {backup_id}" in restored.stdout, restored.stderr
-    assert answers(vp, name, exact=True) == exact
+    assert vp.collection(name).tier == "cold" and answers(vp, name, exact=True) == exact
+    with psycopg.connect(pg_dsn) as conn:  # what the killed attempt published was swept: one snapshot serves
+        [(prefix,)] = conn.execute("SELECT manifest->>'prefix' FROM vector_platform.snapshots WHERE collection = %s "
+                                   "AND deleted_at IS NULL", (name,)).fetchall()
+    assert snapshot_files(tmp_path, name) and all(f.startswith(prefix + "/") for f in snapshot_files(tmp_path, name))
     again = run("restore", name)
     assert again.returncode == 2 and "exists" in again.stderr
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from psycopg_pool import ConnectionPool
 
-from vector_platform import catalog, clock, faults, tables
+from vector_platform import catalog, clock, tables
 from vector_platform.backup.locations import FORMAT, FORMAT_VERSION, MANIFEST, BackupCorrupt, BackupError, BackupInfo, folder
 from vector_platform.backup.verify import check_vector_ids, collection_state, verify_in_place
 from vector_platform.catalog import backups as backup_sql
@@ -85,7 +85,6 @@ def backup_collection(
             }
             manifest["bytes"] = sum(f["bytes"] for part in (*rows.values(), *vectors.values()) for f in part["files"])
             _read_back(target, manifest)
-            faults.point("backup.before_manifest")
             text = _manifest_text(manifest)
             target.put_bytes(MANIFEST, text)
             if target.get_bytes(MANIFEST) != text:
