@@ -372,3 +372,20 @@ def test_the_row_archive_is_not_in_backups_so_drop_refuses_and_restore_says_so(m
     assert list((tmp_path / "objects").glob(f"archive/{name}/**/*.parquet"))
     vp.drop_collection(name, force=True)
     assert list((tmp_path / "objects").glob(f"archive/{name}/**/*.parquet")) == [], "its archive files went too"
+
+
+def test_a_cold_snapshot_that_no_longer_matches_its_receipt_is_not_backed_up(make_platform, tmp_path, s3_url):
+    from vector_platform.object_store import ObjectStore
+
+    vp = make_platform()
+    name = ingested(vp, tmp_path, n=20)
+    assert vp.tier(name, "cold").success
+    part = next((tmp_path / "objects" / "collections" / name / "snapshots").glob("**/part-*.parquet"))
+    data = bytearray(part.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    part.write_bytes(bytes(data))
+    location = s3_url.replace("/platform", "/backups")
+    with pytest.raises(BackupCorrupt, match="does not match its receipt"):
+        vp.backup(name, to=location)
+    assert ObjectStore.from_url(location).list(name) == [], "what was written before the check failed is removed"
+    assert vp.backups(name, location) == []
