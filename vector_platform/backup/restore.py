@@ -73,6 +73,31 @@ class RestoreReport:
         return dict(self.__dict__)
 
 
+@dataclass
+class _Plan:
+    """One restore: the verified backup, and where it goes."""
+
+    manifest: dict[str, Any]
+    paths: dict[str, Path]  # backup key -> the verified local copy
+    specs: dict[str, ModelSpec]
+    missing: list[ModelSpec]  # models to register
+    target: str
+    renamed: bool
+    report: RestoreReport
+
+    def vector_batches(self, model_key: str) -> Iterator[pa.RecordBatch]:
+        """A model's vector rows, with chunk ids derived from the target's name when renamed."""
+        files = [self.paths[f["key"]] for f in self.manifest["vectors"][model_key]["files"]]
+        for batch in snapshots.read_batches(files, batch_rows=BATCH_ROWS):
+            yield _renamed(batch, self.target) if self.renamed else batch
+
+    def check_digest(self, model_key: str, digest: str) -> None:
+        """Under its own name the rows read must have the digest the table had at backup time."""
+        if not self.renamed and digest != self.manifest["vectors"][model_key]["table_digest"]:
+            raise BackupCorrupt(f"backup {self.manifest['id']}: the vector rows of {model_key} do not have the digest of "
+                                "the table backed up; nothing restored")
+
+
 def restore_collection(
     pool: ConnectionPool,
     dsn: str,
@@ -89,48 +114,22 @@ def restore_collection(
     manifest = info.manifest
     source_name = manifest["collection"]
     target = validate_name(as_name or source_name)
-    renamed = target != source_name
     with pool.connection() as conn:
         _refuse_existing(conn, target)
         specs, missing = _check_models(conn, manifest)
+    report = RestoreReport(target, info.id, info.uri, manifest["tier"], source_name if target != source_name else None,
+                           0, 0, {}, [s.key for s in missing], warnings=_left_out(manifest))
     work = (work_dir or vp_home() / "cache" / "restore-backup") / f"{target}-{info.id}"
     try:
         paths = fetch_verified(backup_store, manifest, work)
         say(f"backup {info.id}: every file matches its checksum; restoring as {target!r}")
+        plan = _Plan(manifest, paths, specs, missing, target, target != source_name, report)
         with writer_lock(dsn, target, say=say):
             with pool.connection() as conn:
                 _refuse_existing(conn, target)
             finish_earlier_drops(pool, primary, target, say)
             _sweep_unowned_snapshots(pool, primary, target)
-            report = RestoreReport(target, info.id, info.uri, manifest["tier"], source_name if renamed else None,
-                                   0, 0, {}, [s.key for s in missing])
-            archive = manifest["row_archive"]
-            if not archive["included"] and (archive["documents"] or archive["files"]):
-                report.warnings.append(
-                    f"the row archive of {source_name!r} ({archive['documents']} documents) is not in backups: those "
-                    "documents are not restored (an ingest of the source would add them again as new documents)")
-            published: dict[str, SnapshotReceipt] = {}
-            try:
-                if manifest["tier"] == "cold":
-                    published = _publish_cold(pool, primary, manifest, paths, specs, target, renamed)
-                    report.snapshots = {m: r.id for m, r in published.items()}
-                with pool.connection() as conn, conn.transaction():
-                    _write_catalog(conn, manifest, paths, specs, missing, target, renamed, report)
-                    if manifest["tier"] == "active":
-                        _load_vectors(pool, conn, manifest, paths, specs, target, renamed, report)
-                    for model_key, receipt in published.items():
-                        tier_sql.set_cold_snapshot(conn, target, model_key, receipt.id)
-                        report.vectors[model_key] = receipt.rows
-                    serving = manifest["definition"]["serving_model"]
-                    tier_sql.record_tier_event(
-                        conn, target, None, manifest["tier"], f"restored from backup {info.id}", report.vectors.get(serving, 0),
-                        manifest["bytes"], time.perf_counter() - started, None, report.snapshots.get(serving),
-                    )
-                    faults.point("restore.before_commit")
-            except BaseException:
-                for receipt in published.values():  # no collection will ever be served from them
-                    snapshots.delete_snapshot(pool, primary, receipt)
-                raise
+            _write(pool, primary, plan, started)
     finally:
         clear_local(work)
     report.seconds = round(time.perf_counter() - started, 3)
@@ -139,6 +138,42 @@ def restore_collection(
     for warning in report.warnings:
         say(f"warning: {warning}")
     return report
+
+
+def _left_out(manifest: dict[str, Any]) -> list[str]:
+    archive = manifest["row_archive"]
+    if archive["included"] or not (archive["documents"] or archive["files"]):
+        return []
+    return [f"the row archive of {manifest['collection']!r} ({archive['documents']} documents) is not in backups: those "
+            "documents are not restored (an ingest of the source would add them again as new documents)"]
+
+
+def _write(pool: ConnectionPool, primary: ObjectStore, plan: _Plan, started: float) -> None:
+    """Steps 3 and 4: a cold collection's snapshots, then the one transaction."""
+    manifest, report = plan.manifest, plan.report
+    published: dict[str, SnapshotReceipt] = {}
+    try:
+        if manifest["tier"] == "cold":
+            published = _publish_cold(pool, primary, plan)
+            report.snapshots = {m: r.id for m, r in published.items()}
+        with pool.connection() as conn, conn.transaction():
+            _write_catalog(conn, plan)
+            if manifest["tier"] == "active":
+                _load_vectors(pool, conn, plan)
+            for model_key, receipt in published.items():
+                tier_sql.set_cold_snapshot(conn, plan.target, model_key, receipt.id)
+                report.vectors[model_key] = receipt.rows
+            serving = manifest["definition"]["serving_model"]
+            tier_sql.record_tier_event(
+                conn, plan.target, None, manifest["tier"], f"restored from backup {manifest['id']}",
+                report.vectors.get(serving, 0), manifest["bytes"], time.perf_counter() - started, None,
+                report.snapshots.get(serving),
+            )
+            faults.point("restore.before_commit")
+    except BaseException:
+        for receipt in published.values():  # no collection will ever be served from them
+            snapshots.delete_snapshot(pool, primary, receipt)
+        raise
 
 
 def _refuse_existing(conn, target: str) -> None:
@@ -197,42 +232,29 @@ def _renamed(batch: pa.RecordBatch, target: str) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
 
 
-def _vector_batches(manifest, paths, model_key: str, target: str, renamed: bool) -> Iterator[pa.RecordBatch]:
-    files = [paths[f["key"]] for f in manifest["vectors"][model_key]["files"]]
-    for batch in snapshots.read_batches(files, batch_rows=BATCH_ROWS):
-        yield _renamed(batch, target) if renamed else batch
-
-
-def _check_digest(manifest, model_key: str, digest: str, renamed: bool) -> None:
-    """Under its own name the rows read must have the digest the table had at backup time."""
-    if not renamed and digest != manifest["vectors"][model_key]["table_digest"]:
-        raise BackupCorrupt(f"backup {manifest['id']}: the vector rows of {model_key} do not have the digest of the table backed "
-                            "up; nothing restored")
-
-
-def _publish_cold(pool, primary, manifest, paths, specs, target: str, renamed: bool) -> dict[str, SnapshotReceipt]:
+def _publish_cold(pool: ConnectionPool, primary: ObjectStore, plan: _Plan) -> dict[str, SnapshotReceipt]:
     """Each model's vectors as a new verified snapshot of the target on the primary store."""
-    definition = manifest["definition"]
-    coll = catalog.Collection(target, definition["source"], CollectionSettings.from_json(definition["settings"]),
+    definition = plan.manifest["definition"]
+    coll = catalog.Collection(plan.target, definition["source"], CollectionSettings.from_json(definition["settings"]),
                               definition["serving_model"], "cold", tuple(m["key"] for m in definition["models"]))
     published: dict[str, SnapshotReceipt] = {}
     try:
-        for model_key, part in manifest["vectors"].items():
-            spec = specs[model_key]
+        for model_key, part in plan.manifest["vectors"].items():
             digest = snapshots.RowsDigest(pool)
 
             def pages(model_key=model_key, digest=digest) -> Iterator[pa.Table]:
-                for batch in _vector_batches(manifest, paths, model_key, target, renamed):
+                for batch in plan.vector_batches(model_key):
                     page = pa.Table.from_batches([batch])
                     digest.add(page)
                     yield page
 
             def finish(snapshot_manifest, model_key=model_key, digest=digest) -> None:
-                _check_digest(manifest, model_key, digest.value, renamed)
+                plan.check_digest(model_key, digest.value)
                 snapshot_manifest["table_digest"] = digest.value
-                snapshot_manifest["restored_from_backup"] = manifest["id"]
+                snapshot_manifest["restored_from_backup"] = plan.manifest["id"]
 
-            snapshot_manifest = snapshots.new_manifest(coll, spec, catalog.table_name_for(target, model_key), part["fingerprint"])
+            spec = plan.specs[model_key]
+            snapshot_manifest = snapshots.new_manifest(coll, spec, catalog.table_name_for(plan.target, model_key), part["fingerprint"])
             published[model_key] = snapshots.publish(pool, primary, snapshot_manifest, pages(), spec, part["rows"], finish)
     except BaseException:
         for receipt in published.values():
@@ -241,61 +263,73 @@ def _publish_cold(pool, primary, manifest, paths, specs, target: str, renamed: b
     return published
 
 
-def _write_catalog(conn, manifest, paths, specs, missing, target: str, renamed: bool, report: RestoreReport) -> None:
+def _write_catalog(conn, plan: _Plan) -> None:
     """Models, the collection, its attachments and its catalog rows, in the caller's transaction."""
-    for spec in missing:
+    for spec in plan.missing:
         catalog.register_model(conn, spec)
-    backup_sql.insert_collection(conn, target, manifest["definition"], manifest["tier"])
-    # Embedding dead letters name their chunk: renamed, they follow the chunk's new id.
-    embed_refs = set()
-    if renamed:
-        for entry in manifest["rows"]["dead_letters"]["files"]:
-            letters = pq.read_table(paths[entry["key"]], columns=["stage", "ref"]).to_pylist()
-            embed_refs |= {r["ref"] for r in letters if r["stage"] == "embed"}
-    new_ids: dict[str, str] = {}
+    backup_sql.insert_collection(conn, plan.target, plan.manifest["definition"], plan.manifest["tier"])
+    follow = _ChunkIds(plan) if plan.renamed else None
     for rows in backup_sql.ROW_SETS:
         names = [n for n, _ in rows.columns]
         loaded = 0
-        for entry in manifest["rows"][rows.name]["files"]:
-            for batch in pq.ParquetFile(paths[entry["key"]]).iter_batches(batch_size=BATCH_ROWS):
+        for entry in plan.manifest["rows"][rows.name]["files"]:
+            for batch in pq.ParquetFile(plan.paths[entry["key"]]).iter_batches(batch_size=BATCH_ROWS):
                 values = [dict(zip(names, r)) for r in zip(*(batch.column(n).to_pylist() for n in names))]
-                if renamed and rows is backup_sql.CHUNKS:
-                    for v in values:
-                        old, v["chunk_id"] = v["chunk_id"], str(chunk_id(target, v["doc_id"], v["text"]))
-                        if old in embed_refs:
-                            new_ids[old] = v["chunk_id"]
-                if renamed and rows is backup_sql.DEAD_LETTERS:
-                    for v in values:
-                        if v["stage"] == "embed":
-                            v["ref"] = new_ids.get(v["ref"], v["ref"])
-                loaded += backup_sql.copy_in(conn, rows, target, [[v[n] for n in names] for v in values])
-        if loaded != manifest["rows"][rows.name]["rows"]:
-            raise BackupError(f"{rows.name}: {loaded} rows restored, the backup holds {manifest['rows'][rows.name]['rows']}")
-    report.documents = manifest["rows"]["documents"]["rows"]
-    report.chunks = manifest["rows"]["chunks"]["rows"]
+                if follow is not None:
+                    follow.rename(rows, values)
+                loaded += backup_sql.copy_in(conn, rows, plan.target, [[v[n] for n in names] for v in values])
+        expected = plan.manifest["rows"][rows.name]["rows"]
+        if loaded != expected:
+            raise BackupError(f"{rows.name}: {loaded} rows restored, the backup holds {expected}")
+    plan.report.documents = plan.manifest["rows"]["documents"]["rows"]
+    plan.report.chunks = plan.manifest["rows"]["chunks"]["rows"]
 
 
-def _load_vectors(pool, conn, manifest, paths, specs, target: str, renamed: bool, report: RestoreReport) -> None:
+class _ChunkIds:
+    """Renamed, a chunk's id is derived from the new name (as ingest would derive it), and an
+    embedding dead letter, which names its chunk by id, follows it."""
+
+    def __init__(self, plan: _Plan):
+        self.target = plan.target
+        self.letters: set[str] = set()
+        for entry in plan.manifest["rows"]["dead_letters"]["files"]:
+            rows = pq.read_table(plan.paths[entry["key"]], columns=["stage", "ref"]).to_pylist()
+            self.letters |= {r["ref"] for r in rows if r["stage"] == "embed"}
+        self.new_ids: dict[str, str] = {}  # only the ids a dead letter names
+
+    def rename(self, rows: backup_sql.RowSet, values: list[dict[str, Any]]) -> None:
+        if rows is backup_sql.CHUNKS:
+            for v in values:
+                old, v["chunk_id"] = v["chunk_id"], str(chunk_id(self.target, v["doc_id"], v["text"]))
+                if old in self.letters:
+                    self.new_ids[old] = v["chunk_id"]
+        elif rows is backup_sql.DEAD_LETTERS:
+            for v in values:
+                if v["stage"] == "embed":
+                    v["ref"] = self.new_ids.get(v["ref"], v["ref"])
+
+
+def _load_vectors(pool: ConnectionPool, conn, plan: _Plan) -> None:
     """Each model's vector table: COPY, the digest checked, the HNSW index built; then the
     serving view. In the caller's transaction (nobody sees these tables before the commit)."""
-    definition = manifest["definition"]
+    definition = plan.manifest["definition"]
     settings = CollectionSettings.from_json(definition["settings"])
-    partitioned = tier_sql.wants_partitions(conn, target)
-    for model_key, part in manifest["vectors"].items():
-        spec = specs[model_key]
-        table = catalog.vector_table_name(conn, target, model_key)
+    partitioned = tier_sql.wants_partitions(conn, plan.target)
+    for model_key, part in plan.manifest["vectors"].items():
+        spec = plan.specs[model_key]
+        table = catalog.vector_table_name(conn, plan.target, model_key)
         tables.create_table(conn, table, spec, partitioned=partitioned)
         digest = snapshots.RowsDigest(pool)
-        for batch in _vector_batches(manifest, paths, model_key, target, renamed):
+        for batch in plan.vector_batches(model_key):
             digest.add(pa.Table.from_batches([batch]))
             rows, vectors, updated_at = snapshots.rows_of_batch(batch)
             tables.copy_restored_rows(conn, table, spec, rows, vectors, updated_at, partitioned)
-        _check_digest(manifest, model_key, digest.value, renamed)
+        plan.check_digest(model_key, digest.value)
         rows, table_digest = snapshots.table_digest(conn, table)
         if (rows, table_digest) != (part["rows"], digest.value):
             raise BackupError(f"{table}: {rows} rows restored that do not match the {part['rows']} rows of the backup")
         tables.build_hnsw_in_transaction(conn, table, spec, settings.hnsw_m, settings.hnsw_ef_construction)
-        report.vectors[model_key] = rows
+        plan.report.vectors[model_key] = rows
     serving = definition["serving_model"]
-    if serving in manifest["vectors"]:
-        tables.publish_view(conn, target, catalog.vector_table_name(conn, target, serving))
+    if serving in plan.manifest["vectors"]:
+        tables.publish_view(conn, plan.target, catalog.vector_table_name(conn, plan.target, serving))
