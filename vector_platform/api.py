@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import dagster as dg
 
@@ -40,6 +40,11 @@ from vector_platform.defs.tiers.jobs import MOVE_JOBS
 from vector_platform.object_store import ObjectStore
 from vector_platform.search import SearchResult, flush_query_log, search
 from vector_platform.settings import CollectionSettings, vp_home
+
+if TYPE_CHECKING:
+    from vector_platform.backup import BackupInfo
+    from vector_platform.backup.drop import DropReport
+    from vector_platform.backup.restore import RestoreReport
 
 REPO_DAGSTER_YAML = Path(__file__).resolve().parent.parent / "dagster.yaml"
 
@@ -503,6 +508,54 @@ class Platform:
             "database": self.database_status(),
             "object_store": {"url": store.url, "embedding_cache": cache},
         }
+
+    # ------------------------------------------------------------ backups
+
+    def backup(self, name: str, to: str | None = None) -> "BackupInfo":
+        """Write a verified backup of `name` to `to` (default $VP_BACKUP_URL, else
+        file://$VP_HOME/backups), a location other than the primary object store. Holds the
+        writer lock while it reads (searches go on). Returns what the manifest says."""
+        from vector_platform.backup import open_location
+        from vector_platform.backup.write import backup_collection
+
+        location = open_location(to, self.store())
+        return backup_collection(self.pool(), self.postgres.resolved_dsn(), self.store(), location, name, say=_say)
+
+    def backups(self, name: str, location: str | None = None) -> list["BackupInfo"]:
+        """The complete backups of `name` at `location` (default as for `backup`), newest first."""
+        from vector_platform.backup import default_location_url, list_backups
+
+        url = location or default_location_url()
+        if url.startswith("file://") and not Path(url[len("file://"):]).is_dir():
+            return []
+        return list_backups(ObjectStore.from_url(url), name)
+
+    def restore(self, name: str, source: str | None = None, as_name: str | None = None) -> "RestoreReport":
+        """Restore collection `name` from `source`: a backup's folder, or a location (its newest
+        backup of `name`; default as for `backup`), under its own name or `as_name`. Every
+        checksum is verified before anything is written; nothing is embedded. Refused when the
+        target exists or a model key is registered here with another fingerprint."""
+        from vector_platform.backup import find_backup
+        from vector_platform.backup.restore import restore_collection
+
+        backup_store, info = find_backup(source, name)
+        report = restore_collection(self.pool(), self.postgres.resolved_dsn(), self.store(), backup_store, info, as_name, say=_say)
+        coll = self.collection(report.collection)
+        self._register_partitions(coll)
+        return report
+
+    def drop_collection(self, name: str, force: bool = False, backups: str | None = None) -> "DropReport":
+        """Drop a collection: catalog rows, vector tables, serving view, its files on the object
+        store and its Dagster partition. Refused unless a complete backup at `backups` (default as
+        for `backup`) holds its current state and reads back intact; `force` drops without one."""
+        from vector_platform.backup import open_location
+        from vector_platform.backup.drop import drop_collection
+
+        location = None if force else open_location(backups, self.store())
+        report = drop_collection(self.pool(), self.postgres.resolved_dsn(), self.store(), location, name, force, say=_say)
+        if name in self.instance.get_dynamic_partitions(collection_partitions.name):
+            self.instance.delete_dynamic_partition(collection_partitions.name, name)
+        return report
 
     def database_status(self) -> dict[str, Any]:
         if self.postgres.dsn:

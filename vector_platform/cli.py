@@ -517,6 +517,63 @@ def cmd_collections_qrels(args) -> int:
     return 0
 
 
+def _backup_line(b) -> str:
+    rows = ", ".join(f"{m} {n}" for m, n in b.rows.items()) or "no vectors"
+    archive = b.row_archive
+    left_out = f"; row archive NOT included ({archive['documents']} documents)" if archive["documents"] or archive["files"] else ""
+    return (f"{b.created_at:%Y-%m-%d %H:%M:%S}  {b.id}  {b.tier:<8} vectors: {rows}; {b.documents} documents, "
+            f"{b.bytes / 2**20:.2f} MiB in {b.files} files{left_out}  {b.uri}")
+
+
+def cmd_backup(args) -> int:
+    info = _platform().backup(args.name, to=args.to)
+    if args.json:
+        _print_json(info.as_json())
+    else:
+        print(f"{args.name}: backup written and verified")
+        print(_backup_line(info))
+    return 0
+
+
+def cmd_backups(args) -> int:
+    found = _platform().backups(args.name, args.location)
+    if args.json:
+        _print_json({"collection": args.name, "backups": [b.as_json() for b in found]})
+        return 0
+    if not found:
+        print(f"{args.name}: no complete backup at {args.location or 'the default location ($VP_BACKUP_URL or $VP_HOME/backups)'}")
+    for b in found:
+        print(_backup_line(b))
+    return 0
+
+
+def cmd_restore(args) -> int:
+    report = _platform().restore(args.name, args.source, as_name=args.as_name)
+    if args.json:
+        _print_json(report.as_json())
+        return 0
+    vectors = ", ".join(f"{m} {n}" for m, n in report.vectors.items()) or "no vectors"
+    print(f"{report.collection}: restored from backup {report.backup_id} ({report.tier}; {report.documents} documents, "
+          f"{report.chunks} chunks, vectors: {vectors}; nothing embedded)")
+    if report.models_registered:
+        print(f"  models registered: {', '.join(report.models_registered)}")
+    for warning in report.warnings:
+        print(f"  warning: {warning}")
+    return 0
+
+
+def cmd_collections_drop(args) -> int:
+    report = _platform().drop_collection(args.name, force=args.force, backups=args.backups)
+    if report.finished_earlier_drop:
+        print(f"{args.name}: finished an earlier drop ({report.files_deleted} files left on the object store deleted)")
+    elif report.forced:
+        print(f"{args.name}: dropped WITHOUT a backup check (--force); {report.files_deleted} object-store files deleted")
+    else:
+        print(f"{args.name}: dropped; backup {report.backup_id} holds its last state ({report.backup_uri}); "
+              f"{report.files_deleted} object-store files deleted")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from vector_platform.demo import run_demo
 
@@ -572,6 +629,32 @@ def build_parser() -> argparse.ArgumentParser:
     lst = coll.add_parser("list", help="list collections")
     lst.add_argument("--json", action="store_true")
     lst.set_defaults(func=cmd_collections_list)
+
+    drop = coll.add_parser("drop", help="drop a collection: catalog rows, vector tables, its object-store files "
+                           "(refused unless a verified backup holds its current state)")
+    drop.add_argument("name")
+    drop.add_argument("--backups", metavar="URI", help="where its backups are (default $VP_BACKUP_URL or file://$VP_HOME/backups)")
+    drop.add_argument("--force", action="store_true", help="drop without a backup of its current state (its data is lost)")
+    drop.set_defaults(func=cmd_collections_drop)
+
+    backup = sub.add_parser("backup", help="write a verified backup of a collection to a second object-store location")
+    backup.add_argument("name")
+    backup.add_argument("--to", metavar="URI", help="file:///path or s3://bucket/prefix (default $VP_BACKUP_URL or "
+                        "file://$VP_HOME/backups); never the primary object store")
+    backup.add_argument("--json", action="store_true")
+    backup.set_defaults(func=cmd_backup)
+    backups = sub.add_parser("backups", help="list a collection's complete backups, newest first")
+    backups.add_argument("name")
+    backups.add_argument("--from", dest="location", metavar="URI", help="the backup location (default as for backup)")
+    backups.add_argument("--json", action="store_true")
+    backups.set_defaults(func=cmd_backups)
+    restore = sub.add_parser("restore", help="restore a collection from a backup (checksums verified first; nothing re-embedded)")
+    restore.add_argument("name", help="the backed-up collection's name")
+    restore.add_argument("--from", dest="source", metavar="URI",
+                         help="a backup's folder, or a backup location (its newest backup of NAME; default as for backup)")
+    restore.add_argument("--as", dest="as_name", metavar="NEW", help="restore under another name (beside the original)")
+    restore.add_argument("--json", action="store_true")
+    restore.set_defaults(func=cmd_restore)
 
     ingest = sub.add_parser("ingest", help="materialize a collection's assets through Dagster")
     ingest.add_argument("name")

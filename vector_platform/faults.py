@@ -4,7 +4,8 @@ SIGKILL when VP_FAILPOINT names that point. A no-op otherwise (one dictionary lo
 Crash tests start a real CLI process with VP_FAILPOINT set, let it die exactly there, and
 check that a re-run completes the work. Points in use: evict.after_snapshot,
 evict.after_switch, rehydrate.after_first_batch, archive.after_switch, archive_rows.after_upload,
-archive_rows.after_receipts, archive_rows.after_batch.
+archive_rows.after_receipts, archive_rows.after_batch, restore.before_commit,
+drop.after_catalog.
 """
 
 import os

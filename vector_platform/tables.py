@@ -309,6 +309,40 @@ def copy_upsert(
     return written
 
 
+def copy_restored_rows(
+    conn: psycopg.Connection,
+    table: str,
+    spec: ModelSpec,
+    rows: Sequence[Sequence[Any]],
+    vectors: np.ndarray,
+    updated_at: Sequence[dt.datetime],
+    partitioned: bool,
+) -> None:
+    """Bulk-load rows read back from a snapshot or a backup (ROW_COLUMNS order) by binary COPY,
+    in the caller's transaction. Their `updated_at` is kept, so the table's digest is the
+    snapshot's. The binary COPY carries pgvector's `vector` format; a halfvec table is filled
+    through a temp table of `vector` and a cast (pgvector's own conversion, exact for these values)."""
+    if not len(rows):
+        return
+    payload = encode_vector_rows(rows, vectors, updated_at=updated_at)
+    columns = sql.SQL(", ").join(map(sql.Identifier, ROW_COLUMNS + ("embedding", "updated_at")))
+    direct = spec.storage_type == "vector"
+    stage = sql.Identifier("vp_restore_stage")
+    target = table_id(table) if direct else stage
+    with conn.cursor() as cur:
+        if partitioned:
+            ensure_partitions(conn, table, [r[6] for r in rows])
+        if not direct:
+            cur.execute(sql.SQL("CREATE TEMP TABLE {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(stage, table_id(table)))
+            cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN embedding TYPE vector({})").format(stage, sql.Literal(spec.dims)))
+        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(target, columns)) as out:
+            out.write(payload)
+        if not direct:
+            cast = [sql.Identifier(c) for c in ROW_COLUMNS] + [sql.SQL("embedding::{}").format(column_type(spec)), sql.Identifier("updated_at")]
+            cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(table_id(table), columns, sql.SQL(", ").join(cast), stage))
+            cur.execute(sql.SQL("DROP TABLE {}").format(stage))  # several batches may share one transaction
+
+
 # ---------------------------------------------------------------- HNSW
 
 @dataclass
@@ -430,6 +464,21 @@ def ensure_hnsw(
     conn.execute(sql.SQL("ANALYZE {}").format(table_id(table)))
     size = current_index(conn, table)["bytes"]
     return IndexReport(name, action, seconds, size, rows, work_mem_mb, dropped)
+
+
+def build_hnsw_in_transaction(conn: psycopg.Connection, table: str, spec: ModelSpec, m: int, ef_construction: int,
+                              max_work_mem_mb: int = 1024) -> str:
+    """Build the HNSW index of a table made in the caller's still-open transaction (a restore,
+    which commits everything at once): a plain CREATE INDEX, since nobody else can see the
+    table yet and CONCURRENTLY cannot run in a transaction. On a partitioned table PostgreSQL
+    builds every partition's index with it. Returns the index's name."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+        raise ValueError("build_hnsw_in_transaction builds inside the caller's open transaction; there is none")
+    rows = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_id(table))).fetchone()[0]
+    conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (f"{_work_mem_mb(rows, spec, m, max_work_mem_mb)}MB",))
+    name = index_name(table)
+    _create_hnsw(conn, name, table, spec, m, ef_construction)
+    return name
 
 
 def _create_hnsw(conn: psycopg.Connection, name: str, table: str, spec: ModelSpec, m: int, ef_construction: int,

@@ -11,7 +11,8 @@ from vector_platform import db
 
 
 @pytest.mark.parametrize(
-    "module", ["vector_platform.search", "vector_platform.catalog", "vector_platform.ingest.steps", "vector_platform.checks", "vector_platform.tables"]
+    "module", ["vector_platform.search", "vector_platform.catalog", "vector_platform.ingest.steps", "vector_platform.checks", "vector_platform.tables",
+     "vector_platform.backup.restore", "vector_platform.backup.drop"]
 )
 def test_plain_packages_do_not_import_dagster(module):
     code = f"import sys, {module}; bad = [m for m in sys.modules if m == 'dagster' or m.startswith('dagster.')]; print(bad); sys.exit(1 if bad else 0)"

@@ -24,7 +24,6 @@ done. Asking for the tier a collection already has completes what a crashed move
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,7 +34,6 @@ from psycopg_pool import ConnectionPool
 from vector_platform import catalog, checks, faults, tables
 from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog.tiers import InvalidMove, SnapshotReceipt, check_move
-from vector_platform.ingest.copy_binary import encode_vector_rows
 from vector_platform.object_store import ObjectStore
 from vector_platform.settings import vp_home
 from vector_platform.tiers import snapshots
@@ -223,42 +221,10 @@ def _restore(pool, store, collection, model_key, receipt: SnapshotReceipt, setti
         say(f"{collection}/{model_key}: resuming the restore after chunk {after}")
     try:
         paths = snapshots.fetch_verified(store, receipt, work)
-        columns = sql.SQL(", ").join(map(sql.Identifier, tables.ROW_COLUMNS + ("embedding", "updated_at")))
-        # The binary COPY carries pgvector's `vector` format; a halfvec table is filled through a
-        # temp table of `vector` and a cast (pgvector's own conversion, exact for these values).
-        direct = spec.storage_type == "vector"
-        target = tables.table_id(table) if direct else sql.Identifier("vp_restore_stage")
-        copy = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(target, columns)
         for batch in snapshots.read_batches(paths, after=after, batch_rows=RESTORE_BATCH_ROWS):
-            data = batch.to_pydict()
-            rows = [
-                (uuid.UUID(c), d, s, h, t, m, ts)
-                for c, d, s, h, t, m, ts in zip(
-                    data["chunk_id"], data["doc_id"], data["seq"], data["content_hash"], data["text"], data["metadata"], data["source_ts"]
-                )
-            ]
-            vectors = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).reshape(len(rows), receipt.manifest["dims"])
-            payload = encode_vector_rows(rows, vectors, updated_at=data["updated_at"])
-            with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-                if partitioned:
-                    tables.ensure_partitions(conn, table, data["source_ts"])
-                if not direct:
-                    cur.execute(
-                        sql.SQL("CREATE TEMP TABLE vp_restore_stage (LIKE {} INCLUDING DEFAULTS) ON COMMIT DROP").format(tables.table_id(table))
-                    )
-                    cur.execute(sql.SQL("ALTER TABLE vp_restore_stage ALTER COLUMN embedding TYPE vector({})").format(sql.Literal(spec.dims)))
-                with cur.copy(copy) as out:
-                    out.write(payload)
-                if not direct:
-                    cur.execute(
-                        sql.SQL("INSERT INTO {t} ({c}) SELECT {c_cast} FROM vp_restore_stage").format(
-                            t=tables.table_id(table), c=columns,
-                            c_cast=sql.SQL(", ").join(
-                                [sql.Identifier(c) for c in tables.ROW_COLUMNS]
-                                + [sql.SQL("embedding::{}").format(tables.column_type(spec)), sql.Identifier("updated_at")]
-                            ),
-                        )
-                    )
+            rows, vectors, updated_at = snapshots.rows_of_batch(batch)
+            with pool.connection() as conn, conn.transaction():
+                tables.copy_restored_rows(conn, table, spec, rows, vectors, updated_at, partitioned)
             faults.point("rehydrate.after_first_batch")
     finally:
         snapshots.clear_local(work)

@@ -212,6 +212,14 @@ def _group_rows(spec: ModelSpec) -> int:
     return max(1024, ROW_GROUP_BYTES // (spec.dims * 4))
 
 
+def write_table_files(
+    pool: ConnectionPool, store: ObjectStore, table: str, spec: ModelSpec, prefix: str
+) -> tuple[list[dict[str, Any]], str, int]:
+    """A vector table's rows as snapshot files under `prefix`, with no manifest and no receipt:
+    for a caller that keeps its own manifest (a backup). Returns (files, id_hash, rows)."""
+    return _write_files(store, _table_pages(pool, table, _group_rows(spec)), spec, prefix)
+
+
 def _write_files(
     store: ObjectStore, pages: Iterator[pa.Table], spec: ModelSpec, prefix: str
 ) -> tuple[list[dict[str, Any]], str, int]:
@@ -227,7 +235,7 @@ def _write_files(
         digest = hashlib.sha256()
         in_file = 0
         with store.open_output(key) as raw:
-            sink = _HashingSink(raw, digest)
+            sink = HashingSink(raw, digest)
             with pq.ParquetWriter(
                 sink,
                 schema,
@@ -247,7 +255,7 @@ def _write_files(
     return files, ids.hexdigest(), total
 
 
-class _HashingSink:
+class HashingSink:
     """A write-only file object that hashes and counts what passes through to `raw`."""
 
     def __init__(self, raw, digest):
@@ -319,7 +327,8 @@ def _to_arrow(rows: list[tuple]) -> pa.Table:
 # ---------------------------------------------------------------- verification
 
 
-def _sha256_of(store: ObjectStore, key: str) -> tuple[str, int]:
+def sha256_of(store: ObjectStore, key: str) -> tuple[str, int]:
+    """(sha256, bytes) of an object, streamed."""
     digest = hashlib.sha256()
     size = 0
     with store.fs.open_input_stream(store.path(key)) as src:
@@ -341,7 +350,7 @@ def verify(store: ObjectStore, manifest: dict[str, Any], expected_rows: int, exp
     ids = []
     rows = 0
     for entry in manifest["files"]:
-        sha, size = _sha256_of(store, entry["key"])
+        sha, size = sha256_of(store, entry["key"])
         if (sha, size) != (entry["sha256"], entry["bytes"]):
             raise SnapshotCorrupt(f"{entry['key']}: read back {size} bytes with sha256 {sha[:12]}…, wrote {entry['bytes']} ({entry['sha256'][:12]}…)")
         with store.open_input(entry["key"]) as f:
@@ -409,6 +418,21 @@ def fetch_verified(store: ObjectStore, receipt: SnapshotReceipt, local_dir: Path
     return paths
 
 
+def rows_of_batch(batch: pa.RecordBatch) -> tuple[list[tuple], np.ndarray, list]:
+    """(rows in `tables.ROW_COLUMNS` order, vectors, updated_at) of a batch of snapshot rows:
+    what `tables.copy_restored_rows` loads."""
+    data = batch.to_pydict()
+    rows = [
+        (uuid.UUID(c), d, s, h, t, m, ts)
+        for c, d, s, h, t, m, ts in zip(
+            data["chunk_id"], data["doc_id"], data["seq"], data["content_hash"], data["text"], data["metadata"], data["source_ts"]
+        )
+    ]
+    column = batch.column("embedding")
+    vectors = column.flatten().to_numpy(zero_copy_only=False).reshape(len(rows), column.type.list_size)
+    return rows, vectors, data["updated_at"]
+
+
 def read_batches(paths: list[Path], after: str | None = None, batch_rows: int = 5000) -> Iterator[pa.RecordBatch]:
     """Rows of fetched snapshot files in chunk_id order, skipping ids <= `after` (a resume)."""
     for path in paths:
@@ -461,6 +485,7 @@ def clear_local(local_dir: Path) -> None:
 
 
 __all__ = [
-    "RowsDigest", "SnapshotCorrupt", "SnapshotError", "SnapshotResult", "arrow_schema", "delete_snapshot", "ensure_snapshot",
-    "fetch_verified", "new_manifest", "publish", "read_batches", "table_digest", "verify", "verify_receipt",
+    "HashingSink", "RowsDigest", "SnapshotCorrupt", "SnapshotError", "SnapshotResult", "arrow_schema", "rows_of_batch", "delete_snapshot",
+    "ensure_snapshot", "fetch_verified", "new_manifest", "publish", "read_batches", "sha256_of", "table_digest", "verify",
+    "verify_receipt", "write_table_files",
 ]
