@@ -164,3 +164,20 @@ def test_a_catalog_newer_than_the_code_is_refused(pg_server):
             assert "newer than this release" in str(err)
         else:
             raise AssertionError("a newer catalog must be refused")
+
+
+def test_a_migration_missing_below_the_highest_applied_is_still_applied(pg_server):
+    """Two branches each add a migration (0008 and 0009): a database that ran 0009 first must
+    still get 0008, although 8 < 9."""
+    name = f"gap_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with psycopg.connect(pg_server.get_uri(database=name), autocommit=True) as conn:
+        schema.migrate(conn)
+        conn.execute("DROP TABLE vector_platform.audit_log, vector_platform.recall_history")
+        conn.execute("DELETE FROM vector_platform.schema_version WHERE version = 8")
+        assert schema.current_version(conn) == schema.LATEST_VERSION > 8
+
+        assert schema.migrate(conn) == [8]
+        assert conn.execute("SELECT to_regclass('vector_platform.audit_log') IS NOT NULL").fetchone()[0]
+        assert schema.migrate(conn) == []

@@ -41,6 +41,12 @@ def current_version(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT coalesce(max(version), 0) FROM vector_platform.schema_version").fetchone()[0]
 
 
+def applied_versions(conn: psycopg.Connection) -> set[int]:
+    if current_version(conn) == 0:
+        return set()
+    return {row[0] for row in conn.execute("SELECT version FROM vector_platform.schema_version")}
+
+
 def migrate(conn: psycopg.Connection) -> list[int]:
     """Apply the migrations this database lacks; returns the versions applied."""
     from vector_platform.catalog.models import backfill_fingerprints, register_builtin_models
@@ -55,8 +61,11 @@ def migrate(conn: psycopg.Connection) -> list[int]:
                 f"the catalog is at schema version {version}, newer than this release knows ({LATEST_VERSION}): "
                 "upgrade vector_platform"
             )
+        done = applied_versions(conn)
         for number, name, text in migrations():
-            if number <= version:
+            # every shipped file not applied yet, not only those above the highest applied: two
+            # branches may each add a migration, and a database that ran one must still get the other
+            if number in done:
                 continue
             conn.execute(text)
             if number == 1:  # the first release's table had only this column
