@@ -115,13 +115,14 @@ def _backfill_outcome(base: str, backfill_id: str) -> tuple[str, list[str]]:
     return data["status"], [run["status"] for run in data["runs"]]
 
 
-def _wait_for_backfill(base: str, backfill_id: str) -> list[str]:
+def _wait_for_backfill(base: str, backfill_id: str) -> None:
+    """Until the backfill ends; it must end with every run succeeded."""
     deadline = time.monotonic() + RUN_WAIT_S
     while time.monotonic() < deadline:
         status, runs = _backfill_outcome(base, backfill_id)
         if status not in ("REQUESTED", "CANCELING", "FAILING"):
             assert status == "COMPLETED_SUCCESS" and set(runs) == {"SUCCESS"}, (status, runs)
-            return runs
+            return
         time.sleep(2)
     raise AssertionError(f"backfill {backfill_id} still {status} after {RUN_WAIT_S} s: runs {runs}")
 
@@ -216,7 +217,7 @@ def test_dagster_ui_shows_the_code_location_materializes_by_clicks_and_shows_a_t
     assets, checks, automations = expected_definitions()
     assert "no_chunk_lost" in checks["vector_table"] and "index_recall_meets_target" in checks["hnsw_index"]
 
-    home, env = instance_env(pg_server, pg_dsn, tmp_path)
+    _, env = instance_env(pg_server, pg_dsn, tmp_path)  # the product's dagster.yaml, storage in the test server
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "dagster_dev.log"
@@ -300,7 +301,9 @@ def _walk_the_ui(page: Page, base: str, env: dict, collection: str, assets: list
     # A tier move submitted by the CLI to the running daemon, and its run in the UI.
     moved = subprocess.run(cli("tier", collection, "cold"), env=env, capture_output=True, text=True, timeout=120)
     assert moved.returncode == 0, moved.stdout + moved.stderr
-    run_id = re.search(r"run (\S+) submitted", moved.stdout).group(1)
+    submitted = re.search(r"run (\S+) submitted", moved.stdout)
+    assert submitted, f"the move did not go to the running daemon: {moved.stdout}{moved.stderr}"
+    run_id = submitted.group(1)
     page.goto(f"{base}/runs/{run_id}")
     expect(page.get_by_text("evict_job").first).to_be_visible()
     expect(page.get_by_text("Success", exact=True).first).to_be_visible(timeout=RUN_WAIT_S * 1000)
