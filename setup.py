@@ -38,7 +38,8 @@ setup(
         "threadpoolctl>=3.1",
     ],
     extras_require={
-        "test": ["pytest>=8", "moto[server]>=5.0"],
+        # playwright: the browser test drives the Dagster UI in Debian's chromium (never `playwright install`).
+        "test": ["pytest>=8", "moto[server]>=5.0", "playwright>=1.45"],
     },
     entry_points={"console_scripts": ["vector-platform=vector_platform.cli:main"]},
 )

@@ -3,13 +3,18 @@
 The logic lives in `vector_platform.checks`; this is the glue that turns figures into
 results (the upgrade's quality gates are in `defs/upgrade/checks.py`). A backfill run covers a range of partitions: each
 check then measures every partition and passes only if all do, with the figures per
-partition in its metadata.
+partition in its metadata, and records each partition's own evaluation for the UI.
 """
 
 import datetime as dt
 import os
 
 import dagster as dg
+
+# Not exported by `dagster` itself; the type AssetCheckResult fills in for a single partition.
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData as TargetMaterialization,
+)
 
 from vector_platform import catalog, checks, clock, pictures
 from vector_platform.defs.ingest.assets import embeddings, hnsw_index, vector_table
@@ -19,6 +24,8 @@ from vector_platform.defs.resources import ObjectStoreResource, PostgresResource
 
 def combine(context, results: dict[str, tuple[bool, dict]], severity=dg.AssetCheckSeverity.ERROR) -> dg.AssetCheckResult:
     """One result: the partition's own, or for a range, all-passed with figures per partition."""
+    if context.has_partition_key_range and not context.has_partition_key:
+        _record_per_partition(context, results, severity)
     if len(results) == 1:
         passed, metadata = next(iter(results.values()))
         return dg.AssetCheckResult(passed=passed, metadata=metadata, severity=severity)
@@ -35,6 +42,34 @@ def combine(context, results: dict[str, tuple[bool, dict]], severity=dg.AssetChe
             ),
         },
     )
+
+
+def _record_per_partition(context, results: dict[str, tuple[bool, dict]], severity) -> None:
+    """Each partition's own evaluation, logged against its partition and its materialization.
+
+    Dagster records the result of a run over a partition range (a backfill run) against no
+    partition, so the UI would show every partition's check as skipped ("0 / 1 Passed" in the
+    lineage graph) although it ran and passed. The run's result (returned by the check) still
+    decides whether a blocking check stops the run."""
+    (spec,) = context.check_specs
+    for partition, (passed, metadata) in results.items():
+        context.op_execution_context.log_event(
+            dg.AssetCheckEvaluation(
+                asset_key=spec.asset_key, check_name=spec.name, passed=passed, metadata=metadata,
+                severity=severity, blocking=spec.blocking, partition=partition,
+                target_materialization_data=_latest_materialization(context, spec.asset_key, partition),
+            )
+        )
+
+
+def _latest_materialization(context, asset_key: dg.AssetKey, partition: str) -> TargetMaterialization | None:
+    """What the partition's evaluation was measured on (the UI counts it for that materialization)."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[partition]), limit=1
+    ).records
+    if not records:
+        return None
+    return TargetMaterialization(storage_id=records[0].storage_id, run_id=records[0].run_id, timestamp=records[0].timestamp)
 
 
 @dg.asset_check(asset=embeddings, blocking=True, partitions_def=collection_model_partitions)
