@@ -36,6 +36,8 @@ setup(
         "uvicorn>=0.29",
         # One BLAS thread for cold search's matrix-vector product, set per call without a restart.
         "threadpoolctl>=3.1",
+        # Prometheus exposition (`/metrics`): the reference client, custom collectors for catalog figures.
+        "prometheus_client>=0.20",
     ],
     extras_require={
         "test": ["pytest>=8", "moto[server]>=5.0"],
