@@ -7,7 +7,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from vector_platform.defs.loggers import run_loggers
 from vector_platform.defs.resources import default_resources
 from vector_platform.telemetry import logs
 
@@ -21,7 +20,7 @@ def build_definitions(resources: dict | None = None) -> dg.Definitions:
     executor = dg.multiprocess_executor if os.environ.get("VP_EXECUTOR") == "multiprocess" else dg.in_process_executor
     return dg.Definitions.merge(
         dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
-        dg.Definitions(resources=resources or default_resources(), executor=executor, loggers=run_loggers()),
+        dg.Definitions(resources=resources or default_resources(), executor=executor),
     )
 
 

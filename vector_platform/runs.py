@@ -13,7 +13,6 @@ the Dagster instance.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -27,7 +26,6 @@ from typing import Any, Callable, Iterable
 import dagster as dg
 
 from vector_platform import progress as progress_hooks
-from vector_platform.telemetry import logs
 
 MODES = ("auto", "in_process", "instance")
 HEARTBEAT_FRESH_S = 90
@@ -102,17 +100,10 @@ def run_in_process(defs: dg.Definitions, instance: dg.DagsterInstance, job_name:
         instance=instance,
         raise_on_error=False,
         # Failures come back in the summary (root cause, no stack trace); warnings worth a
-        # person's attention reach the CLI through progress.notify. JSON logs are for a log
-        # shipper: the run's log goes to stderr as it would from a run worker.
-        run_config={"loggers": {"console": {"config": {"log_level": _console_level()}}}, **run_config},
+        # person's attention reach the CLI through progress.notify.
+        run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}, **run_config},
     )
     return summarise(job_name, str(partition_key), result.run_id, result.success, result.all_events, "in_process")
-
-
-def _console_level() -> str:
-    if logs.log_format() != "json":
-        return "CRITICAL"
-    return logging.getLevelName(logs.log_level())
 
 
 def workspace_args() -> list[str]:

@@ -10,5 +10,5 @@
 - `logs`: secrets masked in every log record, and one JSON object per line with run,
   collection and model when VP_LOG_FORMAT=json.
 
-Nothing here imports Dagster; `defs/loggers.py` is the Dagster glue.
+Nothing here imports Dagster: dagster.yaml names `logs.RunLogHandler` for runs' logs.
 """

@@ -1,7 +1,7 @@
 """Logs: secrets masked whatever the format, and one JSON object per line when asked.
 
-`VP_LOG_FORMAT=json` makes the CLI, `serve`, `metrics` and Dagster runs write each record as
-one JSON object on stderr: `time` (UTC, ISO 8601), `level`, `logger`, `message`, and what is
+`VP_LOG_FORMAT=json` makes the CLI, `serve`, `metrics` and Dagster runs (`RunLogHandler`, named
+in dagster.yaml) write each record as one JSON object on stderr: `time` (UTC, ISO 8601), `level`, `logger`, `message`, and what is
 known of where it came from: `run_id`, `job`, `step`, `collection`, `model` (from the run's
 Dagster metadata and partition tags, or from `log_context`), `command` (CLI), `request_id`
 and `route` (HTTP), `exception` (a traceback, masked too). `VP_LOG_LEVEL` sets the threshold
@@ -59,15 +59,17 @@ def current_context() -> dict[str, str]:
 
 # ---------------------------------------------------------------- masking
 
+_SECRET_KEYS = (r"password|passwd|pwd|x-api-key|api[_-]?key|apikey|secret(?:[_-]?access)?[_-]?key|secret|"
+                r"access[_-]?token|session[_-]?token|token")
 _PATTERNS = [
     # scheme://user:PASSWORD@host (the user stays: it says who connected)
     (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^:/?#@\s]*:)[^@\s/]+(?=@)"), r"\1" + MASK),
     # Authorization: Bearer X / 'authorization': 'Basic X'
     (re.compile(r"(?i)(\bauthorization[\"']?\s*[:=]\s*[\"']?(?:(?:bearer|basic|token)\s+)?)[^\s\"',;}]+"), r"\1" + MASK),
-    # password=X, api_key: "X", x-api-key: X, token=X ... (libpq key/value strings, headers, dicts)
-    (re.compile(
-        r"(?i)(\b(?:password|passwd|pwd|x-api-key|api[_-]?key|apikey|secret(?:[_-]?access)?[_-]?key|secret|"
-        r"access[_-]?token|session[_-]?token|token)[\"']?\s*[:=]\s*[\"']?)(?!\*\*\*)[^\s\"',;&}]+"), r"\1" + MASK),
+    # password='X Y', api_key: "X", then the same unquoted: password=X, x-api-key: X, token=X ...
+    # (libpq key/value strings, headers, dict and JSON reprs)
+    (re.compile(rf"(?i)(\b(?:{_SECRET_KEYS})[\"']?\s*[:=]\s*)(['\"])(?:\\.|(?!\2).)*\2"), r"\1\2" + MASK + r"\2"),
+    (re.compile(rf"(?i)(\b(?:{_SECRET_KEYS})[\"']?\s*[:=]\s*)(?![\"']|\*\*\*)[^\s\"',;&}}]+"), r"\1" + MASK),
 ]
 _SECRET_ENV_NAMES = ("OPENAI_API_KEY", "VP_API_KEY", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PGPASSWORD")
 _SECRET_ENV_SUFFIXES = ("_API_KEY", "_TOKEN", "_SECRET", "_SECRET_KEY", "_PASSWORD")
@@ -211,6 +213,20 @@ class TextFormatter(logging.Formatter):
 
 def formatter() -> logging.Formatter:
     return JsonFormatter() if log_format() == "json" else TextFormatter()
+
+
+class RunLogHandler(logging.StreamHandler):
+    """Dagster runs' log as JSON lines on stderr when VP_LOG_FORMAT=json (silent otherwise).
+
+    dagster.yaml names it under `python_logs.dagster_handler_config`, so every run of the
+    instance gets it, however it was launched (UI, sensor, schedule, CLI): it receives each
+    `context.log` message, Dagster's events and the records of the managed Python loggers,
+    with the run's metadata (run id, job, step, partition tags)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(JsonFormatter())
+        self.setLevel(log_level() if log_format() == "json" else logging.CRITICAL + 1)
 
 
 _handler: logging.Handler | None = None
