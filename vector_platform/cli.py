@@ -487,6 +487,8 @@ def cmd_dev(args) -> int:
     dagster = Path(sys.executable).parent / "dagster"
     command = [str(dagster) if dagster.exists() else "dagster", "dev", "-h", args.host, "-p", str(args.port)]
     command += ["-w", str(workspace)] if workspace.exists() else ["-m", "vector_platform.definitions"]
+    if logs.log_format() == "json":  # the webserver's and daemon's own lines too (runs: dagster.yaml)
+        command += ["--log-format", "json"]
     print(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}; UI on http://{args.host}:{args.port}", file=sys.stderr)
     os.execvp("env", ["env", "--default-signal=INT,TERM", *command])
 

@@ -15,10 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg_pool import ConnectionPool
 
 from vector_platform.catalog import metrics as metrics_sql
+from vector_platform.models import ModelSpec
 from vector_platform.telemetry import figures
 from vector_platform.telemetry.metrics import QUERY_BUCKETS
 
 from .conftest import cli, cli_env, write_jsonl
+from .fault_server import FaultServer
 
 KEY = "metrics-test-key-0123456789"
 
@@ -153,6 +155,30 @@ def test_scrapes_show_run_figures_tiers_dead_letters_pools_and_query_latency(mak
     assert value(samples, "vp_db_pool_connections", pool="vector_platform_search", database="vp_test", user="postgres") >= 1
     assert value(samples, "vp_vectors", collection=hot, tier="active") == 40  # the catalog's series are here too
     assert "Traceback" not in serve.output
+
+
+def test_embedding_retries_and_latency_of_an_api_that_throttles(make_platform, pg_dsn, tmp_path, unique_name):
+    server = FaultServer(space="random").start()
+    try:
+        server.faults.rate_429, server.faults.rate_5xx, server.faults.retry_after_ms = 0.3, 0.1, 20
+        vp = make_platform()
+        model_key = f"api_{unique_name[-6:]}"
+        vp.add_model(ModelSpec(model_key, "openai", "fake-small", 384, max_tokens=8191, options={
+            "base_url": server.base_url, "max_inputs_per_request": 5, "backoff_base_s": 0.01, "breaker_min_requests": 1000}))
+        vp.add_collection(unique_name, _source(tmp_path, unique_name, 60, bad=False), model=model_key)
+        runs = vp.ingest(unique_name)
+        assert all(r.success for r in runs), [r.error for r in runs]
+    finally:
+        server.stop()
+    retried = runs[1].metadata["embeddings"]["api_retries"]
+    assert retried > 0 and server.counters.faults["429"] > 0
+    with Server({**cli_env(pg_dsn, tmp_path), "VP_API_KEY": KEY}, "metrics") as metrics:
+        samples = scrape(metrics.base)
+    assert value(samples, "vp_embedding_retries_total", collection=unique_name, model=model_key) == retried
+    assert value(samples, "vp_embedding_inputs_total", collection=unique_name, model=model_key) == 60
+    calls = value(samples, "vp_embedding_seconds_count", collection=unique_name, model=model_key)
+    assert calls == runs[1].metadata["embeddings"]["embed_calls"]
+    assert value(samples, "vp_embedding_seconds_sum", collection=unique_name, model=model_key) > 0
 
 
 def test_run_figures_of_several_processes_add_up_and_survive_a_failed_flush(pg_dsn, make_platform, unique_name):

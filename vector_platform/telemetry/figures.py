@@ -103,10 +103,10 @@ class Recorder:
         self._flushed_at = time.monotonic()
 
     def add(self, figure: Figure, collection: str, model_key: str = "", value: float = 1, label: str = "") -> None:
-        """Count `value` more on a counter."""
-        if value:
-            with self._lock:
-                self._sums(figure, collection, model_key, label).total += value
+        """Count `value` more on a counter (0 too: the series then exists before its first event,
+        so increase() sees that event)."""
+        with self._lock:
+            self._sums(figure, collection, model_key, label).total += value
 
     def observe(self, figure: Figure, collection: str, model_key: str, value: float, label: str = "") -> None:
         """One observation of a histogram (seconds)."""
@@ -135,11 +135,11 @@ class Recorder:
             self._flushed_at = time.monotonic()
         if not pending:
             return True
-        rows = [
-            (key, collection, model_key, label, sums.total, sums.count, FIGURES[key].buckets and list(FIGURES[key].buckets),
-             sums.buckets)
-            for (key, collection, model_key, label), sums in pending.items()
-        ]
+        rows = []
+        # In key order: two workers adding the same rows lock them in the same order (no deadlock).
+        for (key, collection, model_key, label), sums in sorted(pending.items(), key=lambda item: item[0]):
+            bounds = list(FIGURES[key].buckets) if FIGURES[key].buckets else None
+            rows.append((key, collection, model_key, label, sums.total, sums.count, bounds, sums.buckets))
         try:
             with self.pool.connection() as conn, conn.transaction():
                 metrics_sql.add_run_figures(conn, rows)
@@ -170,7 +170,7 @@ def recorder(pool: ConnectionPool) -> Recorder:
 
 @atexit.register
 def flush_all() -> None:
-    """Write every recorder's figures (at exit, and in tests before a scrape)."""
+    """Write every recorder's figures (at exit: what the last interval of a run recorded)."""
     with _recorders_lock:
         recorders = list(_recorders.values())
     for rec in recorders:
