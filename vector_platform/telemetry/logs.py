@@ -248,4 +248,5 @@ def setup() -> str:
     _handler.setFormatter(formatter())
     root.addHandler(_handler)
     root.setLevel(log_level())
+    logging.captureWarnings(fmt == "json")  # Python warnings as JSON lines too, not bare text on stderr
     return fmt
