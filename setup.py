@@ -36,6 +36,8 @@ setup(
         "uvicorn>=0.29",
         # One BLAS thread for cold search's matrix-vector product, set per call without a restart.
         "threadpoolctl>=3.1",
+        # Prometheus exposition (`/metrics`): the reference client, custom collectors for catalog figures.
+        "prometheus_client>=0.20",
     ],
     extras_require={
         # playwright: the browser test drives the Dagster UI in Debian's chromium (never `playwright install`).

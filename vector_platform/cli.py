@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vector_platform.names import InvalidName
+from vector_platform.telemetry import logs
 
 
 def _platform():
@@ -154,6 +155,12 @@ def cmd_serve(args) -> int:
     return serve(host=args.host, port=args.port)
 
 
+def cmd_metrics(args) -> int:
+    from vector_platform.http import serve_metrics
+
+    return serve_metrics(host=args.host, port=args.port)
+
+
 def cmd_ingest(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -198,7 +205,7 @@ def _report_runs(runs) -> int:
             print(f"  check {check}: {'passed' if passed else 'FAILED'}")
         if not run.success:
             failed = True
-            print(f"  error: {run.error}", file=sys.stderr)
+            print(f"  error: {logs.redact(str(run.error))}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -590,6 +597,8 @@ def cmd_dev(args) -> int:
     dagster = Path(sys.executable).parent / "dagster"
     command = [str(dagster) if dagster.exists() else "dagster", "dev", "-h", args.host, "-p", str(args.port)]
     command += ["-w", str(workspace)] if workspace.exists() else ["-m", "vector_platform.definitions"]
+    if logs.log_format() == "json":  # the webserver's and daemon's own lines too (runs: dagster.yaml)
+        command += ["--log-format", "json"]
     print(f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}; UI on http://{args.host}:{args.port}", file=sys.stderr)
     os.execvp("env", ["env", "--default-signal=INT,TERM", *command])
 
@@ -719,6 +728,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.set_defaults(func=cmd_serve)
 
+    metrics = sub.add_parser("metrics", help="serve only GET /metrics (Prometheus): run figures, tiers, dead letters, pools")
+    metrics.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    metrics.add_argument("--port", type=int, default=9464)
+    metrics.set_defaults(func=cmd_metrics)
+
     status = sub.add_parser("status", help="collections, tiers, counts and sizes")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
@@ -807,10 +821,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        logs.setup()  # masking always; JSON lines on stderr with VP_LOG_FORMAT=json
+        with logs.log_context(command=args.command, collection=getattr(args, "name", None)):
+            return args.func(args)
     except (InvalidName, KeyError, ValueError, FileNotFoundError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {logs.redact(str(message))}", file=sys.stderr)
         return 2
 
 

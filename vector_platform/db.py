@@ -27,6 +27,8 @@ from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from vector_platform.telemetry import logs
+
 log = logging.getLogger(__name__)
 
 DATABASE = "vector_platform"
@@ -135,6 +137,7 @@ def get_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
     with _lock:
         pool = _pools.get(dsn)
         if pool is None:
+            logs.register_secret(logs.dsn_password(dsn))  # masked in every log line from now on
             _ensure_extension(dsn)
             pool = ConnectionPool(
                 dsn,
@@ -171,6 +174,12 @@ def get_search_pool(dsn: str, max_size: int = 8) -> ConnectionPool:
             pool.wait(timeout=30)
             _pools[key] = pool
         return pool
+
+
+def open_pools() -> list[ConnectionPool]:
+    """The pools this process has open (their use is exported as metrics)."""
+    with _lock:
+        return [pool for pool in _pools.values() if not pool.closed]
 
 
 @atexit.register

@@ -7,13 +7,25 @@
                        -> one document (`vector-platform get NAME DOC_ID --json`), 404 when unknown
     GET  /collections  -> name, tier, serving model and models of every collection
     GET  /healthz      -> {"status": "ok"} when the database answers
+    GET  /metrics      -> Prometheus exposition (`vector_platform.telemetry.metrics`)
 
 When VP_API_KEY (one key, named `api-key`) or VP_API_KEYS (`name:key,name2:key2`, one per
 caller) is set every request needs a key, as `X-API-Key: <key>` or `Authorization: Bearer
 <key>`, compared in constant time against every configured key. With VP_AUDIT=1 each search is
 written to the audit log under the key's name (`vector_platform.audit`). Bodies are capped at
 VP_HTTP_MAX_BODY_BYTES (default 1 MiB) and k at VP_HTTP_MAX_K (default 100). Errors are JSON
-(`{"error": ...}`) without stack traces. Binds 127.0.0.1 unless told otherwise.
+(`{"error": ...}`) without stack traces, and masked like the logs. Binds 127.0.0.1 unless
+told otherwise.
+
+/metrics follows the same key rule: its series name every collection and its size, which
+is not for anyone who can reach the port (Prometheus sends the key with
+`authorization: {credentials: KEY}`). `VP_METRICS_PUBLIC=1` serves /metrics without the key
+while every other route still needs it, for a scraper inside a trusted network. The
+standalone `vector-platform metrics` server (`serve_metrics`) applies the same rule to the
+one route it has.
+
+Every request is logged with a `request_id` and its `route` (`telemetry.logs.log_context`),
+and /search with the collections it names.
 """
 
 from __future__ import annotations
@@ -24,13 +36,16 @@ import json
 import logging
 import os
 import time
+import uuid
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from vector_platform.telemetry import logs
 
 log = logging.getLogger(__name__)
 SEARCH_FIELDS = {"query", "vector", "collections", "k", "filters", "exact", "include_archive", "since", "until"}
@@ -68,6 +83,40 @@ def api_keys(single: str | None = None, named: str | None = None) -> dict[str, s
     return keys
 
 
+def _principal(request: Request, keys: dict[str, str]) -> str | None:
+    """The name of the key the request carries (X-API-Key or a Bearer token), `anonymous` when
+    no key is configured, None when the key is missing or wrong. Every key is compared, each in
+    constant time."""
+    if not keys:
+        return "anonymous"
+    given = request.headers.get("x-api-key") or ""
+    bearer = request.headers.get("authorization") or ""
+    if not given and bearer.lower().startswith("bearer "):
+        given = bearer[7:]
+    found = None
+    for name, key in keys.items():
+        if hmac.compare_digest(given.encode(), key.encode()):
+            found = name
+    return found
+
+
+def _metrics_public() -> bool:
+    return os.environ.get("VP_METRICS_PUBLIC", "").strip().lower() in ("1", "true", "yes")
+
+
+def _metrics_endpoint(pool_factory):
+    """GET /metrics over this process's series and the catalog behind `pool_factory`."""
+    from vector_platform.telemetry import metrics
+
+    registry = metrics.registry(pool_factory)
+
+    async def endpoint(request: Request) -> Response:
+        body, content_type = await run_in_threadpool(metrics.exposition, registry, request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
+    return endpoint
+
+
 def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | None = None, max_k: int | None = None) -> Starlette:
     """The app. `platform` defaults to `Platform()` on the environment's settings; `api_key`
     to $VP_API_KEY, plus the named keys of $VP_API_KEYS (none set: no key needed)."""
@@ -76,23 +125,11 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
 
     vp = platform or Platform()
     keys = api_keys(single=api_key)
+    auditing = audit.enabled()
     max_body = max_body_bytes or int(os.environ.get("VP_HTTP_MAX_BODY_BYTES", str(2**20)))
     k_limit = max_k or int(os.environ.get("VP_HTTP_MAX_K", "100"))
-    auditing = audit.enabled()
 
-    def principal(request: Request) -> str | None:
-        """The name of the key presented (every key is compared, in constant time), or None."""
-        if not keys:
-            return "anonymous"
-        given = request.headers.get("x-api-key") or ""
-        bearer = request.headers.get("authorization") or ""
-        if not given and bearer.lower().startswith("bearer "):
-            given = bearer[7:]
-        found = None
-        for name, key in keys.items():
-            if hmac.compare_digest(given.encode(), key.encode()):
-                found = name
-        return found
+    metrics_open = _metrics_public()
 
     async def read_json(request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -137,10 +174,11 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
         started = time.perf_counter()
         result, error = None, None
         try:
-            result = await run_in_threadpool(
-                vp.search, query, collections, k=k, exact=exact, vector=vector, filters=body.get("filters"),
-                include_archive=include_archive, **window,
-            )
+            with logs.log_context(collection=",".join(collections)):
+                result = await run_in_threadpool(
+                    vp.search, query, collections, k=k, exact=exact, vector=vector, filters=body.get("filters"),
+                    include_archive=include_archive, **window,
+                )
         except Exception as err:
             error = str(err)[:500] if isinstance(err, (ValueError, KeyError)) else f"internal error ({err.__class__.__name__})"
             raise
@@ -150,7 +188,7 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
                     audit.record, vp.pool(), principal=request.state.principal, channel="http",
                     client=request.client.host if request.client else None, collections=collections,
                     query_text=query, k=k, results=audit.hits_of(result) if result else [],
-                    latency_ms=(time.perf_counter() - started) * 1000, error=error,
+                    latency_ms=(time.perf_counter() - started) * 1000, error=logs.redact(error) if error else None,
                 )
         return JSONResponse(result.as_json())
 
@@ -182,39 +220,79 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
         await run_in_threadpool(ping)
         return JSONResponse({"status": "ok"})
 
-    def guarded(handler):
-        async def endpoint(request: Request) -> JSONResponse:
-            request.state.principal = principal(request)
+    return Starlette(
+        routes=[
+            Route("/search", _guarded(search, keys), methods=["POST"]),
+            Route("/collections", _guarded(collections, keys), methods=["GET"]),
+            Route("/collections/{name}/documents/{doc_id:path}", _guarded(document, keys), methods=["GET"]),
+            Route("/healthz", _guarded(healthz, keys), methods=["GET"]),
+            Route("/metrics", _guarded(_metrics_endpoint(vp.pool), {} if metrics_open else keys), methods=["GET"]),
+        ]
+    )
+
+
+def _guarded(handler, keys: dict[str, str]):
+    """The key check (the key's name is `request.state.principal`), the request's log context,
+    and errors as JSON (masked, no stack trace)."""
+
+    async def endpoint(request: Request) -> Response:
+        with logs.log_context(request_id=uuid.uuid4().hex[:12], route=request.url.path):
+            request.state.principal = _principal(request, keys)
             if request.state.principal is None:
                 return JSONResponse({"error": "missing or wrong API key"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
             try:
                 return await handler(request)
             except HttpError as err:
-                return JSONResponse({"error": str(err)}, status_code=err.status)
+                return JSONResponse({"error": logs.redact(str(err))}, status_code=err.status)
             except (ValueError, KeyError) as err:  # the platform's own input errors (AllArchived included)
                 message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-                return JSONResponse({"error": str(message)}, status_code=400)
+                return JSONResponse({"error": logs.redact(str(message))}, status_code=400)
             except Exception:  # noqa: BLE001 - logged here, never sent to the client
                 log.exception("request failed: %s %s", request.method, request.url.path)
                 return JSONResponse({"error": "internal error (see the server's log)"}, status_code=500)
 
-        return endpoint
+    return endpoint
 
-    return Starlette(
-        routes=[
-            Route("/search", guarded(search), methods=["POST"]),
-            Route("/collections", guarded(collections), methods=["GET"]),
-            Route("/collections/{name}/documents/{doc_id:path}", guarded(document), methods=["GET"]),
-            Route("/healthz", guarded(healthz), methods=["GET"]),
-        ]
-    )
+
+def create_metrics_app(pool_factory=None, api_key: str | None = None) -> Starlette:
+    """An app with GET /metrics only. `pool_factory` defaults to the environment's database;
+    `api_key` to $VP_API_KEY, not required when VP_METRICS_PUBLIC=1."""
+    if pool_factory is None:
+        from vector_platform.defs.resources import default_resources
+
+        pool_factory = default_resources()["postgres"].pool
+    keys = api_keys(single=api_key)
+    return Starlette(routes=[Route("/metrics", _guarded(_metrics_endpoint(pool_factory), {} if _metrics_public() else keys),
+                                   methods=["GET"])])
+
+
+def _run(app: Starlette, host: str, port: int) -> None:
+    import uvicorn
+
+    # JSON logs: uvicorn must not install its own text handlers; its loggers reach ours.
+    json_logs = logs.log_format() == "json"
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG)
+
+
+def _key_note() -> str:
+    if not api_keys():
+        return ""
+    return "; API key required" + (" (not for /metrics: VP_METRICS_PUBLIC)" if _metrics_public() else "")
 
 
 def serve(host: str = "127.0.0.1", port: int = 8080, platform=None) -> int:
-    import uvicorn
-
     app = create_app(platform)
-    print(f"serving the search API on http://{host}:{port} (POST /search, GET /collections, GET /healthz)"
-          + ("; API key required" if api_keys() else ""), flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    print(f"serving the search API on http://{host}:{port} (POST /search, GET /collections, GET /healthz, GET /metrics)"
+          + _key_note(), flush=True)
+    _run(app, host, port)
+    return 0
+
+
+def serve_metrics(host: str = "127.0.0.1", port: int = 9464) -> int:
+    """Only GET /metrics: the catalog's series (run figures, tiers, dead letters) and this
+    process's own, for a scraper next to the Dagster daemon rather than the search API."""
+    app = create_metrics_app()
+    print(f"serving Prometheus metrics on http://{host}:{port}/metrics" + _key_note(), flush=True)
+    _run(app, host, port)
     return 0

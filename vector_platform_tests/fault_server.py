@@ -43,6 +43,7 @@ class Faults:
     latency_s: float = 0.0
     poison_marker: str | None = None
     forbidden_marker: str | None = None  # a 403 for any request holding it (a key without access)
+    echo_key_marker: str | None = None  # a 401 quoting the caller's key back, as some gateways answer
     down_until: float = 0.0  # time.monotonic() before which every request gets a 503
     max_inputs: int | None = None  # a 400 above this many inputs, as real APIs do
     rpm_limit: float | None = None  # a real rate limit: 429 once exceeded (a sliding minute)
@@ -141,6 +142,9 @@ class FaultServer:
             return self._fault("429", JSONResponse({"error": {"message": "rate limit"}}, 429, {"retry-after-ms": str(wait_ms)}))
         if f.max_inputs and len(inputs) > f.max_inputs:
             return JSONResponse({"error": {"message": f"too many inputs: {len(inputs)} > {f.max_inputs}"}}, status_code=400)
+        if f.echo_key_marker and any(f.echo_key_marker in text for text in inputs):
+            key = request.headers.get("authorization", "").removeprefix("Bearer ")
+            return self._fault("echo_key", JSONResponse({"error": {"message": f"Incorrect API key provided: {key}"}}, status_code=401))
         if f.forbidden_marker and any(f.forbidden_marker in text for text in inputs):
             return self._fault("forbidden", JSONResponse({"error": {"message": "this key may not embed that"}}, status_code=403))
         if f.poison_marker:

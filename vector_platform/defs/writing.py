@@ -8,6 +8,7 @@ from vector_platform import catalog
 from vector_platform.defs.resources import PostgresResource
 from vector_platform.locks import writer_lock
 from vector_platform.progress import notify
+from vector_platform.telemetry import logs
 
 
 @contextmanager
@@ -23,7 +24,9 @@ def writing(context, postgres: PostgresResource, collection: str, model_key: str
         context.log.warning(message)
         notify(message)
 
-    with writer_lock(postgres.resolved_dsn(), collection, model_key, say=say) as waited:
+    # Python log records of the step's work say which run, collection and model they are about.
+    scope = logs.log_context(run_id=context.run.run_id, collection=collection, model=model_key)
+    with scope, writer_lock(postgres.resolved_dsn(), collection, model_key, say=say) as waited:
         if require_active:
             with postgres.pool().connection() as conn:
                 tier = catalog.get_collection(conn, collection).tier

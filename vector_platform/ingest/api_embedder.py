@@ -35,6 +35,7 @@ import numpy as np
 from vector_platform.ingest.chunking import Chunker
 from vector_platform.ingest.embedders import FatalEmbedderError, InputRejected
 from vector_platform.models import ModelSpec
+from vector_platform.telemetry.logs import redact, register_secret
 
 
 # Malformed answers for one batch before it is split to find the input they come from.
@@ -250,6 +251,7 @@ class ApiEmbedder:
         options = dict(spec.options)
         self.base_url = base_url or options.get("base_url") or os.environ.get("OPENAI_BASE_URL")
         self._api_key = api_key or os.environ.get(options.get("api_key_env", "OPENAI_API_KEY")) or "unused"
+        register_secret(self._api_key)  # masked in logs wherever it came from
         self.limits = limits or ApiLimits.from_options(options)
         self.dimensions = options.get("dimensions")
         # base64 (what the OpenAI API and SDK default to) is decoded by numpy in one go; some
@@ -376,15 +378,15 @@ class ApiEmbedder:
             delay = _retry_after(err.response) or self._backoff(job.attempt)
             budget.pause(delay)
             breaker.record(True, probe)
-            error = f"429 rate limited: {err.message}"
+            error = f"429 rate limited: {_said(err)}"
         except (openai.BadRequestError, openai.UnprocessableEntityError) as err:
             breaker.record(True, probe)
             if len(batch) == 1:
-                results[batch[0]] = InputRejected(f"API rejected the input ({err.status_code}): {err.message}")
+                results[batch[0]] = InputRejected(f"API rejected the input ({err.status_code}): {_said(err)}")
                 return []
             return self._split(job)
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as err:
-            raise FatalApiError(f"embedding API refused the request ({err.status_code}): {err.message}") from None
+            raise FatalApiError(f"embedding API refused the request ({err.status_code}): {_said(err)}") from None
         except openai.APITimeoutError:
             self.stats.timeouts += 1
             breaker.record(False, probe)
@@ -397,7 +399,7 @@ class ApiEmbedder:
             self.stats.server_errors += 1
             breaker.record(False, probe)
             delay = _retry_after(err.response)
-            error = f"HTTP {err.status_code}: {err.message}"
+            error = f"HTTP {err.status_code}: {_said(err)}"
         except (_BadResponse, ValueError, openai.APIResponseValidationError) as err:
             self.stats.bad_responses += 1
             breaker.record(False, probe)
@@ -450,6 +452,12 @@ class ApiEmbedder:
 
 class _BadResponse(Exception):
     pass
+
+
+def _said(err) -> str:
+    """What the API answered, masked: some gateways quote the key they refused, and this text
+    goes into dead letters, step failures and logs."""
+    return redact(err.message)
 
 
 def _run_coroutine(coroutine) -> None:

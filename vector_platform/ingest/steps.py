@@ -28,6 +28,7 @@ from vector_platform.ingest.embedders import Embedder, FatalEmbedderError
 from vector_platform.ingest.sources import Document, Rejection, SourceMissing, read_source
 from vector_platform.ingest.validation import gate
 from vector_platform.object_store import ObjectStore
+from vector_platform.telemetry import figures
 
 Progress = Callable[[str, int, int], None]
 log = logging.getLogger(__name__)
@@ -196,19 +197,23 @@ def chunk_documents(
                 if not chunks:
                     letters.append((doc_id, "no text left to embed after chunking", None))
                 done.append((doc_id, doc_hash, chunks))
+            began = time.perf_counter()
             with conn.transaction():
-                made += docs_sql.replace_chunks(conn, collection, done)
+                written = docs_sql.replace_chunks(conn, collection, done)
                 catalog.dead_letter_many(conn, collection, "chunk", letters)
                 failing = {ref for ref, _, _ in letters}
                 catalog.resolve_dead_letters(
                     conn, collection, "chunk", [d for d, _, c in done if c and d not in failing], "chunked on a later run"
                 )
+            _count_batch(pool, collection, "", "chunks", written, time.perf_counter() - began)
+            made += written
             chunked += len(done)
             failed += len(letters)
             progress("chunks", chunked + failed, total)
         with conn.transaction():
             superseded = docs_sql.resolve_superseded_embed_letters(conn, collection)
         chunks_total, tokens_max = docs_sql.chunk_totals(conn, collection)
+    figures.recorder(pool).flush()
     return {
         "documents_chunked": chunked,
         "chunks_written": made,
@@ -292,12 +297,14 @@ def embed_chunks(
     if counters_before:
         after_counters = embedder.counters()
         stats.api = {k: round(after_counters[k] - counters_before[k], 3) for k in after_counters}
+    figures.recorder(pool).flush()
     return stats
 
 
 def embed_batch(pool, store, embedder: Embedder, collection: str, model_key: str, batch, stats: EmbedStats) -> None:
     spec = embedder.spec
     texts = [text for _, text, _ in batch]
+    retries_before = embedder.counters().get("retries", 0)
     began = time.perf_counter()
     try:
         raw = embedder.embed(texts)
@@ -308,14 +315,16 @@ def embed_batch(pool, store, embedder: Embedder, collection: str, model_key: str
     except Exception as err:  # noqa: BLE001 - the batch is dead-lettered with the reason, the run goes on
         raw = None
         batch_error = f"{type(err).__name__}: {err}"
-    stats.seconds_embedding += time.perf_counter() - began
+    took = time.perf_counter() - began
+    stats.seconds_embedding += took
     stats.embed_calls += 1
     if raw is None:
         rejects = [(i, batch_error) for i in range(len(batch))]
         good_hashes, good_vectors = [], np.zeros((0, spec.dims), np.float32)
+        refused = {}
     else:
         result = gate(raw, spec.dims, spec.normalise)
-        rejects = result.rejected
+        rejects, refused = result.rejected, result.refused
         good_hashes = [batch[i][0] for i in result.accepted]
         good_vectors = result.vectors
     if embedding_cache.write(pool, store, spec.fingerprint, good_hashes, good_vectors):
@@ -326,6 +335,13 @@ def embed_batch(pool, store, embedder: Embedder, collection: str, model_key: str
     with pool.connection() as conn, conn.transaction():
         stats.dead_lettered += catalog.dead_letter_many(conn, collection, "embed", letters, model_key)
         catalog.resolve_dead_letters(conn, collection, "embed", ok_refs, "embedded on a later run", model_key)
+    recorder = figures.recorder(pool)
+    recorder.observe(figures.EMBEDDING_SECONDS, collection, model_key, took)
+    recorder.add(figures.EMBEDDING_INPUTS, collection, model_key, len(texts))
+    recorder.add(figures.EMBEDDING_RETRIES, collection, model_key, embedder.counters().get("retries", 0) - retries_before)
+    for kind, count in refused.items():
+        recorder.add(figures.VECTOR_REJECTIONS, collection, model_key, count, label=kind)
+    recorder.flush_if_due()
 
 
 # ---------------------------------------------------------------- vector_table
@@ -364,8 +380,11 @@ def load_vectors(
         without_vector += len(page) - len(rows)
         if rows:
             matrix = np.vstack([vectors[r[3]] for r in rows])
+            began = time.perf_counter()
             with pool.connection() as conn, conn.transaction():
-                inserted += tables.copy_upsert(conn, table, spec, rows, matrix, assume_new=True)
+                written = tables.copy_upsert(conn, table, spec, rows, matrix, assume_new=True)
+            _count_batch(pool, collection, model_key, "vector_table", written, time.perf_counter() - began)
+            inserted += written
         lap("seconds_copying")
         progress("vector_table", seen, missing_total)
     lap("seconds_selecting")
@@ -379,6 +398,7 @@ def load_vectors(
             removed = docs_sql.delete_orphan_rows(conn, collection, tid)
         lap("seconds_syncing")
         rows_now, size = tables.table_stats(conn, table)
+    figures.recorder(pool).flush()
     return {
         "table": f"{catalog.VECTORS}.{table}",
         "inserted": inserted,
@@ -389,3 +409,11 @@ def load_vectors(
         "bytes": size,
         **{k: round(v, 3) for k, v in timings.items()},
     }
+
+
+def _count_batch(pool: ConnectionPool, collection: str, model_key: str, stage: str, rows: int, seconds: float) -> None:
+    """One committed batch in the run figures (rows written, seconds to write and commit it)."""
+    recorder = figures.recorder(pool)
+    recorder.add(figures.INGEST_ROWS, collection, model_key, rows, label=stage)
+    recorder.observe(figures.BATCH_COMMIT_SECONDS, collection, model_key, seconds, label=stage)
+    recorder.flush_if_due()

@@ -5,7 +5,8 @@ Cosine and inner-product models are L2-normalised here, so every tier computes t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,12 +23,17 @@ class GateResult:
     accepted: np.ndarray  # indices into the input that passed
     vectors: np.ndarray  # (len(accepted), dims) float32, normalised when asked
     rejected: list[tuple[int, str]]  # (index, reason)
+    # Vectors the gate itself refused, by kind (wrong_dimensions, non_finite, zero_vector,
+    # not_numeric): what a model that drifted or broke returns. Inputs the embedder refused
+    # are not counted here.
+    refused: Counter = field(default_factory=Counter)
 
 
 def gate(vectors: Sequence[Any] | np.ndarray, dims: int, normalise: bool) -> GateResult:
     accepted: list[int] = []
     rows: list[np.ndarray] = []
     rejected: list[tuple[int, str]] = []
+    refused: Counter = Counter()
     for i, raw in enumerate(vectors):
         if isinstance(raw, InputRejected):  # the embedder already refused this input
             rejected.append((i, raw.reason))
@@ -36,23 +42,27 @@ def gate(vectors: Sequence[Any] | np.ndarray, dims: int, normalise: bool) -> Gat
             vec = np.asarray(raw, dtype=np.float32)
         except (TypeError, ValueError) as err:
             rejected.append((i, f"not a numeric vector: {err}"))
+            refused["not_numeric"] += 1
             continue
         if vec.ndim != 1 or vec.shape[0] != dims:
             rejected.append((i, f"wrong dimensions: got {vec.shape[0] if vec.ndim == 1 else vec.shape}, expected {dims}"))
+            refused["wrong_dimensions"] += 1
             continue
         finite = np.isfinite(vec)
         if not finite.all():
             bad = int((~finite).sum())
             rejected.append((i, f"non-finite values: {bad} of {dims} components are NaN or inf"))
+            refused["non_finite"] += 1
             continue
         norm = float(np.linalg.norm(vec.astype(np.float64)))
         if norm < MIN_NORM:
             rejected.append((i, f"zero vector (norm {norm:.2e})"))
+            refused["zero_vector"] += 1
             continue
         accepted.append(i)
         rows.append(vec / norm if normalise else vec)
     matrix = np.vstack(rows).astype(np.float32) if rows else np.zeros((0, dims), np.float32)
-    return GateResult(np.asarray(accepted, dtype=np.int64), matrix, rejected)
+    return GateResult(np.asarray(accepted, dtype=np.int64), matrix, rejected, refused)
 
 
 def check_matrix(matrix: np.ndarray, dims: int, unit: bool) -> list[str]:

@@ -41,6 +41,7 @@ from vector_platform.search import filters as filter_language
 from vector_platform.search.active import MAX_K
 from vector_platform.search.facts import Facts, FactsCache, read_facts
 from vector_platform.search.log import QueryLog
+from vector_platform.telemetry.metrics import observe_query
 
 QueryEmbedder = Callable[[ModelSpec, str], np.ndarray]
 
@@ -356,6 +357,7 @@ def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, stor
         if len(rows) < k and active.view_fingerprint(conn, relation) not in (None, pin):
             raise _ServingChanged(name)
     elapsed = (time.perf_counter() - began) * 1000
+    observe_query("active", elapsed / 1000)
     t = tally.setdefault("active", _Tally())
     t.hits += len(rows)
     t.latency_ms += elapsed
@@ -390,6 +392,7 @@ def _search_cold(facts: Facts, vector_for, k, filters, store, tally, window=(Non
     except Exception as err:  # noqa: BLE001 - a cold read that fails leaves the rest of the answer
         return "warning", f"cold collection {name!r} skipped: its snapshot {receipt.id} could not be read ({err})"
     elapsed = (time.perf_counter() - began) * 1000
+    observe_query("cold", elapsed / 1000)
     t = tally.setdefault("cold", _Tally())
     t.hits += len(found)
     t.latency_ms += elapsed
@@ -418,6 +421,7 @@ def _search_archive(pool, facts: Facts, vector_for, k, filters, store, tally, wi
     except Exception as err:  # noqa: BLE001 - an archive that cannot be read leaves the rest of the answer
         return "warning", f"the row archive of {name!r} was not searched: {err}"
     elapsed = (time.perf_counter() - began) * 1000
+    observe_query("archive", elapsed / 1000)
     t = tally.setdefault("archive", _Tally())
     t.hits += len(answer.hits)
     t.latency_ms += elapsed
