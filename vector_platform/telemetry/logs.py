@@ -16,7 +16,7 @@ ones. It replaces with `***`:
 - the value of `Authorization` (Bearer, Basic) and `X-API-Key` headers and of `api_key=`,
   `token=`, `secret=` pairs;
 - the values of secret-bearing environment variables wherever they appear: OPENAI_API_KEY,
-  VP_API_KEY, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, PGPASSWORD, any *_API_KEY, *_TOKEN,
+  VP_API_KEY, each key of VP_API_KEYS, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, PGPASSWORD, any *_API_KEY, *_TOKEN,
   *_SECRET, *_PASSWORD, and the password inside VP_PG_DSN; plus any value given to
   `register_secret` (the database layer registers every DSN's password). Values shorter than
   8 characters are not hunted down as bare words (masking them would garble ordinary text);
@@ -101,6 +101,8 @@ def _secret_values() -> list[str]:
         if value and (name in _SECRET_ENV_NAMES or name.endswith(_SECRET_ENV_SUFFIXES)):
             values.add(value)
     values.add(dsn_password(os.environ.get("VP_PG_DSN")) or "")
+    for entry in os.environ.get("VP_API_KEYS", "").split(","):  # name:key pairs: each key is a secret
+        values.add(entry.partition(":")[2].strip())
     return sorted((v for v in values if len(v) >= MIN_SECRET_LENGTH), key=len, reverse=True)
 
 
