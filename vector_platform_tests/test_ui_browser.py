@@ -217,7 +217,16 @@ def test_dagster_ui_shows_the_code_location_materializes_by_clicks_and_shows_a_t
     assets, checks, automations = expected_definitions()
     assert "no_chunk_lost" in checks["vector_table"] and "index_recall_meets_target" in checks["hnsw_index"]
 
-    _, env = instance_env(pg_server, pg_dsn, tmp_path)  # the product's dagster.yaml, storage in the test server
+    # A catalog database of its own: the launch dialog's model dimension lists every model the
+    # catalog knows, and other tests register many (models not attached to this collection
+    # would make the backfill's runs for those pairs fail).
+    import psycopg
+    from psycopg import sql
+
+    catalog_db = f"ui_{unique_name[-6:]}"
+    with psycopg.connect(pg_server.get_uri(), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(catalog_db)))
+    _, env = instance_env(pg_server, pg_server.get_uri(database=catalog_db), tmp_path)  # the product's dagster.yaml
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "dagster_dev.log"
