@@ -6,7 +6,7 @@ export VP_HOME ?= $(CURDIR)/.vp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test dev bench bench-scale clean
+.PHONY: install demo test dev bench bench-scale bench-peers soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ bench: install
 # 100k then 1M chunks through the real assets (about half an hour on 2 cores).
 bench-scale: install
 	$(BIN)/python bench/scale.py
+
+# LlamaIndex, LangChain and pgai side by side with the platform on the same data and server;
+# the peers live in a venv of their own (bench/.venv-peers), never in the product's.
+bench-peers: install
+	$(BIN)/python bench/peers.py
+
+# The reliability suite's soak for 10 minutes instead of the test run's minute.
+soak: install
+	VP_SOAK_SECONDS=600 $(BIN)/python -m pytest -q -s vector_platform_tests/reliability/test_soak.py
 
 # Stop the embedded server before deleting the folder it runs from.
 clean:
