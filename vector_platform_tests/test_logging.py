@@ -48,7 +48,8 @@ def secret_env(monkeypatch):
     ("X-API-Key: tiny", "X-API-Key: ***"),
     (f"the embedding API said: invalid key {OPENAI_KEY}", "invalid key ***"),
     (f"request with {API_KEY} refused", "with *** refused"),
-])
+], ids=["dsn-url", "dsn-keyword", "dsn-quoted", "dsn-quoted-space", "json-key", "sqlalchemy-url", "header-dict",
+        "basic-auth", "x-api-key", "openai-key", "vp-api-key"])  # fixed ids: the secrets are random per process
 def test_secrets_are_masked_in_every_shape(secret_env, text, kept):
     masked = logs.redact(text)
     assert kept in masked
