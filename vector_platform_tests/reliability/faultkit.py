@@ -195,7 +195,7 @@ class TcpProxy:
                     self.requests += data.count(b" HTTP/1.1\r\n")
                 else:
                     self.bytes_down += len(data)
-                if self._trigger is not None:
+                if self._trigger is not None and self._trigger[2] in ("any", "up" if upward else "down"):
                     self._trigger[0] -= len(data)
                     if self._trigger[0] <= 0:
                         callback = self._trigger[1]
@@ -208,11 +208,15 @@ class TcpProxy:
         except (OSError, RuntimeError):
             _abort(writer)
 
-    def kill_after_bytes(self, n: int, then: Callable[[], None] | None = None) -> None:
-        """Kill once `n` more bytes (either way) went through: mid-transfer. `then` runs on
-        the proxy's thread right after the kill (it must not block)."""
+    def kill_after_bytes(self, n: int, direction: str = "any", then: Callable[[], None] | None = None) -> None:
+        """Kill once `n` more bytes went through (`direction`: "up", client to server, as in an
+        upload; "down"; or "any"): mid-transfer. `then` runs on the proxy's thread right after
+        the kill (it must not block)."""
+        if direction not in ("any", "up", "down"):
+            raise ValueError(f"direction must be any, up or down, got {direction!r}")
+
         async def arm():
-            self._trigger = [n, then]
+            self._trigger = [n, then, direction]
 
         self._call(arm)
 
