@@ -10,6 +10,10 @@
   keeps its state (moto keeps objects in memory: killing moto itself would lose them all);
   `restart()` listens again on the same port. `kill_after_bytes()` arms a kill that lands
   after N more bytes went through, inside a request or a response.
+- `Flapper`: takes an embeddings test server (`fault_server.FaultServer`) behind a
+  `TcpProxy` down and up again while requests flow: every few answered requests it goes
+  down for a while, alternately answering 503 to everything (`faults.down_until`) and
+  vanishing (the proxy killed: connections reset, then refused).
 - `Figures`: what a test observed (rows before and after, time to recover, retries, error
   text), written as JSON under $VP_TEST_ARTIFACTS/faults/ when that is set, and printed
   (`pytest -s` shows it).
@@ -263,3 +267,52 @@ def _abort(writer) -> None:
     except OSError:
         pass
     writer.transport.abort()
+
+
+# ---------------------------------------------------------------- a flapping embeddings server
+
+class Flapper:
+    """Down for `down_s` after every `every_ok` answered requests, `flaps` times at most,
+    alternating a 503 outage and a vanished endpoint (see the module docstring)."""
+
+    def __init__(self, server, proxy: TcpProxy, every_ok: int = 3, down_s: float = 0.8, flaps: int = 6):
+        self.server, self.proxy = server, proxy
+        self.every_ok, self.down_s, self.max_flaps = every_ok, down_s, flaps
+        self.flaps: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="flapper")
+        self.started = 0.0
+
+    def __enter__(self) -> "Flapper":
+        self.started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self.proxy.restart()
+        self.server.faults.down_until = 0.0
+
+    def _run(self) -> None:
+        counters = self.server.counters
+        next_at = counters.ok_requests + self.every_ok
+        while not self._stop.is_set() and len(self.flaps) < self.max_flaps:
+            if counters.ok_requests < next_at:
+                time.sleep(0.005)
+                continue
+            mode = "503" if len(self.flaps) % 2 == 0 else "refused"
+            began = time.monotonic()
+            down_before = counters.faults["down"]
+            if mode == "503":
+                self.server.faults.down_until = began + self.down_s
+            else:
+                self.proxy.kill(f"flap {len(self.flaps) + 1}")
+            self._stop.wait(self.down_s)
+            if mode == "refused":
+                self.proxy.restart()
+            self.flaps.append({
+                "mode": mode, "at_s": round(began - self.started, 2), "down_s": round(time.monotonic() - began, 2),
+                "ok_requests_before": next_at, "answered_503": counters.faults["down"] - down_before,
+            })
+            next_at = counters.ok_requests + self.every_ok
