@@ -4,7 +4,7 @@ A collection served by one OpenAI-compatible model (the SciFact MiniLM vectors, 
 `fault_server`) is upgraded with `Platform.upgrade` to a second model (a fixed rotation of
 that space) whose server sits behind a TCP proxy of the test's own (`faultkit.TcpProxy`).
 While the new model's vectors are made, the server goes down and comes back again and
-again (`faultkit.Flapper`): every three answered requests it is down for 0.8 s, alternately
+again (`faultkit.Flapper`): every two answered requests it is down for 0.6 s, six times, alternately
 answering 503 to everything and vanishing (connections reset mid-request, then refused).
 
 The Platform here is bound to the test's resources, so `upgrade` runs the backfill's jobs in
@@ -70,7 +70,7 @@ def test_embedding_server_flapping_during_an_upgrade_backfill(make_platform, ser
     vp.add_model(data.spec(new_key, rotated, base_url=f"{proxy.url}/v1", max_inputs_per_request=16,
                            breaker_max_cooldown_s=2.0, give_up_after_s=120.0))
     name = f"flap_{suffix}"
-    docs = data.docs_with_judged(300)
+    docs = data.docs_with_judged(240)
     vp.add_collection(name, write_jsonl(tmp_path / "docs.jsonl", docs), model=old_key)
     runs = vp.ingest(name)
     assert all(r.success for r in runs), [r.error for r in runs]
@@ -79,7 +79,7 @@ def test_embedding_server_flapping_during_an_upgrade_backfill(make_platform, ser
 
     rotated.counters.reset()
     began = time.monotonic()
-    with Flapper(rotated, proxy, every_ok=3, down_s=0.8, flaps=6) as flapper:
+    with Flapper(rotated, proxy, every_ok=2, down_s=0.6, flaps=6) as flapper:
         outcome = vp.upgrade([name], new_key, say=lambda message: None)
         upgrade_seconds = time.monotonic() - began
     [run] = outcome.runs

@@ -122,14 +122,14 @@ def _runs(runs) -> list[dict]:
     return [{"job": r.job, "success": r.success, "error": r.error} for r in runs]
 
 
-def test_postgres_stopped_during_the_bulk_load_then_a_rerun_converges(platform, own_pg, tmp_path, monkeypatch):
+def test_postgres_stopped_during_the_bulk_load_then_a_rerun_converges(platform, own_pg, tmp_path, monkeypatch, capsys):
     figures = Figures("postgres_stopped_during_bulk_load")
     vp = platform
     dsn = vp.postgres.resolved_dsn()
     name = f"pgload_{uuid.uuid4().hex[:6]}"
-    docs = _docs(600)
+    docs = _docs(400)
     vp.add_collection(name, write_jsonl(tmp_path / "docs.jsonl", docs))
-    monkeypatch.setenv("VP_LOAD_BATCH_ROWS", "100")
+    monkeypatch.setenv("VP_LOAD_BATCH_ROWS", "50")
 
     batches, stopped = [], {}
 
@@ -151,11 +151,24 @@ def test_postgres_stopped_during_the_bulk_load_then_a_rerun_converges(platform, 
     _assert_clear(runs[1].error, dsn)
     assert failed_after < WAIT_S + 15, "the run must fail soon after the database went away, not hang"
 
+    # While it is down, the command line says so too, without a traceback (`main` is what the
+    # `vector-platform` command runs; a DSN of its own, so that it makes its own pool).
+    from vector_platform import cli
+
+    monkeypatch.setenv("VP_PG_DSN", f"{dsn}&application_name=vp_cli")
+    monkeypatch.setenv("VP_HOME", str(tmp_path / "cli_home"))
+    began = time.monotonic()
+    code = cli.main(["ingest", name, "--quiet"])
+    said = capsys.readouterr().err
+    figures.update(cli_exit_code=code, cli_error=said.strip(), cli_seconds=round(time.monotonic() - began, 2))
+    assert code == 2 and said.startswith("error: the database is unreachable") and "Traceback" not in said, said
+    _assert_clear(said, dsn)
+
     figures["seconds_to_start_again"] = round(own_pg.start(), 2)
     mid = _state(dsn, name)
     figures.update(chunks=len(mid["chunk_ids"]), rows_after_stop=mid["rows"])
     assert len(mid["chunk_ids"]) == len(docs)  # one chunk per document
-    assert mid["rows"] == 200 and mid["distinct"] == 200 and mid["extra"] == 0  # the two committed batches, whole
+    assert mid["rows"] == 100 and mid["distinct"] == 100 and mid["extra"] == 0  # the two committed batches, whole
 
     began = time.monotonic()
     runs = vp.ingest(name)  # the same process: its pools hold connections the stop cut
@@ -166,7 +179,7 @@ def test_postgres_stopped_during_the_bulk_load_then_a_rerun_converges(platform, 
                    rerun_from_cache=embed_run.metadata["embeddings"]["from_cache"],
                    rerun_inserted=embed_run.metadata["vector_table"]["inserted"])
     assert embed_run.metadata["embeddings"]["embedded"] == 0  # every vector came from the cache
-    assert embed_run.metadata["vector_table"]["inserted"] == len(docs) - 200
+    assert embed_run.metadata["vector_table"]["inserted"] == len(docs) - 100
     assert embed_run.checks["no_chunk_lost"] is True and embed_run.checks["embeddings_are_valid"] is True
 
     end = _state(dsn, name)
@@ -190,9 +203,9 @@ def test_a_restart_shorter_than_the_connection_wait_is_ridden_out(own_pg, dagste
     vp = _platform(own_pg, dagster_instance, tmp_path, wait_s=20.0)
     dsn = vp.postgres.resolved_dsn()
     name = f"pgblip_{uuid.uuid4().hex[:6]}"
-    docs = _docs(300)
+    docs = _docs(200)
     vp.add_collection(name, write_jsonl(tmp_path / "docs.jsonl", docs))
-    monkeypatch.setenv("VP_LOAD_BATCH_ROWS", "100")
+    monkeypatch.setenv("VP_LOAD_BATCH_ROWS", "50")
     outage = {}
 
     def blip(point: str) -> None:
@@ -223,7 +236,7 @@ def test_postgres_stopped_during_an_index_rebuild_leaves_no_invalid_index_servin
     vp = platform
     dsn = vp.postgres.resolved_dsn()
     name = f"pgindex_{uuid.uuid4().hex[:6]}"
-    docs = _docs(600)
+    docs = _docs(400)
     vp.add_collection(name, write_jsonl(tmp_path / "docs.jsonl", docs))
     assert all(r.success for r in vp.ingest(name))
     table = _state(dsn, name)["table"]
