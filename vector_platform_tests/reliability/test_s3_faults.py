@@ -104,7 +104,7 @@ def test_s3_killed_during_evict_rehydrate_and_row_archival_loses_nothing(platfor
                                                                            tmp_path, monkeypatch):
     vp, proxy = platform, s3_proxy
     name = f"s3f_{int(time.time() * 1000) % 10**8}"
-    docs = dated(300)
+    docs = dated(240)
     vp.add_collection(name, write_jsonl(tmp_path / "docs.jsonl", docs))
     assert all(r.success for r in vp.ingest(name))
     before = _table_state(pg_dsn, name)
