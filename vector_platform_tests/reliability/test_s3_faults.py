@@ -67,13 +67,15 @@ def platform(pg_dsn, dagster_instance, s3_url, s3_proxy, fake_embedder, tmp_path
 
 
 def _moto_keys(s3_endpoint: str, s3_url: str, prefix: str) -> dict[str, int]:
-    """Objects under `prefix` as moto holds them (read around the proxy): key -> size."""
+    """Objects under `prefix` as moto holds them (read around the proxy): key -> size. The
+    empty "folder/" markers pyarrow leaves when it deletes a folder's last file are no objects."""
     bucket, root = urlparse(s3_url).netloc, urlparse(s3_url).path.strip("/")
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     found = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{root}/{prefix}"):
         for item in page.get("Contents", []):
-            found[item["Key"][len(root) + 1:]] = item["Size"]
+            if not item["Key"].endswith("/"):
+                found[item["Key"][len(root) + 1:]] = item["Size"]
     return found
 
 
@@ -205,7 +207,10 @@ def test_s3_killed_during_evict_rehydrate_and_row_archival_loses_nothing(platfor
                    seconds_to_fail=round(time.monotonic() - began, 2), killed_at=proxy.killed_at, job_status=status,
                    archived_before_kill=mid["archived"], live_old_after_kill=mid["live_old"], receipts_after_kill=len(receipts),
                    objects_on_s3_after_kill=len(on_s3))
-    assert "uploading" in proxy.killed_at["reason"] and status == "failed" and job_error
+    assert "uploading" in proxy.killed_at["reason"] and status == "failed"
+    # The job's error (in `status` and the run) names the file and says what it means for the rows.
+    assert failure.type is archive.ArchiveStoreError and job_error.startswith(f"ArchiveStoreError: archive/{name}/year="), job_error
+    assert "nothing of its batch was deleted" in job_error
     assert mid["archived"] == 20 and mid["live_old"] == len(old) - 20  # the first batch, whole; the rest untouched
     # Nothing lost: every document is live in Postgres or archived under a receipt whose file is on S3.
     assert live | archived == {d["id"] for d in docs} and not live & archived
@@ -232,4 +237,9 @@ def test_s3_killed_during_evict_rehydrate_and_row_archival_loses_nothing(platfor
     with psycopg.connect(pg_dsn) as conn:
         keys = [r[0] for r in conn.execute("SELECT key FROM vector_platform.archive_files WHERE collection = %s", (name,))]
     assert len(keys) == len(set(keys))
+    # The files the killed batch left without a receipt were swept by the resumed job: on S3,
+    # exactly the receipted files and the job's manifest.
+    left = set(_moto_keys(s3_endpoint, s3_url, f"archive/{name}")) - set(keys)
+    figures["objects_without_receipt_after_rerun"] = sorted(left)
+    assert left == {f"archive/{name}/manifests/job-{run.metadata['row_archive']['job_id']:06d}.json"}, left
     figures.save()
