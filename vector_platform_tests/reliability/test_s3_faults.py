@@ -26,7 +26,6 @@ from urllib.parse import urlparse
 
 import boto3
 import dagster as dg
-import numpy as np
 import psycopg
 import pytest
 
