@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 DATABASE = "vector_platform"
 DAGSTER_DATABASE = "dagster"
 
+# psycopg_pool backs its reconnection attempts off (1, 2, 4... s) for up to reconnect_timeout
+# (300 s by default), whatever the demand: after a long outage the server could be back for
+# about as long again before the pool tried, and every borrower meanwhile timed out. Giving up
+# on a backed-off attempt after 2 s lets the next borrower start a fresh attempt at once.
+RECONNECT_S = 2.0
+
 _pools: dict[str, ConnectionPool] = {}
 _servers: dict[Path, Any] = {}  # embedded servers this process has started or attached to, by home
 _lock = threading.Lock()
@@ -155,6 +161,7 @@ def get_pool(dsn: str, max_size: int = 4, wait_s: float | None = None) -> Connec
                 reset=_reset,
                 check=ConnectionPool.check_connection,
                 timeout=30.0 if wait_s is None else wait_s,
+                reconnect_timeout=RECONNECT_S,
                 open=True,
                 name="vector_platform",
             )
@@ -179,6 +186,7 @@ def get_search_pool(dsn: str, max_size: int = 8) -> ConnectionPool:
                 kwargs={"autocommit": True, "application_name": "vector_platform search"},
                 configure=_configure,
                 check=ConnectionPool.check_connection,
+                reconnect_timeout=RECONNECT_S,
                 open=True,
                 name="vector_platform_search",
             )

