@@ -187,7 +187,7 @@ def test_s3_killed_during_evict_rehydrate_and_row_archival_loses_nothing(platfor
     def arm_after_first_batch(point: str) -> None:
         if point == "archive_rows.after_batch" and not armed:
             armed.append(point)
-            proxy.kill_after_bytes(40_000, "up")
+            proxy.kill_after_bytes(15_000, "up")
 
     monkeypatch.setattr(faults, "point", arm_after_first_batch)
     began = time.monotonic()
