@@ -92,6 +92,9 @@ _DATABASE_GONE = re.compile(
     r"^(psycopg\.OperationalError|psycopg\.errors\.(AdminShutdown|CrashShutdown|CannotConnectNow)|psycopg_pool\.PoolTimeout): "
 )
 
+# Connection failures that are the server refusing us (configuration), not the server gone.
+_REFUSALS = ("authentication failed", "no pg_hba.conf entry", "does not exist", "permission denied")
+
 
 def plain_database_error(error: str | None, database: str) -> str | None:
     """A run's error, said plainly when the database went away under it (`database`: which
@@ -100,6 +103,8 @@ def plain_database_error(error: str | None, database: str) -> str | None:
     if gone is None:
         return error
     detail = " ".join(error[gone.end():].split())
+    if any(refusal in detail for refusal in _REFUSALS):  # reached, and refused: psycopg's text says why
+        return error
     return (f"the database is unreachable: {database} stopped or cannot be reached ({detail}). "
             "Run it again once PostgreSQL is back: what was committed stays, the rest is redone.")
 
