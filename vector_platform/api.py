@@ -189,8 +189,14 @@ class Platform:
 
     def _run(self, job_name: str, partition_key, run_config: dict | None = None) -> RunSummary:
         if self.run_mode == "instance":
-            return runs.run_through_instance(self.instance, job_name, partition_key, run_config or {})
-        return runs.run_in_process(self.defs, self.instance, job_name, partition_key, run_config or {})
+            return self._plain(runs.run_through_instance(self.instance, job_name, partition_key, run_config or {}))
+        return self._plain(runs.run_in_process(self.defs, self.instance, job_name, partition_key, run_config or {}))
+
+    def _plain(self, run: RunSummary) -> RunSummary:
+        """A run that failed because PostgreSQL went away says so, naming the database."""
+        if run.error:
+            run.error = runs.plain_database_error(run.error, db.describe(self.postgres.resolved_dsn()))
+        return run
 
     def ingest(self, name: str, allow_deletes: bool = False) -> list[RunSummary]:
         """source_documents + chunks, then embeddings..hnsw_index per model, then serving_view.
@@ -446,7 +452,7 @@ class Platform:
         self.collection(name)
         run_config = {"ops": {"serving_view": {"config": config}}}
         if here:
-            run = runs.run_in_process(self.defs, self.instance, "serving_view_job", name, run_config)
+            run = self._plain(runs.run_in_process(self.defs, self.instance, "serving_view_job", name, run_config))
         else:
             run = self._run("serving_view_job", name, run_config)
         if not run.success:
@@ -481,7 +487,7 @@ class Platform:
         key = dg.MultiPartitionKey({"collection": name, "model": coll.serving_model})
         # in this process whatever the run mode (`dagster job launch` cannot select a check alone);
         # a read-only measurement, recorded in the instance like any run
-        return runs.run_in_process(self.defs, self.instance, "recall_monitoring_job", key, {}, checks_only={RECALL_CHECK})
+        return self._plain(runs.run_in_process(self.defs, self.instance, "recall_monitoring_job", key, {}, checks_only={RECALL_CHECK}))
 
     def retire_previous_models(self) -> list[tuple[str, str]]:
         """Drop previous models' tables whose retention (retain_previous_days) has run out."""

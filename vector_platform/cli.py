@@ -828,6 +828,20 @@ def main(argv: list[str] | None = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {logs.redact(str(message))}", file=sys.stderr)
         return 2
+    except Exception as err:
+        import psycopg
+
+        if not isinstance(err, psycopg.OperationalError):
+            raise
+        # PostgreSQL stopped or unreachable before any run began: said plainly, no traceback.
+        from vector_platform import db, runs
+        from vector_platform.settings import vp_home
+
+        dsn = os.environ.get("VP_PG_DSN")
+        where = db.describe(dsn) if dsn else f"the embedded database under {vp_home() / 'pg'}"
+        message = runs.plain_database_error(f"{type(err).__module__}.{type(err).__name__}: {err}", where)
+        print(f"error: {logs.redact(message)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 DATABASE = "vector_platform"
 DAGSTER_DATABASE = "dagster"
 
+# psycopg_pool backs its reconnection attempts off (1, 2, 4... s) for up to reconnect_timeout
+# (300 s by default), whatever the demand: after a long outage the server could be back for
+# about as long again before the pool tried, and every borrower meanwhile timed out. Giving up
+# on a backed-off attempt after 2 s lets the next borrower start a fresh attempt at once.
+RECONNECT_S = 2.0
+
 _pools: dict[str, ConnectionPool] = {}
 _servers: dict[Path, Any] = {}  # embedded servers this process has started or attached to, by home
 _lock = threading.Lock()
@@ -132,10 +138,17 @@ def _reset(conn: psycopg.Connection) -> None:
     conn.execute("DISCARD TEMP")
 
 
-def get_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
-    """A process-wide pool for `dsn`, opened on first use (CREATE EXTENSION vector first)."""
+def get_pool(dsn: str, max_size: int = 4, wait_s: float | None = None) -> ConnectionPool:
+    """A process-wide pool for `dsn`, opened on first use (CREATE EXTENSION vector first).
+
+    Every connection is checked (one empty round trip) before it is lent: after the server
+    restarted, the idle connections it cut are replaced instead of failing the next step.
+    `wait_s`: how long a borrower waits for a connection (the server restarting, a failover)
+    before PoolTimeout; psycopg_pool's 30 s unless given."""
     with _lock:
         pool = _pools.get(dsn)
+        if pool is not None and wait_s is not None:
+            pool.timeout = wait_s
         if pool is None:
             logs.register_secret(logs.dsn_password(dsn))  # masked in every log line from now on
             _ensure_extension(dsn)
@@ -146,6 +159,9 @@ def get_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
                 kwargs={"autocommit": True},
                 configure=_configure,
                 reset=_reset,
+                check=ConnectionPool.check_connection,
+                timeout=30.0 if wait_s is None else wait_s,
+                reconnect_timeout=RECONNECT_S,
                 open=True,
                 name="vector_platform",
             )
@@ -157,7 +173,8 @@ def get_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
 def get_search_pool(dsn: str, max_size: int = 8) -> ConnectionPool:
     """A process-wide pool that only search uses. Its connections keep the planner settings
     search gives them (search sends a setting only when it changes), so they are not reset
-    between borrowers and nothing else may borrow them."""
+    between borrowers and nothing else may borrow them. Checked before each loan, as in
+    `get_pool`: a search after a database restart gets a live connection."""
     key = f"search\x00{dsn}"
     with _lock:
         pool = _pools.get(key)
@@ -168,12 +185,28 @@ def get_search_pool(dsn: str, max_size: int = 8) -> ConnectionPool:
                 max_size=max_size,
                 kwargs={"autocommit": True, "application_name": "vector_platform search"},
                 configure=_configure,
+                check=ConnectionPool.check_connection,
+                reconnect_timeout=RECONNECT_S,
                 open=True,
                 name="vector_platform_search",
             )
             pool.wait(timeout=30)
             _pools[key] = pool
         return pool
+
+
+def describe(dsn: str) -> str:
+    """Which database a DSN names, for messages: database 'x' on host:port (or socket folder),
+    never its password."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        info = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "the database"
+    host = str(info.get("host") or "the default socket")
+    where = host if host.startswith("/") or not info.get("port") else f"{host}:{info['port']}"
+    return f"database {info.get('dbname') or info.get('user') or '?'!r} on {where}"
 
 
 def open_pools() -> list[ConnectionPool]:

@@ -86,6 +86,27 @@ def summarise(job: str, partition: str, run_id: str, success: bool, events: Iter
 
 
 _FAILURE_PREFIX = re.compile(r"^dagster\._core\.definitions\.events\.Failure: ")
+# PostgreSQL itself went away (stopped, crashed, restarting) or cannot be reached: no
+# statement's fault, and the psycopg text alone ("consuming input failed") does not say so.
+_DATABASE_GONE = re.compile(
+    r"^(psycopg\.OperationalError|psycopg\.errors\.(AdminShutdown|CrashShutdown|CannotConnectNow)|psycopg_pool\.PoolTimeout): "
+)
+
+# Connection failures that are the server refusing us (configuration), not the server gone.
+_REFUSALS = ("authentication failed", "no pg_hba.conf entry", "does not exist", "permission denied")
+
+
+def plain_database_error(error: str | None, database: str) -> str | None:
+    """A run's error, said plainly when the database went away under it (`database`: which
+    one, from `db.describe`); any other error unchanged."""
+    gone = _DATABASE_GONE.match(error or "")
+    if gone is None:
+        return error
+    detail = " ".join(error[gone.end():].split())
+    if any(refusal in detail for refusal in _REFUSALS):  # reached, and refused: psycopg's text says why
+        return error
+    return (f"the database is unreachable: {database} stopped or cannot be reached ({detail}). "
+            "Run it again once PostgreSQL is back: what was committed stays, the rest is redone.")
 
 
 def root_cause(error) -> str:

@@ -73,6 +73,11 @@ class ArchiveError(RuntimeError):
     """An archive file could not be written or verified: nothing of its batch was deleted."""
 
 
+class ArchiveStoreError(ArchiveError, OSError):
+    """The object store failed while a batch's file was written or read back (still an OSError,
+    as the store's own error was): nothing of the batch was deleted."""
+
+
 @dataclass
 class ArchiveReport:
     collection: str
@@ -477,8 +482,14 @@ def write_verified(store: ObjectStore, key: str, table: pa.Table, id_column: str
     data = buf.getvalue()
     sha = hashlib.sha256(data).hexdigest()
     ids = table.column(id_column).to_pylist()
-    store.put_bytes(key, data)
-    back = store.get_bytes(key)
+    try:
+        store.put_bytes(key, data)
+        back = store.get_bytes(key)
+    except OSError as err:  # the store's own text may name neither the file nor what it means for the rows
+        raise ArchiveStoreError(
+            f"{key}: the object store failed while the file was written and read back ({err}); nothing of its batch "
+            "was deleted, and the next run resumes the job"
+        ) from err
     if hashlib.sha256(back).hexdigest() != sha or len(back) != len(data):
         raise ArchiveError(f"{key}: read back {len(back)} bytes that differ from the {len(data)} written; nothing deleted")
     parquet = pq.ParquetFile(io.BytesIO(back))

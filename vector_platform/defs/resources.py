@@ -34,6 +34,11 @@ class PostgresResource(dg.ConfigurableResource):
     )
     home: Optional[str] = Field(default=None, description="Folder for embedded defaults (default $VP_HOME or ./.vp).")
     pool_size: int = Field(default=4, description="Connections per process.")
+    wait_for_connection_s: float = Field(
+        default=30.0,
+        description="How long a step waits for a database connection (the server restarting, a failover) before it "
+        "fails saying the database is unreachable.",
+    )
 
     def resolved_dsn(self) -> str:
         # Inside a run Dagster resolves EnvVar fields; the Python API and CLI call us directly.
@@ -42,7 +47,7 @@ class PostgresResource(dg.ConfigurableResource):
 
     def pool(self) -> ConnectionPool:
         dsn = self.resolved_dsn()
-        pool = db.get_pool(dsn, self.pool_size)
+        pool = db.get_pool(dsn, self.pool_size, self.wait_for_connection_s)
         if dsn not in _bootstrapped:  # once per process: the hot path (search) borrows nothing here
             with pool.connection() as conn:
                 catalog.bootstrap(conn)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 from psycopg_pool import ConnectionPool
 
-from vector_platform import catalog, clock, tables
+from vector_platform import catalog, clock, faults, tables
 from vector_platform.catalog import documents as docs_sql
 from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog.dead_letters import clean_ref
@@ -385,6 +385,7 @@ def load_vectors(
                 written = tables.copy_upsert(conn, table, spec, rows, matrix, assume_new=True)
             _count_batch(pool, collection, model_key, "vector_table", written, time.perf_counter() - began)
             inserted += written
+            faults.point("load.after_batch")
         lap("seconds_copying")
         progress("vector_table", seen, missing_total)
     lap("seconds_selecting")

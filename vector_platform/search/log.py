@@ -26,6 +26,9 @@ from vector_platform.catalog.queries import log_queries
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 10_000
+# At exit the database may be gone already (its server stopped first): a short wait for the
+# flush lock and a connection, not the pool's, so that a process never hangs on its way out.
+EXIT_WAIT_S = 2.0
 
 
 class QueryLog:
@@ -73,41 +76,50 @@ class QueryLog:
 
     def _flush_at_exit(self) -> None:
         try:
-            self.flush()
+            self.flush(wait_s=EXIT_WAIT_S)
         except Exception as err:  # noqa: BLE001 - the database may be gone already
             if self._entries or self._last_queried:
                 log.warning("query log: %d entries not written at exit (%s)", len(self._entries), err)
 
-    def flush(self) -> None:
-        with self._flush_lock:
+    def flush(self, wait_s: float | None = None) -> None:
+        """Write what is pending now. `wait_s`: the longest wait for another flush to finish
+        and for a connection (unbounded and the pool's own by default)."""
+        if not self._flush_lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            raise TimeoutError(f"another flush of the query log was still waiting for the database after {wait_s} s")
+        try:
+            self._flush(wait_s)
+        finally:
+            self._flush_lock.release()
+
+    def _flush(self, wait_s: float | None) -> None:
+        with self._lock:
+            entries, self._entries = list(self._entries), deque()
+            queried, self._last_queried = self._last_queried, {}
+            rehydrate, self._rehydrate = self._rehydrate, {}
+        if not (entries or queried or rehydrate):
+            return
+        # Bookkeeping the tier rules read first, on its own: a log row the database refuses
+        # must not hold back last_queried_at (an idle rule would evict a busy collection).
+        try:
+            with self._pool().connection(timeout=wait_s) as conn, conn.transaction():
+                tier_sql.note_queries(conn, queried, rehydrate)
+        except Exception:
+            with self._lock:  # put it back for the next attempt
+                for name, at in queried.items():
+                    self._last_queried[name] = max(at, self._last_queried.get(name, at))
+                for name, at in rehydrate.items():
+                    self._rehydrate.setdefault(name, at)
+                self._entries.extendleft(reversed(entries))
+            raise
+        if not entries:
+            return
+        try:
+            with self._pool().connection(timeout=wait_s) as conn, conn.transaction():
+                log_queries(conn, entries)
+        except psycopg.DataError as err:  # a row the database cannot store: drop the batch, say so
+            self.dropped += len(entries)
+            log.warning("query log: %d entries dropped (%s)", len(entries), err)
+        except Exception:
             with self._lock:
-                entries, self._entries = list(self._entries), deque()
-                queried, self._last_queried = self._last_queried, {}
-                rehydrate, self._rehydrate = self._rehydrate, {}
-            if not (entries or queried or rehydrate):
-                return
-            # Bookkeeping the tier rules read first, on its own: a log row the database refuses
-            # must not hold back last_queried_at (an idle rule would evict a busy collection).
-            try:
-                with self._pool().connection() as conn, conn.transaction():
-                    tier_sql.note_queries(conn, queried, rehydrate)
-            except Exception:
-                with self._lock:  # put it back for the next attempt
-                    for name, at in queried.items():
-                        self._last_queried[name] = max(at, self._last_queried.get(name, at))
-                    for name, at in rehydrate.items():
-                        self._rehydrate.setdefault(name, at)
-                    self._entries.extendleft(reversed(entries))
-                raise
-            if not entries:
-                return
-            try:
-                with self._pool().connection() as conn, conn.transaction():
-                    log_queries(conn, entries)
-            except psycopg.DataError as err:  # a row the database cannot store: drop the batch, say so
-                self.dropped += len(entries)
-                log.warning("query log: %d entries dropped (%s)", len(entries), err)
-            except Exception:
-                with self._lock:
-                    self._entries.extendleft(reversed(entries))
-                raise
+                self._entries.extendleft(reversed(entries))
+            raise

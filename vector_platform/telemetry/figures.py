@@ -128,8 +128,9 @@ class Recorder:
         if time.monotonic() - self._flushed_at >= self.flush_s:
             self.flush()
 
-    def flush(self) -> bool:
-        """Add what was recorded to the catalog. False (figures kept) when the database refused."""
+    def flush(self, wait_s: float | None = None) -> bool:
+        """Add what was recorded to the catalog. False (figures kept) when the database refused.
+        `wait_s`: the longest wait for a connection (the pool's own by default)."""
         with self._lock:
             pending, self._pending = self._pending, {}
             self._flushed_at = time.monotonic()
@@ -141,7 +142,7 @@ class Recorder:
             bounds = list(FIGURES[key].buckets) if FIGURES[key].buckets else None
             rows.append((key, collection, model_key, label, sums.total, sums.count, bounds, sums.buckets))
         try:
-            with self.pool.connection() as conn, conn.transaction():
+            with self.pool.connection(timeout=wait_s) as conn, conn.transaction():
                 metrics_sql.add_run_figures(conn, rows)
             return True
         except Exception as err:  # noqa: BLE001 - figures are worth keeping, never worth failing a step
@@ -168,6 +169,11 @@ def recorder(pool: ConnectionPool) -> Recorder:
         return rec
 
 
+# At exit the database may be gone already (its server stopped first): a short wait for a
+# connection, not the pool's, so that a process never hangs on its way out.
+EXIT_WAIT_S = 2.0
+
+
 @atexit.register
 def flush_all() -> None:
     """Write every recorder's figures (at exit: what the last interval of a run recorded)."""
@@ -175,4 +181,4 @@ def flush_all() -> None:
         recorders = list(_recorders.values())
     for rec in recorders:
         if not rec.pool.closed:
-            rec.flush()
+            rec.flush(wait_s=EXIT_WAIT_S)

@@ -16,6 +16,7 @@ Nothing here takes locks: callers hold the collection's writer lock.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -36,6 +37,8 @@ from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog.tiers import SnapshotReceipt
 from vector_platform.models import ModelSpec
 from vector_platform.object_store import ObjectStore
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ROW_GROUP_BYTES = 8 * 2**20
@@ -202,7 +205,13 @@ def publish(
         store.put_bytes(f"{prefix}/manifest.json", text)
         verify(store, manifest, expected_rows=written_rows, expected_id_hash=id_hash)
     except Exception:
-        _remove_prefix(store, prefix)  # no receipt was written: these files never counted
+        try:
+            _remove_prefix(store, prefix)  # no receipt was written: these files never counted
+        except OSError as cleanup:
+            # The store itself is down (the usual reason the write failed): the files stay
+            # without a receipt, which nothing reads, and the error raised is the write's,
+            # not the clean-up's.
+            log.warning("could not remove the unreceipted files under %s: %s", prefix, cleanup)
         raise
     with pool.connection() as conn, conn.transaction():
         return tier_sql.record_snapshot(conn, manifest, store.uri(prefix), hashlib.sha256(text).hexdigest())
@@ -397,11 +406,8 @@ def fetch_verified(store: ObjectStore, receipt: SnapshotReceipt, local_dir: Path
             tmp = target.with_suffix(f".tmp-{uuid.uuid4().hex}")
             digest = hashlib.sha256()
             try:
-                with store.fs.open_input_stream(store.path(entry["key"])) as src, open(tmp, "wb") as out:
-                    while True:
-                        block = src.read(READ_CHUNK)
-                        if not block:
-                            break
+                with open(tmp, "wb") as out:
+                    for block in _blocks(store, receipt, entry["key"]):
                         digest.update(block)
                         out.write(block)
                 if digest.hexdigest() != entry["sha256"]:
@@ -416,6 +422,22 @@ def fetch_verified(store: ObjectStore, receipt: SnapshotReceipt, local_dir: Path
                     tmp.unlink()
         paths.append(target)
     return paths
+
+
+def _blocks(store: ObjectStore, receipt: SnapshotReceipt, key: str) -> Iterator[bytes]:
+    """An object's bytes, streamed; a store that fails says which snapshot and file it was
+    reading (its own text names neither)."""
+    try:
+        with store.fs.open_input_stream(store.path(key)) as src:
+            while True:
+                block = src.read(READ_CHUNK)
+                if not block:
+                    return
+                yield block
+    except OSError as err:
+        raise SnapshotError(
+            f"snapshot {receipt.id}: reading {key} from the object store failed ({err}); the collection keeps its tier"
+        ) from err
 
 
 def rows_of_batch(batch: pa.RecordBatch) -> tuple[list[tuple], np.ndarray, list]:
