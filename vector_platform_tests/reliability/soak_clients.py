@@ -19,7 +19,8 @@ Every answer is one of: ok, an error (transport failure, status other than expec
 that is not JSON), empty (a search answered with no hits), or a violation (any other broken
 expectation, a warning outside `benign_warnings`). The report holds counts, latency
 percentiles overall and per kind, tiers and models seen per collection, and the first few
-failures of each class with their times (time.time()), to set against the worker's moves.
+failures of each class and the answers slower than SLOW_MS, with their times (time.time()),
+to set against the worker's moves.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from collections import Counter, defaultdict
 from urllib.parse import urlsplit
 
 KEEP = 25  # failures kept per class
+SLOW_MS = 1000.0  # answers slower than this are listed (with their times) to set against the moves
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -106,6 +108,7 @@ class Report:
         self.failures: dict[str, list[dict]] = defaultdict(list)
         self.tiers = Counter()
         self.models = Counter()
+        self.slow: list[dict] = []
 
     def add(self, kind: str, outcome: str, latency_ms: float, why: str | None, probe: dict, seen: dict, at: float) -> None:
         with self.lock:
@@ -115,6 +118,8 @@ class Report:
             self.latencies[kind].append(latency_ms)
             self.tiers.update(seen.get("tiers", {}))
             self.models.update(seen.get("models", {}))
+            if latency_ms > SLOW_MS and len(self.slow) < 4 * KEEP:
+                self.slow.append({"at": at, "kind": kind, "ms": round(latency_ms, 1), "body": probe.get("body")})
             if outcome != "ok" and len(self.failures[outcome]) < KEEP:
                 self.failures[outcome].append({"at": at, "kind": kind, "why": why, "path": probe["path"],
                                                "body": probe.get("body")})
@@ -135,7 +140,7 @@ class Report:
             "empty": self.counts["empty"], "violations": self.counts["violation"],
             "counts": dict(self.counts), "latency": figures(every),
             "latency_by_kind": {kind: figures(values) for kind, values in sorted(self.latencies.items())},
-            "tiers_seen": nested_tiers, "models_seen": nested_models, "failures": dict(self.failures),
+            "tiers_seen": nested_tiers, "models_seen": nested_models, "failures": dict(self.failures), "slow": self.slow,
         }
 
 
