@@ -6,8 +6,9 @@ they search, round after round:
 - row archival: `archive_rows` of `docs` (a 730-day rule, month-partitioned vector table),
   the archival clock moved a few days each round, so rows keep ageing out;
 - evict and rehydrate: `tier` goes cold and comes back active, twice a round;
-- model swap: `swap` is upgraded to a second model (an OpenAI-compatible test server), then
-  rolled back and swapped again, round after round.
+- model swap: `swap` is upgraded to a second model (an OpenAI-compatible test server): its
+  shadow table built and gated, then swapped in; then rolled back, and back again, round
+  after round (a rollback is itself undone by a rollback).
 
 The API runs as a server process of its own (`soak_serve`: `vector_platform.http.serve`,
 uvicorn on 127.0.0.1), on S3 (moto over HTTP) and the embedded PostgreSQL. Every answer must
@@ -84,17 +85,15 @@ class Worker:
     """Runs the moves in rounds until the deadline (or until each has run once, within the
     grace); stops at the first move that fails. Every move is timed."""
 
-    def __init__(self, vp, names: dict[str, str], second_model: str, docs: list[dict], source: Path, t0: dt.datetime,
-                 churn: dict[str, list[str]], deadline: float):
-        self.vp, self.names, self.second, self.source, self.t0 = vp, names, second_model, source, t0
-        self.docs = {d["id"]: d for d in docs}
+    def __init__(self, vp, names: dict[str, str], second_model: str, sources: dict[str, tuple[Path, list[dict]]],
+                 t0: dt.datetime, churn: dict[str, list[str]], deadline: float):
+        self.vp, self.names, self.second, self.t0 = vp, names, second_model, t0
+        self.sources = {role: (path, {d["id"]: d for d in docs}) for role, (path, docs) in sources.items()}
         self.churn = churn
         self.deadline = deadline
         self.moves: list[dict] = []
         self.failure: str | None = None
         self.archived_documents = 0
-        self.ingested_documents = Counter()
-        self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="soak worker", daemon=True)
 
     def counts(self) -> Counter:
@@ -109,8 +108,10 @@ class Worker:
     def _run(self) -> None:
         try:
             round_ = 0
-            # The swap early in a round: the first one (the upgrade) is the longest move.
-            steps = (self._toggle_tier, self._swap, self._ingest, self._toggle_tier, self._archive)
+            # The swap early in a round: the first one (the upgrade) is the longest move. `tier`
+            # changes while active from the second round on, so that each evict writes a new
+            # snapshot and deletes the one it replaces (an unchanged table reuses its snapshot).
+            steps = (self._toggle_tier, self._swap, self._ingest_docs, self._toggle_tier, self._ingest_tier, self._archive)
             while self.failure is None:
                 for step in steps:
                     if not self._more() or self.failure is not None:
@@ -119,8 +120,6 @@ class Worker:
                 round_ += 1
         except Exception as err:  # noqa: BLE001 - the test reports it
             self.failure = f"worker crashed: {err!r}"
-        finally:
-            self.stopped.set()
 
     def _timed(self, op: str, collection: str, call) -> None:
         began, at = time.perf_counter(), time.time()
@@ -144,31 +143,42 @@ class Worker:
 
         self._timed("rehydration" if target == "active" else "eviction", name, move)
 
-    def _ingest(self, round_: int) -> None:
-        name = self.names["docs"]
+    def _ingest_docs(self, round_: int) -> None:
         arch_now = self._archival_now(round_)
         new = [
             {"id": f"n{round_}_fresh", "text": f"n{round_}fresh " + _words(round_, 6), "timestamp": clock.now().timestamp()},
             *({"id": f"n{round_}_late{j}", "text": f"n{round_}late{j} " + _words(round_ + j, 5),
                "timestamp": (arch_now - dt.timedelta(days=ARCHIVE_DAYS + 70 + j, hours=round_)).timestamp()} for j in (0, 1)),
         ]
-        for doc in new:
-            self.docs[doc["id"]] = doc
+        # An old one may be archived by now: changed at the source, it comes back live (and is archived again).
         changed = [self.churn["recent"][round_ % len(self.churn["recent"])], self.churn["old"][round_ % len(self.churn["old"])]]
-        for doc_id in changed:  # an old one may be archived: changed at the source, it comes back live
-            self.docs[doc_id] = {**self.docs[doc_id], "text": f"{doc_id} v{round_} " + _words(round_ * 7 + len(doc_id), 5)}
-        write_jsonl(self.source, list(self.docs.values()))
+        self._ingest("docs", round_, new, changed)
+
+    def _ingest_tier(self, round_: int) -> None:
+        if round_ == 0 or self.vp.collection(self.names["tier"]).tier != "active":
+            return
+        new = [{"id": f"t_new{round_}", "text": f"tnew{round_} " + _words(round_ + 3, 6)}]
+        self._ingest("tier", round_, new, [self.churn["tier"][round_ % len(self.churn["tier"])]])
+
+    def _ingest(self, role: str, round_: int, new: list[dict], changed: list[str]) -> None:
+        name = self.names[role]
+        source, docs = self.sources[role]
+        for doc in new:
+            docs[doc["id"]] = doc
+        for doc_id in changed:
+            docs[doc_id] = {**docs[doc_id], "text": f"{doc_id} v{round_} " + _words(round_ * 7 + len(doc_id), 5)}
+        write_jsonl(source, list(docs.values()))
 
         def ingest():
             runs = self.vp.ingest(name)
             ok = all(r.success for r in runs)
-            docs = runs[0].metadata.get("source_documents", {}) if runs else {}
+            figures = runs[0].metadata.get("source_documents", {}) if runs else {}
             # What came in is found at once, by its new text (the late ones until archived).
-            missing = [d for d in [*new, *(self.docs[i] for i in changed)] if ok and d["id"] not in
+            missing = [d["id"] for d in [*new, *(docs[i] for i in changed)] if ok and d["id"] not in
                        {h.doc_id for h in self.vp.search(d["text"], [name], k=K).hits}]
             return ok and not missing, {
                 "runs": len(runs), "errors": [r.error for r in runs if not r.success], "new": len(new),
-                "changed": len(changed), "not_found_after": [d["id"] for d in missing], "source_documents": _small(docs)}
+                "changed": len(changed), "not_found_after": missing, "source_documents": _small(figures)}
 
         self._timed("ingest", name, ingest)
 
@@ -193,19 +203,24 @@ class Worker:
         self._timed("archival", name, archive)
 
     def _swap(self, round_: int) -> None:
+        """The first time an upgrade (the shadow table built, gated, swapped in), then a rollback
+        each time: by design the model just rolled back from is served again only by rolling back
+        (`swap` to it is refused: "is the previous model"), so rollbacks go back and forth."""
         name = self.names["swap"]
-        coll = self.vp.collection(name)
-        if self.second not in coll.models:
+        if self.second not in self.vp.collection(name).models:
             def upgrade():
                 outcome = self.vp.upgrade([name], self.second, say=lambda m: None)
                 ok = outcome.swaps.get(name, {}).get("to_model") == self.second
                 return ok, {"kind": "upgrade", "refused": outcome.refused, "errors": [r.error for r in outcome.runs if not r.success]}
 
             self._timed("swap", name, upgrade)
-        elif coll.serving_model == self.second:
-            self._timed("rollback", name, lambda: (self.vp.rollback(name).success, {"to": MINILM.key}))
-        else:
-            self._timed("swap", name, lambda: (self.vp.swap(name, self.second).success, {"kind": "swap"}))
+            return
+
+        def rollback():
+            run = self.vp.rollback(name)
+            return run.success, {"to": run.metadata.get("serving_view", {}).get("to_model")}
+
+        self._timed("rollback", name, rollback)
 
 
 def _small(metadata: dict) -> dict:
@@ -334,9 +349,11 @@ def test_search_answers_through_every_move(make_platform, pg_dsn, s3_url, tmp_pa
         vp.set_rules(names["docs"], archive_rows_older_than_days=ARCHIVE_DAYS)
         ids = [d["id"] for d in docs]
         stable = {"recent": ids[0:60:3], "old": ids[180:230:2]}
-        churn = {"recent": ids[60:66], "old": ids[230:236]}
         tier_docs = corpus(N_TIER, "t")
-        vp.add_collection(names["tier"], write_jsonl(tmp_path / "tier.jsonl", tier_docs))
+        # Changed during the soak: never a document the clients must find by its first text.
+        churn = {"recent": ids[60:66], "old": ids[230:236], "tier": [d["id"] for d in tier_docs[3::7]]}
+        tier_source = write_jsonl(tmp_path / "tier.jsonl", tier_docs)
+        vp.add_collection(names["tier"], tier_source)
         vp.add_collection(names["swap"], write_jsonl(tmp_path / "swap.jsonl", data.docs_with_judged(N_SWAP)))
         for name in names.values():
             runs = vp.ingest(name)
@@ -360,7 +377,8 @@ def test_search_answers_through_every_move(make_platform, pg_dsn, s3_url, tmp_pa
                 stdout=log, stderr=subprocess.STDOUT,
             )
         load_began = time.monotonic()
-        worker = Worker(vp, names, second.key, docs, source, t0, churn, deadline=load_began + SOAK_SECONDS)
+        worker = Worker(vp, names, second.key, {"docs": (source, docs), "tier": (tier_source, tier_docs)}, t0, churn,
+                        deadline=load_began + SOAK_SECONDS)
         worker.thread.start()
         worker.thread.join(SOAK_SECONDS + COVERAGE_GRACE_S + JOIN_TIMEOUT_S)
         hung = worker.thread.is_alive()
