@@ -13,7 +13,10 @@ A plan: {"base": "http://127.0.0.1:PORT", "threads": 4, "stop_file": PATH, "hard
   in one tier (a collection answers from one tier at a time);
 - `doc`: a document id that must be among the hits, with `doc_tiers` its allowed tiers;
 - `one_model`: all hits of one model; `models`: the model keys allowed;
+- `metadata`: {key: value} every hit's metadata holds (a filter's flat equalities);
 - for a document read: `status`, `doc_id`, `source_tiers`.
+A probe with `split_by_model` has its latencies also counted per serving model. A client stops
+after `max_requests` requests too.
 
 Every answer is one of: ok, an error (transport failure, status other than expected, a body
 that is not JSON), empty (a search answered with no hits), or a violation (any other broken
@@ -78,6 +81,10 @@ def check_search(answer: dict, expect: dict, benign: list[re.Pattern]) -> tuple[
         mixed = {c: sorted(t) for c, t in by_collection.items() if len(t) > 1}
         if mixed:
             return "violation", f"one answer from two tiers of a collection: {mixed}", seen
+    if "metadata" in expect:
+        unmatched = [h.get("doc_id") for h in hits if any(h.get("metadata", {}).get(k) != v for k, v in expect["metadata"].items())]
+        if unmatched:
+            return "violation", f"hits {unmatched[:5]} do not match the filter {expect['metadata']}", seen
     if expect.get("one_model") and len({h.get("model") for h in hits}) != 1:
         return "violation", f"hits of several models: {sorted({h.get('model') for h in hits})}", seen
     if "models" in expect and not {h.get("model") for h in hits} <= set(expect["models"]):
@@ -116,6 +123,9 @@ class Report:
             self.counts[outcome] += 1
             self.counts[f"{kind}:{outcome}"] += 1
             self.latencies[kind].append(latency_ms)
+            models = {m for (_, m) in seen.get("models", {})}
+            if probe.get("split_by_model") and len(models) == 1:  # e.g. which model embedded the query
+                self.latencies[f"{kind}[{models.pop()}]"].append(latency_ms)
             self.tiers.update(seen.get("tiers", {}))
             self.models.update(seen.get("models", {}))
             if latency_ms > SLOW_MS and len(self.slow) < 4 * KEEP:
@@ -151,7 +161,9 @@ def client(plan: dict, report: Report, seed: int, stop) -> None:
     benign = [re.compile(p) for p in plan.get("benign_warnings", [])]
     rng = random.Random(seed)
     conn = None
-    while not stop():
+    for _ in range(plan["max_requests"]):
+        if stop():
+            break
         probe = rng.choices(probes, weights)[0]
         expect = probe.get("expect", {})
         body = json.dumps(probe["body"]).encode() if "body" in probe else None

@@ -52,12 +52,16 @@ SOAK_SECONDS = float(os.environ.get("VP_SOAK_SECONDS", "60"))
 COVERAGE_GRACE_S = 120.0
 JOIN_TIMEOUT_S = 300.0  # a move still running this long after the deadline is hung
 CLIENT_THREADS = 4
+# Bounds in count besides time: rounds of moves, requests per client thread (far above what
+# either reaches in time: about 25 s a round, a few hundred requests a second in all).
+MAX_ROUNDS = max(10, int(SOAK_SECONDS))
+MAX_REQUESTS_PER_CLIENT = max(100_000, int(SOAK_SECONDS) * 2_000)
 K = 10
 ARCHIVE_DAYS = 730
 CLOCK_STEP_DAYS = 3  # the archival clock moves this much a round...
 CLOCK_MAX_DAYS = 300  # ...and no further, so that the stable recent documents never age out
 SPREAD_DAYS = 1095  # the dated documents' timestamps span three years before T0
-N_DOCS, N_TIER, N_SWAP = 240, 200, 360
+N_DOCS, N_TIER, N_SWAP = 240, 200, 200
 OPS = ("ingest", "archival", "eviction", "rehydration", "swap", "rollback")
 BENIGN_WARNINGS = [r"merged by reciprocal rank fusion"]
 
@@ -112,7 +116,7 @@ class Worker:
             # changes while active from the second round on, so that each evict writes a new
             # snapshot and deletes the one it replaces (an unchanged table reuses its snapshot).
             steps = (self._toggle_tier, self._swap, self._ingest_docs, self._toggle_tier, self._ingest_tier, self._archive)
-            while self.failure is None:
+            while self.failure is None and round_ < MAX_ROUNDS:
                 for step in steps:
                     if not self._more() or self.failure is not None:
                         return
@@ -248,14 +252,18 @@ def _plan(base: str, names: dict[str, str], docs: list[dict], tier_docs: list[di
         probes.append({"kind": "tier", "weight": 3, "method": "POST", "path": "/search",
                        "body": {"query": doc["text"], "collections": [names["tier"]], "k": K},
                        "expect": {"hits": K, "tiers": ["active", "cold"], "one_tier": True, "doc": doc["id"]}})
+        probes.append({"kind": "tier_filtered", "weight": 1, "method": "POST", "path": "/search",
+                       "body": {"query": doc["text"], "collections": [names["tier"]], "k": K, "filters": {"odd": 1}},
+                       "expect": {"hits": K, "tiers": ["active", "cold"], "one_tier": True, "metadata": {"odd": 1}}})
         probes.append({"kind": "multi", "weight": 1, "method": "POST", "path": "/search",
                        "body": {"query": doc["text"], "collections": [names["tier"], names["swap"], names["docs"]], "k": K},
                        "expect": {"hits": K, "tiers": ["active", "cold"], "one_tier": True}})
     for text in list(data.queries().values())[:40]:
-        probes.append({"kind": "swap", "weight": 3, "method": "POST", "path": "/search",
+        probes.append({"kind": "swap", "weight": 3, "method": "POST", "path": "/search", "split_by_model": True,
                        "body": {"query": text, "collections": [names["swap"]], "k": K},
                        "expect": {"hits": K, "tiers": ["active"], "one_model": True, "models": [MINILM.key, second]}})
     return {"base": base, "threads": CLIENT_THREADS, "stop_file": str(stop_file), "timeout_s": 60,
+            "max_requests": MAX_REQUESTS_PER_CLIENT,
             "hard_deadline_s": SOAK_SECONDS + COVERAGE_GRACE_S + JOIN_TIMEOUT_S, "benign_warnings": BENIGN_WARNINGS,
             "probes": probes}
 
