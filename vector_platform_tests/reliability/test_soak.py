@@ -2,10 +2,13 @@
 VP_SOAK_SECONDS (default 60; `make soak`: 600) while a worker thread moves the collections
 they search, round after round:
 
-- ingest: new documents (fresh and backdated) and changed ones into `docs`;
+- ingest: new documents (fresh and backdated) and changed ones into `docs` (an archived one
+  among them: changed at the source it comes back live, and is archived again); from the
+  second round on, into `tier` too while it is active, so each evict writes a new snapshot
+  and deletes the one it replaces;
 - row archival: `archive_rows` of `docs` (a 730-day rule, month-partitioned vector table),
   the archival clock moved a few days each round, so rows keep ageing out;
-- evict and rehydrate: `tier` goes cold and comes back active, twice a round;
+- evict and rehydrate: `tier` goes cold and comes back active, once each a round;
 - model swap: `swap` is upgraded to a second model (an OpenAI-compatible test server): its
   shadow table built and gated, then swapped in; then rolled back, and back again, round
   after round (a rollback is itself undone by a rollback).
@@ -24,6 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -35,7 +39,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import psycopg
-import pytest
 
 from vector_platform import clock
 from vector_platform.archive.reconcile import archive_reconciles
@@ -343,7 +346,8 @@ def test_search_answers_through_every_move(make_platform, pg_dsn, s3_url, tmp_pa
         # The second model: MiniLM's vectors from the OpenAI-compatible test server.
         model_server = subprocess.Popen([sys.executable, "-m", "vector_platform_tests.reliability.soak_serve", "model"],
                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        model_url = model_server.stdout.readline().strip()
+        ready, _, _ = select.select([model_server.stdout], [], [], 120)
+        model_url = model_server.stdout.readline().strip() if ready else "no answer in 120 s"
         assert model_url.startswith("http://127.0.0.1:"), model_url
         second = data.spec(f"soak_mini_{suffix}", SimpleNamespace(base_url=model_url))
         vp = make_platform(store_url=s3_url)
