@@ -50,8 +50,9 @@ from ..conftest import write_jsonl
 from ..test_tiers import WORDS, corpus
 
 SOAK_SECONDS = float(os.environ.get("VP_SOAK_SECONDS", "60"))
-# Past the deadline the worker goes on only until every kind of move has run once (a slow,
-# shared machine), and never longer than this.
+# The worker starts no move that would not end before the deadline (by its last duration);
+# past the deadline it goes on only until every kind of move has run once (a slow, shared
+# machine), and never longer than this.
 COVERAGE_GRACE_S = 120.0
 JOIN_TIMEOUT_S = 300.0  # a move still running this long after the deadline is hung
 CLIENT_THREADS = 4
@@ -101,14 +102,18 @@ class Worker:
         self.moves: list[dict] = []
         self.failure: str | None = None
         self.archived_documents = 0
+        self.last_seconds: dict[str, float] = {}
         self.thread = threading.Thread(target=self._run, name="soak worker", daemon=True)
 
     def counts(self) -> Counter:
         return Counter(m["op"] for m in self.moves if m["ok"])
 
-    def _more(self) -> bool:
+    def _more(self, step) -> bool:
+        """Whether to start `step`: while it should end before the deadline (judged by how long
+        it took last time); past that only while some kind of move has not run yet, within the
+        grace."""
         now = time.monotonic()
-        if now < self.deadline:
+        if now + self.last_seconds.get(step.__name__, 0.0) < self.deadline:
             return True
         return now < self.deadline + COVERAGE_GRACE_S and set(self.counts()) < set(OPS)
 
@@ -121,9 +126,11 @@ class Worker:
             steps = (self._toggle_tier, self._swap, self._ingest_docs, self._toggle_tier, self._ingest_tier, self._archive)
             while self.failure is None and round_ < MAX_ROUNDS:
                 for step in steps:
-                    if not self._more() or self.failure is not None:
+                    if not self._more(step) or self.failure is not None:
                         return
+                    began = time.monotonic()
                     step(round_)
+                    self.last_seconds[step.__name__] = time.monotonic() - began
                 round_ += 1
         except Exception as err:  # noqa: BLE001 - the test reports it
             self.failure = f"worker crashed: {err!r}"
@@ -394,6 +401,8 @@ def test_search_answers_through_every_move(make_platform, pg_dsn, s3_url, tmp_pa
         worker.thread.start()
         worker.thread.join(SOAK_SECONDS + COVERAGE_GRACE_S + JOIN_TIMEOUT_S)
         hung = worker.thread.is_alive()
+        if not hung and worker.failure is None:  # the searches go on for the whole soak, moves or not
+            time.sleep(max(0.0, load_began + SOAK_SECONDS - time.monotonic()))
         activity = _database_activity(pg_dsn) if hung else []
         load_s = time.monotonic() - load_began
         stop_file.touch()
