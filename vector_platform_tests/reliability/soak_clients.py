@@ -111,7 +111,8 @@ class Report:
     def __init__(self):
         self.lock = threading.Lock()
         self.counts = Counter()
-        self.latencies: dict[str, list[float]] = defaultdict(list)
+        self.latencies: dict[str, list[float]] = defaultdict(list)  # by kind, and kind[model] for split probes
+        self.every: list[float] = []  # each request once
         self.failures: dict[str, list[dict]] = defaultdict(list)
         self.tiers = Counter()
         self.models = Counter()
@@ -123,6 +124,7 @@ class Report:
             self.counts[outcome] += 1
             self.counts[f"{kind}:{outcome}"] += 1
             self.latencies[kind].append(latency_ms)
+            self.every.append(latency_ms)
             models = {m for (_, m) in seen.get("models", {})}
             if probe.get("split_by_model") and len(models) == 1:  # e.g. which model embedded the query
                 self.latencies[f"{kind}[{models.pop()}]"].append(latency_ms)
@@ -135,7 +137,6 @@ class Report:
                                                "body": probe.get("body")})
 
     def as_json(self, started: float, ended: float) -> dict:
-        every = [x for values in self.latencies.values() for x in values]
         def figures(values):
             return {"requests": len(values), "p50_ms": percentile(values, 50), "p95_ms": percentile(values, 95),
                     "p99_ms": percentile(values, 99), "max_ms": round(max(values), 3) if values else None}
@@ -148,7 +149,7 @@ class Report:
             "started": started, "ended": ended, "seconds": round(ended - started, 3),
             "requests": self.counts["requests"], "ok": self.counts["ok"], "errors": self.counts["error"],
             "empty": self.counts["empty"], "violations": self.counts["violation"],
-            "counts": dict(self.counts), "latency": figures(every),
+            "counts": dict(self.counts), "latency": figures(self.every),
             "latency_by_kind": {kind: figures(values) for kind, values in sorted(self.latencies.items())},
             "tiers_seen": nested_tiers, "models_seen": nested_models, "failures": dict(self.failures), "slow": self.slow,
         }
