@@ -29,6 +29,7 @@ from vector_platform.defs.partitions import collection_partitions, model_partiti
 from vector_platform.locks import writer_lock
 from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource, default_resources
 from vector_platform.models import ModelSpec
+from vector_platform.names import validate_name
 from vector_platform.runs import RunSummary
 from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog import upgrades as upgrade_sql
@@ -164,6 +165,7 @@ class Platform:
     def set_settings(self, name: str, **changes: Any) -> tuple[CollectionSettings, CollectionSettings]:
         """Change some settings of a collection; returns (before, after). Chunking changes re-chunk
         on the next ingest; HNSW changes rebuild the index concurrently on the next ingest."""
+        validate_name(name)
         with writer_lock(self.postgres.resolved_dsn(), name, say=_say), self.pool().connection() as conn:
             return catalog.update_settings(conn, name, **changes)
 
@@ -175,6 +177,7 @@ class Platform:
                 self.instance.add_dynamic_partitions(definition.name, new)
 
     def collection(self, name: str) -> catalog.Collection:
+        validate_name(name)
         with self.pool().connection() as conn:
             return catalog.get_collection(conn, name)
 
@@ -276,6 +279,7 @@ class Platform:
     def get(self, name: str, doc_id: str) -> dict[str, Any] | None:
         """One document by id: from Postgres when it is there (active, cold, or deleted at
         the source), else from the row archive by one ranged read. None when unknown."""
+        validate_name(name)
         return get_document(self.pool(), self.store(), name, doc_id)
 
     def store(self) -> ObjectStore:
@@ -292,6 +296,7 @@ class Platform:
         Invalid moves are refused before any run starts. `wait=False` submits the run to the
         instance and returns its id when a dagster-daemon serves the instance; without one the
         run happens here and now (the summary comes back either way)."""
+        validate_name(name)
         with self.pool().connection() as conn:
             current = catalog.get_collection(conn, name).tier
         check_move(name, current, target)
@@ -328,7 +333,7 @@ class Platform:
         collection whose gate passed is swapped to the new model; the others keep serving
         their model, and say why.
         """
-        names = list(dict.fromkeys(names))
+        names = [validate_name(n) for n in dict.fromkeys(names)]
         if not names:
             raise ValueError("name at least one collection to upgrade")
         cold: list[str] = []
@@ -440,6 +445,7 @@ class Platform:
     def abandon_upgrade(self, name: str, model_key: str) -> None:
         """Give up upgrading `name` to `model_key`: drop its shadow table (and stop serving its
         cold snapshot), stop writing it; the attachment stays as history."""
+        validate_name(name)
         abandon(self.pool(), self.postgres.resolved_dsn(), name, model_key, say=_say)
 
     def _serving_change(self, name: str, config: dict, here: bool = False) -> RunSummary:
@@ -490,6 +496,7 @@ class Platform:
     def set_rules(self, name: str, **rules: Any) -> TierRules:
         """Change a collection's tier rules: evict_after_days, archive_after_days (None: off),
         rehydrate_on_query. Unnamed rules stay as they are."""
+        validate_name(name)
         with self.pool().connection() as conn:
             return tier_sql.set_rules(conn, name, **rules)
 
@@ -515,6 +522,7 @@ class Platform:
         """Write a verified backup of `name` to `to` (default $VP_BACKUP_URL, else
         file://$VP_HOME/backups), a location other than the primary object store. Holds the
         writer lock while it reads (searches go on). Returns what the manifest says."""
+        validate_name(name)
         from vector_platform.backup import open_location
         from vector_platform.backup.write import backup_collection
 
@@ -523,6 +531,7 @@ class Platform:
 
     def backups(self, name: str, location: str | None = None) -> list["BackupInfo"]:
         """The complete backups of `name` at `location` (default as for `backup`), newest first."""
+        validate_name(name)
         from vector_platform.backup import default_location_url, list_backups
 
         url = location or default_location_url()
@@ -535,6 +544,9 @@ class Platform:
         backup of `name`; default as for `backup`), under its own name or `as_name`. Every
         checksum is verified before anything is written; nothing is embedded. Refused when the
         target exists or a model key is registered here with another fingerprint."""
+        validate_name(name)
+        if as_name is not None:
+            validate_name(as_name)
         from vector_platform.backup import find_backup
         from vector_platform.backup.restore import restore_collection
 
@@ -548,6 +560,7 @@ class Platform:
         """Drop a collection: catalog rows, vector tables, serving view, its files on the object
         store and its Dagster partition. Refused unless a complete backup at `backups` (default as
         for `backup`) holds its current state and reads back intact; `force` drops without one."""
+        validate_name(name)
         from vector_platform.backup import open_location
         from vector_platform.backup.drop import drop_collection
 

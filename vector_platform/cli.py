@@ -238,6 +238,8 @@ def cmd_search(args) -> int:
             filters = json.loads(args.filters)
         except json.JSONDecodeError as err:
             raise ValueError(f"--filters is not JSON ({err})") from None
+        except RecursionError:
+            raise ValueError("--filters is nested too deeply") from None
     vp = _platform()
     for query in queries:
         started, result, error = time.perf_counter(), None, None

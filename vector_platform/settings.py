@@ -8,6 +8,7 @@ Environment variables (all optional):
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -81,10 +82,12 @@ class CollectionSettings:
 
     def changed(self, **changes: Any) -> "CollectionSettings":
         """A copy with only `changes` applied (validated); unknown names are refused."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
+        known = {f.name: f for f in fields(self)}
+        unknown = sorted(set(changes) - set(known))
         if unknown:
-            raise ValueError(f"unknown collection setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known - {'extra'}))}")
+            raise ValueError(f"unknown collection setting(s): {', '.join(unknown)}; known: {', '.join(sorted(set(known) - {'extra'}))}")
+        for name, value in changes.items():
+            _check_type(name, known[name].type, value)
         result = type(self)(**{**asdict(self), **changes})
         result._check_new_values()
         return result
@@ -96,3 +99,20 @@ class CollectionSettings:
     def from_json(cls, data: dict[str, Any] | None) -> "CollectionSettings":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+
+def _check_type(name: str, kind: str, value: Any) -> None:
+    """A new setting's value has its field's type (a string where a number belongs would reach
+    the comparisons of the checks, or the catalog's JSON, as something else)."""
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**31):
+        raise ValueError(f"{name} must be a whole number below 2**31, got {value!r}"[:300])
+    if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not (isinstance(value, int) or math.isfinite(value)) or abs(value) >= 1e12):
+        raise ValueError(f"{name} must be a finite number (below 1e12), got {value!r}"[:300])
+    if kind.startswith("dict"):
+        from vector_platform.ingest.sources import check_storable
+
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be an object, got {value!r}"[:300])
+        check_storable(value, name)
+

@@ -35,6 +35,7 @@ from psycopg_pool import ConnectionPool
 
 from vector_platform import clock, db, tables
 from vector_platform.models import ModelSpec
+from vector_platform.names import validate_name
 from vector_platform.object_store import ObjectStore
 from vector_platform.search import active, cold, merge
 from vector_platform.search import filters as filter_language
@@ -179,7 +180,7 @@ def search(
             vectors[spec.key] = _query_vector(spec, query, vector, embed_query)
         return vectors[spec.key]
 
-    names = list(dict.fromkeys(collections))
+    names = list(dict.fromkeys(validate_name(name) for name in collections))  # refused before any SQL
     targets = [(name, rt.facts.cached(name)) for name in names]
     if any(facts is None for _, facts in targets):  # a pool checkout only when the cache lacks some
         with rt.pool.connection() as conn:
@@ -442,8 +443,11 @@ def _search_archive(pool, facts: Facts, vector_for, k, filters, store, tally, wi
 
 def _query_vector(spec: ModelSpec, query, vector, embed_query: QueryEmbedder) -> np.ndarray:
     if vector is not None:
-        vec = np.asarray(vector, dtype=np.float32)
-        if vec.shape != (spec.dims,) or not np.isfinite(vec).all():
+        try:
+            vec = np.asarray(vector, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError):  # not numbers, ragged, or beyond any float
+            vec = None
+        if vec is None or vec.shape != (spec.dims,) or not np.isfinite(vec).all():
             raise ValueError(f"query vector must be {spec.dims} finite numbers for model {spec.key!r}")
     else:
         if not query or not query.strip():

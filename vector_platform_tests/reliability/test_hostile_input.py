@@ -1,0 +1,370 @@
+"""Hostile input at every door of the Python API and the CLI, property-based: collection
+names, model keys, settings, metadata filters, query texts and vectors, JSONL records.
+
+What a user may see: the product's own validation error (ValueError / KeyError with a message
+that says what is wrong; exit code 2 and `error: ...` from the CLI), a warning in a search
+result, or a dead letter with its reason. Never a psycopg error, a RecursionError or a
+traceback. And after every example the canary table still holds its row, and the catalog,
+the other collections' vectors, the roles and the databases are as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import uuid
+
+import psycopg
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from psycopg import sql
+
+from vector_platform import catalog
+from vector_platform.models import ModelSpec
+from vector_platform.names import NAME_PATTERN
+from vector_platform.search import filters as filter_language
+from vector_platform.search import flush_query_log
+
+from ..conftest import build_platform, write_jsonl
+from .hostile import (
+    DEEP, HUGE_NUMBERS, INJECTIONS, PAYLOADS, Sentinel, any_text, bounded, is_storable_text, json_objects, json_values,
+    json_texts, numbers, payload_text, storable_text,
+)
+
+# The errors a caller may get for bad input: the product's own, with a message.
+VALIDATION = (ValueError, KeyError)
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+
+
+def _docs(n: int, tag: str) -> list[dict]:
+    return [{"id": f"{tag}{i}", "text": f"{tag}{i} " + " ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(6)),
+             "metadata": {"n": i, "even": i % 2 == 0, "tag": INJECTIONS[i % len(INJECTIONS)], "nested": {"k": [i, "x"]}}}
+            for i in range(n)]
+
+
+class World:
+    """One platform (fake embedder) over the session's database: an active collection, a cold
+    one, and a target the JSONL property re-ingests; the sentinel guards everything else."""
+
+    def __init__(self, vp, active: str, cold: str, target: str, folder, sentinel: Sentinel):
+        self.vp, self.active, self.cold, self.target, self.folder, self.sentinel = vp, active, cold, target, folder, sentinel
+
+
+@pytest.fixture(scope="module")
+def world(pg_dsn, dagster_instance, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    vp = build_platform(pg_dsn, dagster_instance, (folder / "objects").as_uri())
+    suffix = uuid.uuid4().hex[:6]
+    active, cold, target = f"hostile_{suffix}_active", f"hostile_{suffix}_cold", f"hostile_{suffix}_target"
+    for name, n in ((active, 60), (cold, 30)):
+        vp.add_collection(name, write_jsonl(folder / f"{name}.jsonl", _docs(n, name[-4:])))
+        assert all(r.success for r in vp.ingest(name))
+    assert vp.tier(cold, "cold").success
+    vp.add_collection(target, write_jsonl(folder / "target.jsonl", _docs(3, "t")))  # ingested by the JSONL property
+    sentinel = Sentinel(pg_dsn, spare=(target,)).plant()
+    yield World(vp, active, cold, target, folder, sentinel)
+    sentinel.check()
+    sentinel.remove()
+
+
+def _no_database_error(err: BaseException) -> None:
+    """The error a user got is the product's own: no psycopg error under it, no internals in it."""
+    chain, seen = err, set()
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        assert not isinstance(chain, psycopg.Error), f"a database error reached the caller: {chain!r}"
+        chain = chain.__cause__ or chain.__context__
+    text = str(err)
+    for leak in ("psycopg", "Traceback", "syntax error at or near", "SQLSTATE"):
+        assert leak not in text, f"{leak!r} in the error {text!r}"
+
+
+def _refused(call, *args, **kwargs) -> BaseException | None:
+    """Call; None when it answered, the validation error when it refused. Anything else fails."""
+    try:
+        call(*args, **kwargs)
+    except VALIDATION as err:
+        _no_database_error(err)
+        return err
+    return None
+
+
+# ---------------------------------------------------------------- names
+
+@bounded(60)
+@given(name=any_text)
+def test_hostile_collection_names_are_refused_with_a_clear_error_at_every_door(world, name):
+    vp = world.vp
+    valid = bool(NAME_PATTERN.fullmatch(name))
+    if not valid:
+        err = _refused(vp.add_collection, name, world.folder / "target.jsonl")
+        assert err is not None and "invalid collection name" in str(err)
+        for call, args in ((vp.collection, ()), (vp.ingest, ()), (vp.set_settings, ()), (vp.set_rules, ()),
+                           (vp.get, ("doc1",)), (vp.tier, ("cold",)), (vp.archive_rows, ())):
+            err = _refused(call, name, *args)
+            assert err is not None, f"{call.__name__}({name!r}) did not refuse"
+        err = _refused(vp.search, "alpha", [world.active, name])
+        assert err is not None and "invalid collection name" in str(err)
+    else:  # a well-formed name nobody declared: unknown, said plainly
+        assert _refused(vp.collection, name) is not None
+        result = vp.search("alpha", [world.active, name], k=3)
+        assert len(result.hits) == 3 and f"unknown collection {name!r} skipped" in result.warnings
+    world.sentinel.check()
+
+
+@bounded(30)
+@given(key=any_text)
+def test_hostile_model_keys_are_refused(world, key):
+    vp = world.vp
+    if NAME_PATTERN.fullmatch(key):
+        return  # a well-formed key would be registered: not what this property is about
+    err = _refused(lambda: vp.add_model(ModelSpec(key, "openai", "fake", 8)))
+    assert err is not None and "invalid model key name" in str(err)
+    if key:  # an empty model means none given: the collection keeps its models
+        assert _refused(vp.add_collection, world.target, None, model=key) is not None
+    world.sentinel.check()
+
+
+@bounded(40)
+@given(setting=st.sampled_from(["hnsw_m", "hnsw_ef_search", "recall_target", "chunk_max_tokens", "max_delete_fraction",
+                                 "no_such_setting", "extra", "'; DROP TABLE canary; --"]),
+       value=st.one_of(numbers, any_text, st.none(), st.booleans(), json_values))
+def test_hostile_settings_and_rules_are_refused_or_stored_exactly(world, setting, value):
+    vp = world.vp
+    before = vp.collection(world.target).settings
+    try:
+        _, after = vp.set_settings(world.target, **{setting: value})
+    except VALIDATION as err:
+        _no_database_error(err)
+        assert vp.collection(world.target).settings == before
+    else:
+        stored = getattr(vp.collection(world.target).settings, setting)
+        assert stored == getattr(after, setting) and stored == value
+        vp.set_settings(world.target, **{setting: getattr(before, setting)})
+    for rule in ("evict_after_days", "archive_after_days", "archive_rows_older_than_days", "rehydrate_on_query"):
+        _refused(vp.set_rules, world.target, **{rule: value})
+    world.sentinel.check()
+
+
+# ---------------------------------------------------------------- the CLI
+
+def _cli(world, *argv: str) -> tuple[int, str]:
+    """The CLI's main() in this process on the world's platform: exit code and what it printed."""
+    from vector_platform import cli
+
+    out = io.StringIO()
+    original = cli._platform
+    cli._platform = lambda: world.vp
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                code = cli.main(list(argv))
+            except SystemExit as exit_:  # argparse's own usage errors
+                code = exit_.code
+    finally:
+        cli._platform = original
+    return code, out.getvalue()
+
+
+@bounded(40)
+@given(name=any_text, filters=json_texts)
+def test_the_cli_answers_hostile_arguments_with_an_error_line_and_exit_code_2(world, name, filters):
+    source = str(world.folder / "target.jsonl")
+    adds = [("collections", "add", name, "--source", source)] if not NAME_PATTERN.fullmatch(name) else []
+    for argv in (*adds, ("search", "alpha", "--collection", name, "--json"),
+                 ("search", "alpha", "--collection", world.active, "--filters", filters, "--json"),
+                 ("search", name or "x", "--collection", world.active, "-k", "2", "--json"),
+                 ("get", name, name or "x"), ("tier", name, "cold"), ("collections", "rules", name)):
+        code, printed = _cli(world, *argv)
+        for leak in ("Traceback", "psycopg", "SQLSTATE"):
+            assert leak not in printed, (argv, printed)
+        if code != 0:
+            assert code in (1, 2) and ("error:" in printed or "usage:" in printed), (argv, printed)
+    world.sentinel.check()
+
+
+# ---------------------------------------------------------------- filters
+
+@bounded(60)
+@given(filters=st.one_of(json_objects, json_values, st.sampled_from(DEEP).map(lambda d: {"a": d})))
+def test_hostile_filters_get_one_verdict_in_every_tier_and_never_a_database_error(world, filters):
+    vp = world.vp
+    verdicts = []
+    for names, exact in (([world.active], False), ([world.active], True), ([world.cold], True)):
+        try:
+            result = vp.search("alpha beta", names, k=5, exact=exact, filters=filters)
+        except VALIDATION as err:
+            _no_database_error(err)
+            verdicts.append("refused")
+            continue
+        verdicts.append("answered")
+        assert all(filter_language.contains(h.metadata, filters) for h in result.hits) or not filters, filters
+        assert not any("could not be read" in w for w in result.warnings), result.warnings
+    assert len(set(verdicts)) == 1, f"tiers disagree on {filters!r}: {verdicts}"
+    world.sentinel.check()
+
+
+@bounded(40)
+@given(key=any_text, value=st.one_of(any_text, numbers))
+def test_a_filter_built_from_an_injection_matches_nothing_it_should_not(world, key, value):
+    """A filter of one hostile key/value: refused, or answered with only documents that hold
+    exactly that pair (none of the active collection's documents do, except by its tag)."""
+    vp = world.vp
+    try:
+        result = vp.search("alpha", [world.active], k=60, exact=True, filters={key: value})
+    except VALIDATION as err:
+        _no_database_error(err)
+    else:
+        assert all(h.metadata.get(key) == value for h in result.hits)
+        if key == "tag" and value in INJECTIONS:
+            assert result.hits, "an injection stored as metadata is found by its exact value"
+    world.sentinel.check()
+
+
+# ---------------------------------------------------------------- queries and vectors
+
+@bounded(60)
+@given(query=st.one_of(any_text, st.sampled_from(PAYLOADS).map(lambda p: p * 500)), k=st.one_of(st.integers(-5, 1005), numbers))
+def test_hostile_query_texts_and_k_are_answered_or_refused(world, query, k):
+    vp = world.vp
+    try:
+        result = vp.search(query, [world.active, world.cold], k=k)
+    except VALIDATION as err:
+        _no_database_error(err)
+    else:
+        assert isinstance(k, int) and 1 <= k <= 1000
+        assert len(result.hits) == min(k, 90)
+    world.sentinel.check()
+
+
+@bounded(40)
+@given(vector=st.one_of(
+    st.lists(numbers, min_size=384, max_size=384),
+    st.lists(st.floats(-1, 1), min_size=0, max_size=400),
+    st.lists(st.one_of(numbers, st.booleans(), any_text, st.none()), max_size=384),
+    st.sampled_from([[10**400] * 384, [1e308] * 384, [float("nan")] * 384, [0.0] * 384, [[0.1] * 384], "0.1" * 384]),
+))
+def test_hostile_query_vectors_are_refused_with_a_clear_error(world, vector):
+    vp = world.vp
+    try:
+        result = vp.search(None, [world.active, world.cold], vector=vector, k=4)
+    except VALIDATION as err:
+        _no_database_error(err)
+    else:
+        assert len(result.hits) == 4 and all(math.isfinite(h.score) for h in result.hits)
+    world.sentinel.check()
+
+
+def test_the_query_log_still_records_after_hostile_queries(world, pg_dsn):
+    """A query text PostgreSQL cannot store must not poison the batched query log: the searches
+    after it are logged, and last_queried_at moves."""
+    vp = world.vp
+    for query in ("a\x00b", "broken \ud800 text", "'; DROP TABLE canary; --", "x" * 100_000):
+        try:
+            vp.search(query, [world.active], k=1)
+        except VALIDATION as err:
+            _no_database_error(err)
+    marker = f"after the storm {uuid.uuid4().hex}"
+    vp.search(marker, [world.active], k=1)
+    flush_query_log(vp.pool())
+    with psycopg.connect(pg_dsn) as conn:
+        logged = conn.execute("SELECT count(*) FROM vector_platform.query_stats WHERE query_text = %s", (marker,)).fetchone()[0]
+        injection = conn.execute("SELECT count(*) FROM vector_platform.query_stats WHERE query_text = %s",
+                                 ("'; DROP TABLE canary; --",)).fetchone()[0]
+    assert logged == 1 and injection >= 1
+    world.sentinel.check()
+
+
+# ---------------------------------------------------------------- JSONL sources
+
+good_ids = st.one_of(storable_text.filter(lambda s: 0 < len(s) <= 200 and s.strip() == s and s), st.integers(0, 10**12))
+good_metadata = st.dictionaries(storable_text, st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53), st.floats(allow_nan=False, allow_infinity=False),
+              storable_text),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(storable_text, inner, max_size=3)),
+    max_leaves=8,
+), max_size=4)
+
+
+@st.composite
+def good_record(draw, i: int):
+    words = " ".join(draw(st.lists(st.sampled_from(WORDS), min_size=2, max_size=6)))
+    record = {"id": f"g{i}:{draw(good_ids)}", "text": f"{words} {draw(storable_text)}", "metadata": draw(good_metadata)}
+    if draw(st.booleans()):
+        record["title"] = draw(storable_text)
+    return record
+
+
+# Each bad record has one defect a reader must turn into a dead letter, and its reason.
+BAD_KINDS = {
+    "nul_text": (lambda i, p: json.dumps({"id": f"b{i}", "text": f"x {p} \u0000 y"}), "NUL character"),
+    "nul_metadata_key": (lambda i, p: json.dumps({"id": f"b{i}", "text": "ok words", "metadata": {f"{p}\u0000": 1}}),
+                         "NUL character"),
+    "nul_metadata_value": (lambda i, p: json.dumps({"id": f"b{i}", "text": "ok words", "metadata": {"k": [p, "\u0000"]}}),
+                           "NUL character"),
+    "nul_id": (lambda i, p: json.dumps({"id": f"b{i}\u0000{p}", "text": "ok words"}), "NUL character"),
+    "surrogate_text": (lambda i, p: '{"id": "b%d", "text": "broken \\udc00 %s"}' % (i, json.dumps(p)[1:-1]),
+                       "surrogate"),
+    "surrogate_key": (lambda i, p: '{"id": "b%d", "text": "ok words", "metadata": {"\\ud800": 1}}' % i, "surrogate"),
+    "nan": (lambda i, p: '{"id": "b%d", "text": "ok words", "metadata": {"v": NaN}}' % i, "NaN"),
+    "infinity": (lambda i, p: '{"id": "b%d", "text": "ok words", "metadata": {"v": [-Infinity]}}' % i, "inf"),
+    "huge_float": (lambda i, p: '{"id": "b%d", "text": "ok words", "metadata": {"v": 1e999}}' % i, "inf"),
+    "deep": (lambda i, p: json.dumps({"id": f"b{i}", "text": "ok words", "metadata": {"d": DEEP[1]}}), "nested deeper"),
+    "deeper_than_python": (lambda i, p: '{"id": "b%d", "text": "x", "metadata": %s}' % (i, "[" * 50_000 + "]" * 50_000),
+                           "nested too deeply"),
+    "long_id": (lambda i, p: json.dumps({"id": f"b{i}" + p * 600 + "x" * 600, "text": "ok words"}), "over the limit"),
+    "empty_text": (lambda i, p: json.dumps({"id": f"b{i}", "text": " \t\n"}), "empty text"),
+    "text_not_string": (lambda i, p: json.dumps({"id": f"b{i}", "text": {"sql": p}}), "'text' must be a string"),
+    "metadata_not_object": (lambda i, p: json.dumps({"id": f"b{i}", "text": "ok", "metadata": [p]}), "must be an object"),
+    "bool_id": (lambda i, p: json.dumps({"id": True, "text": p or "x"}), "missing or invalid 'id'"),
+    "no_id": (lambda i, p: json.dumps({"text": p or "x"}), "missing or invalid 'id'"),
+    "not_an_object": (lambda i, p: json.dumps([p, i]), "must be a JSON object"),
+    "broken_json": (lambda i, p: '{"id": "b%d", "text": "unterminated' % i, "Unterminated string"),
+    "epoch_overflow": (lambda i, p: json.dumps({"id": f"b{i}", "text": "ok", "timestamp": 10**400}), "out of range"),
+    "bad_timestamp": (lambda i, p: json.dumps({"id": f"b{i}", "text": "ok", "timestamp": p + "2024-13-45"}), "not ISO 8601"),
+}
+
+
+@st.composite
+def jsonl_file(draw):
+    """Lines (good and bad shuffled), the good records, and each bad line's expected reason."""
+    n_good = draw(st.integers(1, 8))
+    good = [draw(good_record(i)) for i in range(n_good)]
+    kinds = draw(st.lists(st.sampled_from(sorted(BAD_KINDS)), min_size=1, max_size=8))
+    bad = [(BAD_KINDS[kind][0](i, draw(storable_text.filter(lambda s: len(s) < 60))), BAD_KINDS[kind][1])
+           for i, kind in enumerate(kinds)]
+    lines = [json.dumps(r, ensure_ascii=draw(st.booleans())) for r in good] + [line for line, _ in bad]
+    order = draw(st.permutations(range(len(lines))))
+    return [lines[i] for i in order], good, [reason for _, reason in bad]
+
+
+@bounded(6)
+@given(case=jsonl_file())
+def test_hostile_jsonl_records_are_dead_lettered_and_every_good_one_goes_through(world, pg_dsn, case):
+    lines, good, reasons = case
+    vp, name = world.vp, world.target
+    (world.folder / "target.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
+    runs = vp.ingest(name, allow_deletes=True)
+    assert all(r.success for r in runs), [r.error for r in runs]
+    with psycopg.connect(pg_dsn) as conn:
+        live = dict(conn.execute(
+            "SELECT doc_id, metadata FROM vector_platform.documents WHERE collection = %s AND deleted_at IS NULL", (name,)))
+        letters = [row[0] for row in conn.execute(
+            "SELECT error FROM vector_platform.dead_letters WHERE collection = %s AND stage = 'source' AND resolved_at IS NULL",
+            (name,))]
+        table = catalog.vector_table_name(conn, name, "minilm_l6_v2")
+        vectors = conn.execute(sql.SQL("SELECT count(DISTINCT doc_id) FROM {}").format(sql.Identifier("vp_vectors", table))).fetchone()[0]
+    assert live == {str(r["id"]): r["metadata"] for r in good}  # every good document, its metadata exactly
+    assert vectors == len(good)
+    assert len(letters) == len(reasons), letters
+    text = " | ".join(letters)
+    for reason in reasons:
+        assert reason in text, (reason, letters)
+    assert "psycopg" not in text and "Traceback" not in text
+    some = good[0]
+    hits = vp.search(some["text"], [name], k=3 * len(good), exact=True).hits
+    assert {h.doc_id for h in hits} == {str(r["id"]) for r in good}
+    world.sentinel.check()
