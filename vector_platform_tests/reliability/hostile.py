@@ -10,21 +10,25 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass
 
 import psycopg
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
 _RANDOM = os.environ.get("VP_HYPOTHESIS_RANDOM", "").strip() in ("1", "true", "yes")
 
 
-def bounded(max_examples: int):
+def bounded(max_examples: int, shrink: bool = True):
     """Settings for one property: `max_examples`, no deadline (a shared CI machine), the fixtures
-    are module-scoped (reused across examples on purpose: their state is checked after each)."""
+    are module-scoped (reused across examples on purpose: their state is checked after each).
+    `shrink=False` for properties whose every example costs seconds: the failing example is
+    reported as generated rather than minimised by dozens of reruns."""
     return settings(
         max_examples=max_examples,
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, *([Phase.shrink] if shrink else [])],
         deadline=None,
         derandomize=not _RANDOM,
         database=None,
@@ -143,6 +147,46 @@ json_values = st.recursive(
 json_objects = st.one_of(st.dictionaries(any_text, json_values, max_size=5), st.sampled_from(DEEP[:2]).map(lambda d: {"x": d}))
 # Filters as a user types them: JSON text, hostile, deep, or not JSON at all.
 json_texts = st.one_of(payload_text, st.sampled_from(DEEP_JSON), json_objects.map(lambda f: json.dumps(f, ensure_ascii=False)))
+
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+
+
+def corpus(n: int, tag: str) -> list[dict]:
+    """Documents whose metadata holds injections (stored, and found, verbatim)."""
+    return [{"id": f"{tag}{i}", "text": f"{tag}{i} " + " ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(6)),
+             "metadata": {"n": i, "even": i % 2 == 0, "tag": INJECTIONS[i % len(INJECTIONS)], "nested": {"k": [i, "x"]}}}
+            for i in range(n)]
+
+
+@dataclass
+class Shared:
+    """Collections the three modules attack and never change: one active (60 documents), one
+    cold (30, evicted to a snapshot). Built once per test session (each costs Dagster runs)."""
+
+    vp: object
+    active: str
+    cold: str
+    folder: object
+
+
+_shared: dict[str, Shared] = {}
+
+
+def shared_collections(pg_dsn: str, dagster_instance, tmp_path_factory) -> Shared:
+    from ..conftest import build_platform, write_jsonl
+
+    if pg_dsn not in _shared:
+        folder = tmp_path_factory.mktemp("hostile_shared")
+        vp = build_platform(pg_dsn, dagster_instance, (folder / "objects").as_uri())
+        suffix = uuid.uuid4().hex[:6]
+        active, cold = f"hostile_{suffix}_active", f"hostile_{suffix}_cold"
+        for name, n in ((active, 60), (cold, 30)):
+            vp.add_collection(name, write_jsonl(folder / f"{name}.jsonl", corpus(n, name[-4:])))
+            assert all(r.success for r in vp.ingest(name))
+        assert vp.tier(cold, "cold").success
+        _shared[pg_dsn] = Shared(vp, active, cold, folder)
+    return _shared[pg_dsn]
 
 
 def is_storable_text(value: str) -> bool:

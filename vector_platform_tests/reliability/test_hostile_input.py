@@ -28,44 +28,32 @@ from vector_platform.names import NAME_PATTERN
 from vector_platform.search import filters as filter_language
 from vector_platform.search import flush_query_log
 
-from ..conftest import build_platform, write_jsonl
+from ..conftest import write_jsonl
 from .hostile import (
-    DEEP, HUGE_NUMBERS, INJECTIONS, PAYLOADS, Sentinel, any_text, bounded, is_storable_text, json_objects, json_values,
-    json_texts, numbers, payload_text, storable_text,
+    DEEP, INJECTIONS, PAYLOADS, WORDS, Sentinel, any_text, bounded, corpus, json_objects, json_texts, json_values, numbers,
+    shared_collections, storable_text,
 )
 
 # The errors a caller may get for bad input: the product's own, with a message.
 VALIDATION = (ValueError, KeyError)
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
-
-
-def _docs(n: int, tag: str) -> list[dict]:
-    return [{"id": f"{tag}{i}", "text": f"{tag}{i} " + " ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(6)),
-             "metadata": {"n": i, "even": i % 2 == 0, "tag": INJECTIONS[i % len(INJECTIONS)], "nested": {"k": [i, "x"]}}}
-            for i in range(n)]
 
 
 class World:
-    """One platform (fake embedder) over the session's database: an active collection, a cold
-    one, and a target the JSONL property re-ingests; the sentinel guards everything else."""
+    """The shared active and cold collections, plus a target the JSONL property re-ingests and
+    the settings property changes; the sentinel guards everything else."""
 
-    def __init__(self, vp, active: str, cold: str, target: str, folder, sentinel: Sentinel):
-        self.vp, self.active, self.cold, self.target, self.folder, self.sentinel = vp, active, cold, target, folder, sentinel
+    def __init__(self, shared, target: str, sentinel: Sentinel):
+        self.vp, self.active, self.cold, self.folder = shared.vp, shared.active, shared.cold, shared.folder
+        self.target, self.sentinel = target, sentinel
 
 
 @pytest.fixture(scope="module")
 def world(pg_dsn, dagster_instance, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hostile")
-    vp = build_platform(pg_dsn, dagster_instance, (folder / "objects").as_uri())
-    suffix = uuid.uuid4().hex[:6]
-    active, cold, target = f"hostile_{suffix}_active", f"hostile_{suffix}_cold", f"hostile_{suffix}_target"
-    for name, n in ((active, 60), (cold, 30)):
-        vp.add_collection(name, write_jsonl(folder / f"{name}.jsonl", _docs(n, name[-4:])))
-        assert all(r.success for r in vp.ingest(name))
-    assert vp.tier(cold, "cold").success
-    vp.add_collection(target, write_jsonl(folder / "target.jsonl", _docs(3, "t")))  # ingested by the JSONL property
+    shared = shared_collections(pg_dsn, dagster_instance, tmp_path_factory)
+    target = f"hostile_{uuid.uuid4().hex[:6]}_target"
+    shared.vp.add_collection(target, write_jsonl(shared.folder / "target.jsonl", corpus(3, "t")))  # ingested by the JSONL property
     sentinel = Sentinel(pg_dsn, spare=(target,)).plant()
-    yield World(vp, active, cold, target, folder, sentinel)
+    yield World(shared, target, sentinel)
     sentinel.check()
     sentinel.remove()
 
@@ -177,7 +165,8 @@ def test_the_cli_answers_hostile_arguments_with_an_error_line_and_exit_code_2(wo
     for argv in (*adds, ("search", "alpha", "--collection", name, "--json"),
                  ("search", "alpha", "--collection", world.active, "--filters", filters, "--json"),
                  ("search", name or "x", "--collection", world.active, "-k", "2", "--json"),
-                 ("get", name, name or "x"), ("tier", name, "cold"), ("collections", "rules", name)):
+                 ("get", name, name or "x"), ("tier", name, "cold"), ("collections", "rules", name),
+                 ("dead-letters", "--collection", name), ("audit", "--collection", name), ("audit", "--principal", name)):
         code, printed = _cli(world, *argv)
         for leak in ("Traceback", "psycopg", "SQLSTATE"):
             assert leak not in printed, (argv, printed)
@@ -258,6 +247,31 @@ def test_hostile_query_vectors_are_refused_with_a_clear_error(world, vector):
     world.sentinel.check()
 
 
+def test_one_query_text_the_database_cannot_store_does_not_cost_the_batch_its_other_rows(world, pg_dsn):
+    """The query log writes in batches: a text with NUL or a lone surrogate is stored cleaned,
+    and the entries beside it in the same batch are stored too."""
+    import datetime as dt
+
+    import numpy as np
+
+    from vector_platform.search.log import QueryLog
+
+    pool = world.vp.pool()
+    log = QueryLog(lambda: pool, flush_s=3600)
+    marker = f"beside the hostile one {uuid.uuid4().hex}"
+    vec = np.ones(384, np.float32) / np.sqrt(384)
+    at = dt.datetime.now(dt.timezone.utc)
+    for text in ("nul \x00 inside", "lone \ud800 surrogate", marker):
+        log.record(at, [(world.active, "minilm_l6_v2", "ann", 5, 1.0, 5, text, vec)], [world.active], [])
+    log._wake.set()
+    log.flush()
+    assert log.dropped == 0
+    with psycopg.connect(pg_dsn) as conn:
+        texts = {r[0] for r in conn.execute("SELECT query_text FROM vector_platform.query_stats WHERE queried_at = %s", (at,))}
+    assert texts == {"nul  inside", "lone \ufffd surrogate", marker}
+    world.sentinel.check()
+
+
 def test_the_query_log_still_records_after_hostile_queries(world, pg_dsn):
     """A query text PostgreSQL cannot store must not poison the batched query log: the searches
     after it are logged, and last_queried_at moves."""
@@ -322,18 +336,18 @@ BAD_KINDS = {
     "bool_id": (lambda i, p: json.dumps({"id": True, "text": p or "x"}), "missing or invalid 'id'"),
     "no_id": (lambda i, p: json.dumps({"text": p or "x"}), "missing or invalid 'id'"),
     "not_an_object": (lambda i, p: json.dumps([p, i]), "must be a JSON object"),
-    "broken_json": (lambda i, p: '{"id": "b%d", "text": "unterminated' % i, "Unterminated string"),
+    "broken_json": (lambda i, p: '{"id": "b%d", "text": "unterminated' % i, ("Unterminated string", "Invalid control character")),
     "epoch_overflow": (lambda i, p: json.dumps({"id": f"b{i}", "text": "ok", "timestamp": 10**400}), "out of range"),
     "bad_timestamp": (lambda i, p: json.dumps({"id": f"b{i}", "text": "ok", "timestamp": p + "2024-13-45"}), "not ISO 8601"),
 }
 
 
 @st.composite
-def jsonl_file(draw):
+def jsonl_file(draw, good_range=(1, 8), bad_range=(1, 8)):
     """Lines (good and bad shuffled), the good records, and each bad line's expected reason."""
-    n_good = draw(st.integers(1, 8))
+    n_good = draw(st.integers(*good_range))
     good = [draw(good_record(i)) for i in range(n_good)]
-    kinds = draw(st.lists(st.sampled_from(sorted(BAD_KINDS)), min_size=1, max_size=8))
+    kinds = draw(st.lists(st.sampled_from(sorted(BAD_KINDS)), min_size=bad_range[0], max_size=bad_range[1]))
     bad = [(BAD_KINDS[kind][0](i, draw(storable_text.filter(lambda s: len(s) < 60))), BAD_KINDS[kind][1])
            for i, kind in enumerate(kinds)]
     lines = [json.dumps(r, ensure_ascii=draw(st.booleans())) for r in good] + [line for line, _ in bad]
@@ -341,12 +355,47 @@ def jsonl_file(draw):
     return [lines[i] for i in order], good, [reason for _, reason in bad]
 
 
-@bounded(6)
+def _exact(value):
+    """JSON as jsonb compares it: numbers by their decimal value (1e16 == 10000000000000000)."""
+    from decimal import Decimal
+
+    return json.loads(json.dumps(value), parse_float=Decimal, parse_int=Decimal)
+
+
+def _expect_reasons(errors: list[str], reasons: list[str]) -> None:
+    """Each bad line has its own rejection, and each rejection says its line's defect."""
+    assert len(errors) == len(reasons), errors
+    remaining = list(errors)
+    for reason in sorted(reasons, key=lambda r: -len(str(r))):
+        alternatives = reason if isinstance(reason, tuple) else (reason,)
+        match = next((e for e in remaining if any(a in e for a in alternatives)), None)
+        assert match is not None, (reason, errors)
+        remaining.remove(match)
+    for error in errors:
+        assert "psycopg" not in error and "Traceback" not in error
+
+
+@bounded(60)
 @given(case=jsonl_file())
+def test_the_jsonl_reader_turns_every_hostile_record_into_a_rejection_with_its_reason(world, case):
+    from vector_platform.ingest.sources import Document, Rejection, read_source
+
+    lines, good, reasons = case
+    path = world.folder / "reader.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    read = list(read_source(str(path), 20 * 2**20))
+    documents = {d.doc_id: d for d in read if isinstance(d, Document)}
+    assert {k: (d.body, _exact(d.metadata)) for k, d in documents.items()} == {
+        str(r["id"]): (r["text"], _exact(r["metadata"])) for r in good}
+    _expect_reasons([r.error for r in read if isinstance(r, Rejection)], reasons)
+
+
+@bounded(2, shrink=False)  # each example is an ingest (three Dagster runs): a failure is reported as found
+@given(case=jsonl_file(good_range=(15, 30), bad_range=(15, 21)))
 def test_hostile_jsonl_records_are_dead_lettered_and_every_good_one_goes_through(world, pg_dsn, case):
     lines, good, reasons = case
     vp, name = world.vp, world.target
-    (world.folder / "target.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
+    (world.folder / "target.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     runs = vp.ingest(name, allow_deletes=True)
     assert all(r.success for r in runs), [r.error for r in runs]
     with psycopg.connect(pg_dsn) as conn:
@@ -357,14 +406,10 @@ def test_hostile_jsonl_records_are_dead_lettered_and_every_good_one_goes_through
             (name,))]
         table = catalog.vector_table_name(conn, name, "minilm_l6_v2")
         vectors = conn.execute(sql.SQL("SELECT count(DISTINCT doc_id) FROM {}").format(sql.Identifier("vp_vectors", table))).fetchone()[0]
-    assert live == {str(r["id"]): r["metadata"] for r in good}  # every good document, its metadata exactly
+    # every good document, its metadata exactly (as JSON numbers: jsonb keeps the decimal digits)
+    assert {k: _exact(v) for k, v in live.items()} == {str(r["id"]): _exact(r["metadata"]) for r in good}
     assert vectors == len(good)
-    assert len(letters) == len(reasons), letters
-    text = " | ".join(letters)
-    for reason in reasons:
-        assert reason in text, (reason, letters)
-    assert "psycopg" not in text and "Traceback" not in text
-    some = good[0]
-    hits = vp.search(some["text"], [name], k=3 * len(good), exact=True).hits
+    _expect_reasons(letters, reasons)
+    hits = vp.search(good[0]["text"], [name], k=3 * len(good), exact=True).hits
     assert {h.doc_id for h in hits} == {str(r["id"]) for r in good}
     world.sentinel.check()
