@@ -41,6 +41,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -62,6 +63,17 @@ def _instant(value: Any, name: str) -> dt.datetime | None:
     except ValueError:
         raise HttpError(400, f"{name} is not an ISO date or time: {value[:40]!r}") from None
     return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json reads NaN and Infinity; JSON has neither."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _not_found(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such route, wrong method) as JSON like every other error."""
+    return JSONResponse({"error": "not found" if exc.status_code == 404 else str(exc.detail)}, status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
 
 
 class HttpError(Exception):
@@ -141,9 +153,13 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
             if len(body) > max_body:
                 raise HttpError(413, f"request body over {max_body} bytes")
         try:
-            return json.loads(body)
+            return json.loads(body, parse_constant=_not_json)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise HttpError(400, f"the body is not JSON ({err})") from None
+        except ValueError as err:  # NaN / Infinity, or an integer of more digits than Python reads
+            raise HttpError(400, f"the body is not JSON ({str(err)[:120]})") from None
+        except RecursionError:
+            raise HttpError(400, "the body is not JSON this server reads: nested too deeply") from None
 
     async def search(request: Request) -> JSONResponse:
         body = await read_json(request)
@@ -227,7 +243,8 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
             Route("/collections/{name}/documents/{doc_id:path}", _guarded(document, keys), methods=["GET"]),
             Route("/healthz", _guarded(healthz, keys), methods=["GET"]),
             Route("/metrics", _guarded(_metrics_endpoint(vp.pool), {} if metrics_open else keys), methods=["GET"]),
-        ]
+        ],
+        exception_handlers={HTTPException: _not_found},
     )
 
 
@@ -263,7 +280,7 @@ def create_metrics_app(pool_factory=None, api_key: str | None = None) -> Starlet
         pool_factory = default_resources()["postgres"].pool
     keys = api_keys(single=api_key)
     return Starlette(routes=[Route("/metrics", _guarded(_metrics_endpoint(pool_factory), {} if _metrics_public() else keys),
-                                   methods=["GET"])])
+                                   methods=["GET"])], exception_handlers={HTTPException: _not_found})
 
 
 def _run(app: Starlette, host: str, port: int) -> None:

@@ -157,6 +157,13 @@ def search(
     tier (and read only the archive months they overlap)."""
     if (query is None) == (vector is None):
         raise ValueError("give either a query text or a vector")
+    if query is not None:
+        if not isinstance(query, str):
+            raise ValueError(f"the query must be text, got {type(query).__name__}")
+        try:
+            query.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the query holds an unpaired UTF-16 surrogate (not valid Unicode text)") from None
     if not collections or isinstance(collections, str):
         raise ValueError("name at least one collection (a list of names)")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
@@ -453,9 +460,17 @@ def _query_vector(spec: ModelSpec, query, vector, embed_query: QueryEmbedder) ->
         if not query or not query.strip():
             raise ValueError("empty query")
         vec = np.asarray(embed_query(spec, query), dtype=np.float32).reshape(-1)
+    norm = np.linalg.norm(vec)
     if spec.normalise:
-        norm = np.linalg.norm(vec)
-        if norm == 0:
-            raise ValueError("query vector has zero length")
+        if norm == 0 or not np.isfinite(norm):
+            # the squares over- or underflow 32-bit floats (components near 1e19 or 1e-23):
+            # the length in 64 bits, so a finite vector is a direction, not NaN scores
+            wide = vec.astype(np.float64)
+            norm = np.linalg.norm(wide)
+            if norm == 0:
+                raise ValueError("query vector has zero length")
+            return (wide / norm).astype(np.float32)
         vec = vec / norm
+    elif not np.isfinite(norm):
+        raise ValueError("query vector too large: its length overflows 32-bit floats")
     return vec

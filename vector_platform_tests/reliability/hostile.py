@@ -14,11 +14,22 @@ import uuid
 from dataclasses import dataclass
 
 import psycopg
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, example, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
 _RANDOM = os.environ.get("VP_HYPOTHESIS_RANDOM", "").strip() in ("1", "true", "yes")
+
+
+def every(argument: str, values, **fixed):
+    """Explicit examples: each of `values` as `argument` (the other arguments `fixed`), run on
+    every run before the generated ones, so no targeted payload is left to chance."""
+    def decorate(test):
+        for value in reversed(list(values)):
+            test = example(**{argument: value}, **fixed)(test)
+        return test
+
+    return decorate
 
 
 def bounded(max_examples: int, shrink: bool = True):
@@ -113,6 +124,29 @@ ODD = [
     "9" * 400,
 ]
 PAYLOADS = INJECTIONS + ODD
+# Tried explicitly on every run, at every door (the rest of PAYLOADS by sampling).
+CORE = [
+    "'; DROP TABLE canary; --", "\") ; DROP TABLE canary; --", "') ; DROP TABLE canary; --", "$$; DROP TABLE canary; $$",
+    "x' OR '1'='1", "'; TRUNCATE vector_platform.collections CASCADE; --", "a" * 64, "a" * 200, "é" * 32, "\x00", "a\x00b",
+    "'\x00; DROP TABLE canary; --", "\ud800", "a\udfffb", "日本語のコレクション", "Ｃａｎａｒｙ", "\u202ereversed", "", "select",
+    "9" * 400, "%00", "../../etc/passwd",
+]
+
+
+class Opaque:
+    """A value hypothesis must not pretty-print (it recurses into 100,000 levels of nesting):
+    shown by its label, unwrapped by the test."""
+
+    def __init__(self, label: str, value):
+        self.label, self.value = label, value
+
+    def __repr__(self) -> str:
+        return f"<{self.label}>"
+
+
+def unwrap(value):
+    return value.value if isinstance(value, Opaque) else value
+
 
 payload_text = st.sampled_from(PAYLOADS)
 # Any Python string, lone surrogates and NUL included, mixed with the payloads.
@@ -133,6 +167,7 @@ def nested(depth: int, leaf=1, kind: str = "object"):
 
 
 DEEP = [nested(65), nested(200), nested(2000), nested(5000, kind="array"), nested(100_000, kind="array")]
+DEEP_OPAQUE = [Opaque(f"{n} levels", d) for n, d in zip((65, 200, 2000, 5000, 100_000), DEEP)]
 # The same as JSON text (json.dumps itself gives up on the deepest).
 DEEP_JSON = ['{"a": ' + "[" * n + "1" + "]" * n + "}" for n in (65, 200, 2000, 100_000)] + [
     '{"a": ' + '{"a": ' * 5000 + "1" + "}" * 5000 + "}"]
@@ -144,6 +179,14 @@ json_values = st.recursive(
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(any_text, inner, max_size=4)),
     max_leaves=12,
 )
+# Filters aimed at the SQL and at jsonb: injections as keys and values, numbers jsonb or JSON
+# cannot hold, depth, operator keys.
+_SHALLOW_FILTERS = ([{p: 1} for p in CORE] + [{"tag": p} for p in CORE] + [{"n": x} for x in HUGE_NUMBERS]
+                    + [{"$where": "1=1"}, {"a": {"$gt": 1}}, {"nested": {"k": [0, "x"]}}, {"tag": INJECTIONS[2]}])
+TARGETED_FILTERS = _SHALLOW_FILTERS + [Opaque(f"filter {o.label} deep", {"a": o.value}) for o in DEEP_OPAQUE]
+TARGETED_FILTER_TEXTS = DEEP_JSON + [json.dumps(f) for f in _SHALLOW_FILTERS] + [
+    '{"a": NaN}', '{"a": 1e999}', '{"a": -Infinity}', '{"a": "\\u0000"}', '{"\\ud800": 1}', '{"a": 1', "[1]", '"text"',
+    "9" * 5000, "{" * 5000]
 json_objects = st.one_of(st.dictionaries(any_text, json_values, max_size=5), st.sampled_from(DEEP[:2]).map(lambda d: {"x": d}))
 # Filters as a user types them: JSON text, hostile, deep, or not JSON at all.
 json_texts = st.one_of(payload_text, st.sampled_from(DEEP_JSON), json_objects.map(lambda f: json.dumps(f, ensure_ascii=False)))

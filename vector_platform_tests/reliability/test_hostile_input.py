@@ -30,8 +30,8 @@ from vector_platform.search import flush_query_log
 
 from ..conftest import write_jsonl
 from .hostile import (
-    DEEP, INJECTIONS, PAYLOADS, WORDS, Sentinel, any_text, bounded, corpus, json_objects, json_texts, json_values, numbers,
-    shared_collections, storable_text,
+    CORE, DEEP, DEEP_JSON, DEEP_OPAQUE, HUGE_NUMBERS, INJECTIONS, PAYLOADS, TARGETED_FILTERS, WORDS, Opaque, Sentinel, any_text,
+    bounded, corpus, every, json_objects, json_texts, json_values, numbers, shared_collections, storable_text, unwrap,
 )
 
 # The errors a caller may get for bad input: the product's own, with a message.
@@ -83,6 +83,7 @@ def _refused(call, *args, **kwargs) -> BaseException | None:
 # ---------------------------------------------------------------- names
 
 @bounded(60)
+@every("name", CORE)
 @given(name=any_text)
 def test_hostile_collection_names_are_refused_with_a_clear_error_at_every_door(world, name):
     vp = world.vp
@@ -104,6 +105,7 @@ def test_hostile_collection_names_are_refused_with_a_clear_error_at_every_door(w
 
 
 @bounded(30)
+@every("key", CORE)
 @given(key=any_text)
 def test_hostile_model_keys_are_refused(world, key):
     vp = world.vp
@@ -117,11 +119,14 @@ def test_hostile_model_keys_are_refused(world, key):
 
 
 @bounded(40)
+@every("value", [*HUGE_NUMBERS, "\x00", "16; DROP TABLE canary", 10**400, {"a": "\x00"}], setting="retain_previous_days")
+@every("value", [*HUGE_NUMBERS, "\x00", "16; DROP TABLE canary", "16", 16.0, True], setting="hnsw_m")
+@every("value", [{"a": "\x00"}, {"\ud800": 1}, {"a": float("nan")}, "x", [1], DEEP_OPAQUE[1]], setting="extra")
 @given(setting=st.sampled_from(["hnsw_m", "hnsw_ef_search", "recall_target", "chunk_max_tokens", "max_delete_fraction",
                                  "no_such_setting", "extra", "'; DROP TABLE canary; --"]),
        value=st.one_of(numbers, any_text, st.none(), st.booleans(), json_values))
 def test_hostile_settings_and_rules_are_refused_or_stored_exactly(world, setting, value):
-    vp = world.vp
+    vp, value = world.vp, unwrap(value)
     before = vp.collection(world.target).settings
     try:
         _, after = vp.set_settings(world.target, **{setting: value})
@@ -157,30 +162,51 @@ def _cli(world, *argv: str) -> tuple[int, str]:
     return code, out.getvalue()
 
 
-@bounded(40)
-@given(name=any_text, filters=json_texts)
-def test_the_cli_answers_hostile_arguments_with_an_error_line_and_exit_code_2(world, name, filters):
+def _no_traceback(argv, code: int, printed: str) -> None:
+    for leak in ("Traceback", "psycopg", "SQLSTATE"):
+        assert leak not in printed, (argv, printed)
+    if code != 0:
+        assert code in (1, 2) and ("error:" in printed or "usage:" in printed), (argv, printed)
+
+
+@bounded(25)
+@every("name", CORE + ["-x", "--help-me"])
+@given(name=any_text)
+def test_the_cli_answers_hostile_names_with_an_error_line_and_exit_code_2(world, name):
     source = str(world.folder / "target.jsonl")
     adds = [("collections", "add", name, "--source", source)] if not NAME_PATTERN.fullmatch(name) else []
-    for argv in (*adds, ("search", "alpha", "--collection", name, "--json"),
-                 ("search", "alpha", "--collection", world.active, "--filters", filters, "--json"),
-                 ("search", name or "x", "--collection", world.active, "-k", "2", "--json"),
-                 ("get", name, name or "x"), ("tier", name, "cold"), ("collections", "rules", name),
+    for argv in (*adds, ("search", "alpha", "--collection", name, "--json"), ("search", name or "x", "--collection", world.active,
+                 "-k", "2", "--json"), ("get", name, name or "x"), ("tier", name, "cold"), ("collections", "rules", name),
                  ("dead-letters", "--collection", name), ("audit", "--collection", name), ("audit", "--principal", name)):
         code, printed = _cli(world, *argv)
-        for leak in ("Traceback", "psycopg", "SQLSTATE"):
-            assert leak not in printed, (argv, printed)
-        if code != 0:
-            assert code in (1, 2) and ("error:" in printed or "usage:" in printed), (argv, printed)
+        _no_traceback(argv, code, printed)
+        if argv[0] in ("collections", "tier", "get") and not NAME_PATTERN.fullmatch(name) and not name.startswith("-"):
+            assert code == 2 and "invalid collection name" in printed, (argv, printed)
+    world.sentinel.check()
+
+
+@bounded(20)
+@every("filters", DEEP_JSON + ['{"a": NaN}', '{"a": 1e999}', '{"a": -Infinity}', '{"a": "\\u0000"}', '{"\\ud800": 1}',
+                               '{"tag": "\') ; DROP TABLE canary; --"}', '{"a": 1', "[1]", "9" * 5000, "{" * 5000])
+@given(filters=json_texts)
+def test_the_cli_answers_hostile_filters_with_an_error_line_or_matching_hits(world, filters):
+    argv = ("search", "alpha", "--collection", world.active, "--filters", filters, "--json")
+    code, printed = _cli(world, *argv)
+    _no_traceback(argv, code, printed)
+    if code == 0:
+        result = json.loads(printed.splitlines()[0])
+        given = json.loads(filters) if filters else None  # "" and "null" mean no filter
+        assert all(filter_language.contains(h["metadata"], given) for h in result["hits"] if given)
     world.sentinel.check()
 
 
 # ---------------------------------------------------------------- filters
 
 @bounded(60)
-@given(filters=st.one_of(json_objects, json_values, st.sampled_from(DEEP).map(lambda d: {"a": d})))
+@every("filters", TARGETED_FILTERS)
+@given(filters=st.one_of(json_objects, json_values, st.sampled_from(DEEP_OPAQUE).map(lambda o: Opaque(o.label, {"a": o.value}))))
 def test_hostile_filters_get_one_verdict_in_every_tier_and_never_a_database_error(world, filters):
-    vp = world.vp
+    vp, filters = world.vp, unwrap(filters)
     verdicts = []
     for names, exact in (([world.active], False), ([world.active], True), ([world.cold], True)):
         try:
@@ -216,6 +242,8 @@ def test_a_filter_built_from_an_injection_matches_nothing_it_should_not(world, k
 # ---------------------------------------------------------------- queries and vectors
 
 @bounded(60)
+@every("query", CORE, k=5)
+@every("k", [*HUGE_NUMBERS, 0, 1000, 1001, True, "5"], query="alpha")
 @given(query=st.one_of(any_text, st.sampled_from(PAYLOADS).map(lambda p: p * 500)), k=st.one_of(st.integers(-5, 1005), numbers))
 def test_hostile_query_texts_and_k_are_answered_or_refused(world, query, k):
     vp = world.vp
@@ -230,6 +258,8 @@ def test_hostile_query_texts_and_k_are_answered_or_refused(world, query, k):
 
 
 @bounded(40)
+@every("vector", [[x] * 384 for x in HUGE_NUMBERS] + [[1.0] * 383, [1.0] * 385, [True] * 384, ["1"] * 384, [None] * 384,
+                  [[0.1]] * 384, [], "0.1", {"0": 0.1}])
 @given(vector=st.one_of(
     st.lists(numbers, min_size=384, max_size=384),
     st.lists(st.floats(-1, 1), min_size=0, max_size=400),
