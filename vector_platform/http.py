@@ -260,15 +260,23 @@ def _guarded(handler, keys: dict[str, str]):
             try:
                 return await handler(request)
             except HttpError as err:
-                return JSONResponse({"error": logs.redact(str(err))}, status_code=err.status)
+                return _error(str(err), err.status)
             except (ValueError, KeyError) as err:  # the platform's own input errors (AllArchived included)
                 message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-                return JSONResponse({"error": logs.redact(str(message))}, status_code=400)
+                return _error(str(message), 400)
             except Exception:  # noqa: BLE001 - logged here, never sent to the client
                 log.exception("request failed: %s %s", request.method, request.url.path)
                 return JSONResponse({"error": "internal error (see the server's log)"}, status_code=500)
 
     return endpoint
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    """An error answer, masked like the logs. A message may quote the request (an unknown field,
+    a name), and JSON text from a client can hold an unpaired surrogate, which UTF-8 cannot
+    encode: it is sent escaped (\\ud800) rather than failing the answer."""
+    text = logs.redact(message).encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": text}, status_code=status)
 
 
 def create_metrics_app(pool_factory=None, api_key: str | None = None) -> Starlette:

@@ -8,6 +8,7 @@ import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any, Iterable
+from urllib.parse import quote, unquote
 
 
 @dataclass
@@ -29,9 +30,11 @@ def call(app, method: str, path: str, headers: Iterable[tuple[str | bytes, str |
     if chunks is None:
         raw.append((b"content-length", str(len(body)).encode()))
         chunks = [body]
+    # as uvicorn has it: the request target percent-encoded on the wire, unquoted (invalid UTF-8 replaced)
+    raw_path = quote(path, safe="/", encoding="utf-8", errors="surrogatepass")
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-        "path": path, "raw_path": path.encode("utf-8", "surrogateescape"), "query_string": b"", "root_path": "",
+        "path": unquote(raw_path), "raw_path": raw_path.encode("ascii"), "query_string": b"", "root_path": "",
         "headers": raw, "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 8080),
     }
     pending = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]

@@ -13,6 +13,7 @@ import datetime as dt
 import hmac
 import http.client
 import json
+import math
 import os
 import socket
 import subprocess
@@ -28,8 +29,8 @@ from vector_platform.http import SEARCH_FIELDS, create_app
 from ..conftest import cli, cli_env
 from .asgi import call
 from .hostile import (
-    DEEP_JSON, HUGE_NUMBERS, INJECTIONS, PAYLOADS, Sentinel, any_text, bounded, json_objects, json_values, numbers,
-    shared_collections,
+    CORE, DEEP_JSON, HUGE_NUMBERS, INJECTIONS, PAYLOADS, TARGETED_FILTERS, Sentinel, any_text, bounded, every, json_objects,
+    json_values, numbers, shared_collections,
 )
 
 KEYS = {"alice": "alice-key-" + "a" * 32, "bob": "bob-key-" + "b" * 32}
@@ -89,16 +90,20 @@ field_values = {
 }
 
 
+ACTIVE, COLD = "@active", "@cold"  # placeholders for the shared collections' names
+RAW_BODIES = [t.encode() for t in DEEP_JSON] + [
+    b"", b"null", b"[]", b"1e999", b"9" * 5000, b'{"k": 1e999}', b'{"k": NaN}', b'{"query": "a", "k": Infinity}',
+    b"\xff\xfe{}", b'{"query": "\\ud800", "collections": ["@active"]}', b'{"collections": ["\\u0000"], "query": "a"}',
+    '{"query": "\u00e9"}'.encode("latin-1"), b'{"query": "a", "query": "b"}', b"{" * 10_000, b'{"filters": ' * 3000]
+
+
 @st.composite
-def search_bodies(draw, shared):
+def search_bodies(draw):
     """A search body with some fields hostile (the rest sensible), or hostile bytes."""
     kind = draw(st.sampled_from(["fields", "fields", "fields", "unknown_field", "raw"]))
     if kind == "raw":
-        return draw(st.one_of(st.binary(max_size=200), st.sampled_from([t.encode() for t in DEEP_JSON]), st.sampled_from([
-            b"", b"null", b"[]", b"1e999", b"9" * 5000, b'{"k": 1e999}', b'{"k": NaN}', b'{"query": "a", "k": Infinity}',
-            b"\xff\xfe{}", b'{"query": "\\ud800"}', b'{"collections": ["\\u0000"]}', '{"query": "\u00e9"}'.encode("latin-1"),
-            b'{"query": "a", "query": "b"}', b"{" * 10_000])))
-    body = {"query": "alpha beta", "collections": [shared.active, shared.cold], "k": 5}
+        return draw(st.one_of(st.binary(max_size=200), st.sampled_from(RAW_BODIES)))
+    body = {"query": "alpha beta", "collections": [ACTIVE, COLD], "k": 5}
     for name in draw(st.lists(st.sampled_from(sorted(SEARCH_FIELDS)), min_size=1, max_size=3, unique=True)):
         body[name] = draw(field_values[name])
     if kind == "unknown_field":
@@ -106,23 +111,42 @@ def search_bodies(draw, shared):
     return body
 
 
+def _named(body, shared):
+    """The body with the placeholders replaced by the shared collections' names."""
+    names = {ACTIVE: shared.active, COLD: shared.cold}
+    if isinstance(body, bytes):
+        return body.replace(ACTIVE.encode(), shared.active.encode())
+    if isinstance(body, dict) and isinstance(body.get("collections"), list):
+        return {**body, "collections": [names.get(c, c) if isinstance(c, str) else c for c in body["collections"]]}
+    return body
+
+
 @bounded(60)
-@given(data=st.data())
-def test_hostile_search_bodies_are_a_4xx_with_a_plain_error_never_a_500(served, data):
+@every("body", RAW_BODIES)
+@every("body", [{"query": p, "collections": [ACTIVE]} for p in CORE] + [{"query": "a", "collections": [p]} for p in CORE])
+@every("body", [{"query": "a", "collections": [ACTIVE, COLD], "filters": f} for f in TARGETED_FILTERS[:-5]]
+       + [{"vector": [x] * 384, "collections": [ACTIVE, COLD]} for x in HUGE_NUMBERS]
+       + [{"query": "a", "collections": [ACTIVE], "since": s} for s in ("0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59")]
+       + [{"query": "a", "collections": [ACTIVE], "k": k} for k in (0, 101, 10**400, 2.0, True, "5", None)])
+@given(body=search_bodies())
+def test_hostile_search_bodies_are_a_4xx_with_a_plain_error_never_a_500(served, body):
     app, shared, sentinel = served
-    body = data.draw(search_bodies(shared))
+    body = _named(body, shared)
     answer = _search(app, body)
     assert answer.status in OK_STATUSES, (answer.status, answer.body[:300])
     if answer.status == 200:
         result = answer.json()
         assert set(result) == {"query", "hits", "stats", "warnings"}
         assert len(result["hits"]) <= (body.get("k", 10) if isinstance(body, dict) else 10)
+        assert all(isinstance(h["score"], float) and math.isfinite(h["score"]) for h in result["hits"])
     else:
         _no_leak(answer)
     sentinel.check()
 
 
 @bounded(40)
+@every("name", CORE, doc_id="tive1")
+@every("doc_id", CORE + ["a0/../a1", "tive1/../tive2", "%2e%2e"], name="x")
 @given(name=any_text, doc_id=st.one_of(any_text, st.sampled_from(["a0", "../../etc/passwd", "a0/../a1", "%00", "\x00"])))
 def test_hostile_document_paths_are_a_404_or_400_never_a_500(served, name, doc_id):
     app, shared, sentinel = served
@@ -189,6 +213,7 @@ def test_every_key_is_compared_with_hmac_compare_digest_and_a_refusal_says_nothi
 
 
 @bounded(40)
+@every("key", [p.encode("utf-8", "surrogatepass") for p in CORE] + [KEYS["alice"].encode(), KEYS["alice"].encode() + b"\x00"])
 @given(key=st.one_of(st.binary(max_size=80), st.sampled_from([k.encode() for k in INJECTIONS + PAYLOADS if k.isascii()])))
 def test_any_other_key_is_refused_the_same_way(served, key):
     app, shared, _ = served
