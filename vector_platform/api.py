@@ -132,7 +132,21 @@ class Platform:
         return self.resources["object_store"]
 
     def pool(self):
+        """The owner's pool (VP_PG_DSN): every write, check and move."""
         return self.postgres.pool()
+
+    def read_pool(self):
+        """Where reads outside search go (a document, the collection list): the read-only
+        role's DSN (VP_PG_READ_DSN) when set, else the owner's pool."""
+        return self.postgres.read_pool()
+
+    def create_reader_role(self, name: str = db.READER_ROLE, password_env: str = db.READER_PASSWORD_ENV) -> dict[str, Any]:
+        """Create or update the read-only role search runs as (see `db.ensure_reader_role`): a
+        login role whose password is read from the environment variable `password_env`, or a
+        NOLOGIN role when that is unset. Returns what it granted (never the password)."""
+        password = os.environ.get(password_env) or None
+        with self.pool().connection() as conn:
+            return db.ensure_reader_role(conn, name, password)
 
     # ------------------------------------------------------------ catalog
 
@@ -263,9 +277,11 @@ class Platform:
         archived ones are skipped. `include_archive` adds the collections' row archives (aged
         rows on the object store, searched exactly); `since` / `until` keep rows whose source
         timestamp is in [since, until). Every hit says its `source_tier`."""
+        readers = self.postgres.read_dsns()
         return search(
             self.pool(), self.embed_query, collections, query=query, vector=vector, k=k, exact=exact, filters=filters,
             store=self.store(), include_archive=include_archive, since=since, until=until,
+            read_dsn=readers[0] if readers else None,
         )
 
     def archive_rows(self, name: str) -> RunSummary:
@@ -280,7 +296,7 @@ class Platform:
         """One document by id: from Postgres when it is there (active, cold, or deleted at
         the source), else from the row archive by one ranged read. None when unknown."""
         validate_name(name)
-        return get_document(self.pool(), self.store(), name, doc_id)
+        return get_document(self.read_pool(), self.store(), name, doc_id)
 
     def store(self) -> ObjectStore:
         """The object store (one handle per Platform)."""

@@ -9,6 +9,10 @@
     GET  /healthz      -> {"status": "ok"} when the database answers
     GET  /metrics      -> Prometheus exposition (`vector_platform.telemetry.metrics`)
 
+With VP_PG_READ_DSN set every route reads through that read-only role (search, documents, the
+collection list, health, metrics); the query log and the audit log are written through
+VP_PG_DSN.
+
 When VP_API_KEY (one key, named `api-key`) or VP_API_KEYS (`name:key,name2:key2`, one per
 caller) is set every request needs a key, as `X-API-Key: <key>` or `Authorization: Bearer
 <key>`, compared in constant time against every configured key. With VP_AUDIT=1 each search is
@@ -210,7 +214,7 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
 
     async def collections(request: Request) -> JSONResponse:
         def read():
-            with vp.pool().connection() as conn:
+            with vp.read_pool().connection() as conn:
                 return [
                     {"name": c.name, "tier": c.tier, "serving_model": c.serving_model, "models": list(c.models)}
                     for c in catalog.list_collections(conn)
@@ -230,7 +234,7 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
 
     async def healthz(request: Request) -> JSONResponse:
         def ping():
-            with vp.pool().connection() as conn:
+            with vp.read_pool().connection() as conn:
                 conn.execute("SELECT 1")
 
         await run_in_threadpool(ping)
@@ -242,7 +246,7 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
             Route("/collections", _guarded(collections, keys), methods=["GET"]),
             Route("/collections/{name}/documents/{doc_id:path}", _guarded(document, keys), methods=["GET"]),
             Route("/healthz", _guarded(healthz, keys), methods=["GET"]),
-            Route("/metrics", _guarded(_metrics_endpoint(vp.pool), {} if metrics_open else keys), methods=["GET"]),
+            Route("/metrics", _guarded(_metrics_endpoint(vp.read_pool), {} if metrics_open else keys), methods=["GET"]),
         ],
         exception_handlers={HTTPException: _not_found},
     )

@@ -3,6 +3,10 @@
 Environment variables (all optional):
 - VP_HOME: folder for the embedded defaults (default ./.vp)
 - VP_PG_DSN: a PostgreSQL DSN; when unset the embedded server under $VP_HOME/pg is used
+- VP_PG_READ_DSN: the DSN search reads through (CLI `search`, `Platform.search`, `serve`): a
+  read-only role (`vector-platform db reader-role`); writes, checks and moves keep VP_PG_DSN.
+  Unset: search reads through VP_PG_DSN too. One DSN for now (`read_dsns` returns a list, so
+  that several streaming replicas only change how it is read)
 - VP_OBJECT_STORE: file:///path or s3://bucket/prefix (default file://$VP_HOME/objects)
 """
 
@@ -17,6 +21,12 @@ from typing import Any
 
 def vp_home() -> Path:
     return Path(os.environ.get("VP_HOME", ".vp")).expanduser().resolve()
+
+
+def read_dsns(value: str | None = None) -> list[str]:
+    """The DSNs search reads through: VP_PG_READ_DSN (or `value`), [] when unset."""
+    value = os.environ.get("VP_PG_READ_DSN") if value is None else value
+    return [value.strip()] if value and value.strip() else []
 
 
 def default_object_store_url() -> str:

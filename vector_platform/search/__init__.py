@@ -88,7 +88,13 @@ class SearchResult:
 
 
 class Runtime:
-    """Per process and database: the facts cache, the search pool, the query log."""
+    """Per process and database (the owner's DSN): the facts cache, the search pools, the query log.
+
+    Search reads through `pool(read_dsn)`: the read-only role's DSN when one is given, else
+    the owner's. What a search writes (the query log, last_queried_at, rehydrate requests)
+    always goes through the owner's DSN, in the background: a reader role needs no write
+    grant, and a read replica (which takes none) can serve the reads. The catalog's change
+    notices are heard on the owner's DSN too (a standby cannot LISTEN)."""
 
     def __init__(self, dsn: str):
         self.dsn = dsn
@@ -97,10 +103,9 @@ class Runtime:
         # planner settings each search connection holds (see active._apply_settings)
         self.sessions: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, str]] = weakref.WeakKeyDictionary()
 
-    @property
-    def pool(self) -> ConnectionPool:
+    def pool(self, read_dsn: str | None = None) -> ConnectionPool:
         """Looked up on each use: pools closed (e.g. by `db.close_pools`) are replaced."""
-        return db.get_search_pool(self.dsn)
+        return db.get_search_pool(read_dsn or self.dsn)
 
 
 _runtimes: dict[str, Runtime] = {}
@@ -150,11 +155,14 @@ def search(
     include_archive: bool = False,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
+    read_dsn: str | None = None,
 ) -> SearchResult:
     """Search collections in their tiers and merge the hits by score (or by reciprocal rank
     fusion across models). `include_archive` adds each collection's row archive, searched
     exactly; `since` / `until` keep rows whose source timestamp is in [since, until) in every
-    tier (and read only the archive months they overlap)."""
+    tier (and read only the archive months they overlap). `pool` is the owner's (the query
+    log is written through it); `read_dsn`, when given, is where the search reads (a
+    read-only role, VP_PG_READ_DSN)."""
     if (query is None) == (vector is None):
         raise ValueError("give either a query text or a vector")
     if query is not None:
@@ -171,6 +179,7 @@ def search(
     filters = filter_language.validate(filters) or None
     window = _window(since, until)
     rt = runtime(pool)
+    reads = rt.pool(read_dsn)
     result = SearchResult(query=query, hits=[])
     tally: dict[str, _Tally] = {}
     vectors: dict[str, np.ndarray] = {}
@@ -190,7 +199,7 @@ def search(
     names = list(dict.fromkeys(validate_name(name) for name in collections))  # refused before any SQL
     targets = [(name, rt.facts.cached(name)) for name in names]
     if any(facts is None for _, facts in targets):  # a pool checkout only when the cache lacks some
-        with rt.pool.connection() as conn:
+        with reads.connection() as conn:
             targets = [(name, rt.facts.get(conn, name)) for name in names]
     known = [f for _, f in targets if f is not None]
     if known and all(f.tier == "archived" for f in known):
@@ -205,7 +214,7 @@ def search(
             vector_for(facts.spec)
     outcomes: dict[str, tuple[str, Any]] = {}
     settled: dict[str, Facts] = {}
-    with rt.pool.connection() as conn:
+    with reads.connection() as conn:
         session = rt.sessions.setdefault(conn, {})
         for name, facts in targets:
             if facts is None or facts.tier == "cold":
@@ -243,7 +252,7 @@ def search(
         for name, facts in targets:
             facts = settled.get(name, facts)
             if facts is not None and facts.tier in ("active", "cold") and facts.spec is not None:
-                archive_outcomes[name] = _search_archive(rt.pool, facts, vector_for, k, filters, store, tally, window)
+                archive_outcomes[name] = _search_archive(reads, facts, vector_for, k, filters, store, tally, window)
     for name, facts in targets:
         if facts is None:
             result.warnings.append(f"unknown collection {name!r} skipped")
