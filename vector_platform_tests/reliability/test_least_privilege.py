@@ -29,7 +29,7 @@ from vector_platform.models import ModelSpec
 from vector_platform.names import NAME_PATTERN
 from vector_platform.search import flush_query_log
 
-from ..conftest import FakeEmbedderResource, build_platform, cli, cli_env, write_jsonl
+from ..conftest import FakeEmbedderResource, cli, cli_env, write_jsonl
 from ..fault_server import FaultServer
 from .hostile import CORE, Sentinel, corpus, shared_collections
 
