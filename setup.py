@@ -41,7 +41,7 @@ setup(
     ],
     extras_require={
         # playwright: the browser test drives the Dagster UI in Debian's chromium (never `playwright install`).
-        "test": ["pytest>=8", "moto[server]>=5.0", "playwright>=1.45"],
+        "test": ["pytest>=8", "moto[server]>=5.0", "playwright>=1.45", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["vector-platform=vector_platform.cli:main"]},
 )

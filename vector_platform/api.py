@@ -29,6 +29,7 @@ from vector_platform.defs.partitions import collection_partitions, model_partiti
 from vector_platform.locks import writer_lock
 from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource, default_resources
 from vector_platform.models import ModelSpec
+from vector_platform.names import validate_name
 from vector_platform.runs import RunSummary
 from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog import upgrades as upgrade_sql
@@ -131,7 +132,21 @@ class Platform:
         return self.resources["object_store"]
 
     def pool(self):
+        """The owner's pool (VP_PG_DSN): every write, check and move."""
         return self.postgres.pool()
+
+    def read_pool(self):
+        """Where reads outside search go (a document, the collection list): the read-only
+        role's DSN (VP_PG_READ_DSN) when set, else the owner's pool."""
+        return self.postgres.read_pool()
+
+    def create_reader_role(self, name: str = db.READER_ROLE, password_env: str = db.READER_PASSWORD_ENV) -> dict[str, Any]:
+        """Create or update the read-only role search runs as (see `db.ensure_reader_role`): a
+        login role whose password is read from the environment variable `password_env`, or a
+        NOLOGIN role when that is unset. Returns what it granted (never the password)."""
+        password = os.environ.get(password_env) or None
+        with self.pool().connection() as conn:
+            return db.ensure_reader_role(conn, name, password)
 
     # ------------------------------------------------------------ catalog
 
@@ -164,6 +179,7 @@ class Platform:
     def set_settings(self, name: str, **changes: Any) -> tuple[CollectionSettings, CollectionSettings]:
         """Change some settings of a collection; returns (before, after). Chunking changes re-chunk
         on the next ingest; HNSW changes rebuild the index concurrently on the next ingest."""
+        validate_name(name)
         with writer_lock(self.postgres.resolved_dsn(), name, say=_say), self.pool().connection() as conn:
             return catalog.update_settings(conn, name, **changes)
 
@@ -175,6 +191,7 @@ class Platform:
                 self.instance.add_dynamic_partitions(definition.name, new)
 
     def collection(self, name: str) -> catalog.Collection:
+        validate_name(name)
         with self.pool().connection() as conn:
             return catalog.get_collection(conn, name)
 
@@ -266,9 +283,11 @@ class Platform:
         archived ones are skipped. `include_archive` adds the collections' row archives (aged
         rows on the object store, searched exactly); `since` / `until` keep rows whose source
         timestamp is in [since, until). Every hit says its `source_tier`."""
+        readers = self.postgres.read_dsns()
         return search(
             self.pool(), self.embed_query, collections, query=query, vector=vector, k=k, exact=exact, filters=filters,
             store=self.store(), include_archive=include_archive, since=since, until=until,
+            read_dsn=readers[0] if readers else None,
         )
 
     def archive_rows(self, name: str) -> RunSummary:
@@ -282,7 +301,8 @@ class Platform:
     def get(self, name: str, doc_id: str) -> dict[str, Any] | None:
         """One document by id: from Postgres when it is there (active, cold, or deleted at
         the source), else from the row archive by one ranged read. None when unknown."""
-        return get_document(self.pool(), self.store(), name, doc_id)
+        validate_name(name)
+        return get_document(self.read_pool(), self.store(), name, doc_id)
 
     def store(self) -> ObjectStore:
         """The object store (one handle per Platform)."""
@@ -298,6 +318,7 @@ class Platform:
         Invalid moves are refused before any run starts. `wait=False` submits the run to the
         instance and returns its id when a dagster-daemon serves the instance; without one the
         run happens here and now (the summary comes back either way)."""
+        validate_name(name)
         with self.pool().connection() as conn:
             current = catalog.get_collection(conn, name).tier
         check_move(name, current, target)
@@ -334,7 +355,7 @@ class Platform:
         collection whose gate passed is swapped to the new model; the others keep serving
         their model, and say why.
         """
-        names = list(dict.fromkeys(names))
+        names = [validate_name(n) for n in dict.fromkeys(names)]
         if not names:
             raise ValueError("name at least one collection to upgrade")
         cold: list[str] = []
@@ -446,6 +467,7 @@ class Platform:
     def abandon_upgrade(self, name: str, model_key: str) -> None:
         """Give up upgrading `name` to `model_key`: drop its shadow table (and stop serving its
         cold snapshot), stop writing it; the attachment stays as history."""
+        validate_name(name)
         abandon(self.pool(), self.postgres.resolved_dsn(), name, model_key, say=_say)
 
     def _serving_change(self, name: str, config: dict, here: bool = False) -> RunSummary:
@@ -496,6 +518,7 @@ class Platform:
     def set_rules(self, name: str, **rules: Any) -> TierRules:
         """Change a collection's tier rules: evict_after_days, archive_after_days (None: off),
         rehydrate_on_query. Unnamed rules stay as they are."""
+        validate_name(name)
         with self.pool().connection() as conn:
             return tier_sql.set_rules(conn, name, **rules)
 
@@ -521,6 +544,7 @@ class Platform:
         """Write a verified backup of `name` to `to` (default $VP_BACKUP_URL, else
         file://$VP_HOME/backups), a location other than the primary object store. Holds the
         writer lock while it reads (searches go on). Returns what the manifest says."""
+        validate_name(name)
         from vector_platform.backup import open_location
         from vector_platform.backup.write import backup_collection
 
@@ -529,6 +553,7 @@ class Platform:
 
     def backups(self, name: str, location: str | None = None) -> list["BackupInfo"]:
         """The complete backups of `name` at `location` (default as for `backup`), newest first."""
+        validate_name(name)
         from vector_platform.backup import default_location_url, list_backups
 
         url = location or default_location_url()
@@ -541,6 +566,9 @@ class Platform:
         backup of `name`; default as for `backup`), under its own name or `as_name`. Every
         checksum is verified before anything is written; nothing is embedded. Refused when the
         target exists or a model key is registered here with another fingerprint."""
+        validate_name(name)
+        if as_name is not None:
+            validate_name(as_name)
         from vector_platform.backup import find_backup
         from vector_platform.backup.restore import restore_collection
 
@@ -554,6 +582,7 @@ class Platform:
         """Drop a collection: catalog rows, vector tables, serving view, its files on the object
         store and its Dagster partition. Refused unless a complete backup at `backups` (default as
         for `backup`) holds its current state and reads back intact; `force` drops without one."""
+        validate_name(name)
         from vector_platform.backup import open_location
         from vector_platform.backup.drop import drop_collection
 

@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from vector_platform import clock
+from vector_platform.names import storable_text, validate_name
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,9 @@ def record(
     error: str | None = None,
 ) -> None:
     """Write one audit row. A failure to write is logged, never raised over the search's answer."""
-    if isinstance(query_text, str):
-        query_text = query_text.replace("\x00", "")
+    # what the user typed (and errors quoting it), as text columns can hold it
+    query_text = storable_text(query_text) if isinstance(query_text, str) else query_text
+    error = storable_text(error) if isinstance(error, str) else error
     try:
         with pool.connection() as conn:
             conn.execute(
@@ -96,6 +98,10 @@ def entries(
     limit: int = 100,
 ) -> list[dict[str, Any]]:
     """The newest audit rows first, optionally of one collection or one principal."""
+    if collection is not None:
+        validate_name(collection)
+    if principal is not None and not _storable(principal):
+        return []  # no principal is named so (names are stored as text): none of its rows
     rows = conn.execute(
         """
         SELECT at, principal, channel, client, collections, query_text, k, results, latency_ms, error
@@ -109,6 +115,16 @@ def entries(
     ).fetchall()
     names = ("at", "principal", "channel", "client", "collections", "query_text", "k", "results", "latency_ms", "error")
     return [dict(zip(names, row)) for row in rows]
+
+
+def _storable(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def purge(conn: psycopg.Connection, days: int | None = None) -> int:

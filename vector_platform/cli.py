@@ -238,6 +238,8 @@ def cmd_search(args) -> int:
             filters = json.loads(args.filters)
         except json.JSONDecodeError as err:
             raise ValueError(f"--filters is not JSON ({err})") from None
+        except RecursionError:
+            raise ValueError("--filters is nested too deeply") from None
     vp = _platform()
     for query in queries:
         started, result, error = time.perf_counter(), None, None
@@ -398,6 +400,8 @@ def cmd_db(args) -> int:
     from vector_platform.settings import vp_home
 
     home = vp_home()
+    if args.action == "reader-role":
+        return _reader_role(args)
     if os.environ.get("VP_PG_DSN"):
         print("VP_PG_DSN is set: the platform uses that server, not an embedded one", file=sys.stderr)
     if args.action == "start":
@@ -415,6 +419,28 @@ def cmd_db(args) -> int:
             print(f"running: pid {status['pid']}, socket {status['socket_dir']}, data {status['data_dir']}")
         else:
             print(f"not running (data {status['data_dir']}{'' if status['initialised'] else ', not created yet'})")
+    return 0
+
+
+def _reader_role(args) -> int:
+    """`db reader-role`: the read-only role search runs as; says how to point VP_PG_READ_DSN at
+    it. The password is read from the environment and never printed."""
+    from vector_platform import db
+
+    vp = _platform()
+    granted = vp.create_reader_role(args.name, args.password_env)
+    if args.json:
+        _print_json(granted)
+        return 0
+    role = granted["role"]
+    print(f"role {role} {'created' if granted['created'] else 'up to date'}: "
+          + (f"LOGIN, password from ${args.password_env}" if granted["login"] else
+             f"NOLOGIN (no ${args.password_env}): grant it to a login role, GRANT {role} TO <user>"))
+    print(f"  SELECT on {', '.join('vector_platform.' + t for t in granted['catalog_tables'])}")
+    print(f"  SELECT on every table and view in vp_vectors and vp_serving, and on those {granted['owner']} creates later")
+    print("  nothing else: no INSERT, UPDATE, DELETE, TRUNCATE, CREATE or DROP")
+    template = db.reader_dsn(vp.postgres.resolved_dsn(), role)
+    print(f"search through it: VP_PG_READ_DSN='{template}' plus its password (in the DSN or PGPASSWORD)")
     return 0
 
 
@@ -793,8 +819,12 @@ def build_parser() -> argparse.ArgumentParser:
     mlist.add_argument("--json", action="store_true")
     mlist.set_defaults(func=cmd_models_list)
 
-    dbp = sub.add_parser("db", help="the embedded PostgreSQL server under $VP_HOME/pg")
-    dbp.add_argument("action", choices=["start", "stop", "status"])
+    dbp = sub.add_parser("db", help="the embedded PostgreSQL server under $VP_HOME/pg (start | stop | status), and the "
+                         "read-only role search runs as (reader-role)")
+    dbp.add_argument("action", choices=["start", "stop", "status", "reader-role"])
+    dbp.add_argument("--name", default="vp_reader", help="reader-role: the role's name (default vp_reader)")
+    dbp.add_argument("--password-env", default="VP_PG_READ_PASSWORD", metavar="VAR",
+                     help="reader-role: the environment variable holding its password (unset: a NOLOGIN role)")
     dbp.add_argument("--json", action="store_true")
     dbp.set_defaults(func=cmd_db)
 

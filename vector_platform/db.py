@@ -8,6 +8,10 @@ advisory locks, temporary tables), so nothing one step set leaks into the next.
 
 The embedded server lives in `$VP_HOME/pg` and outlives the command that started it, so the
 CLI, `dagster dev` and the tests share one; `vector-platform db start|stop|status` manage it.
+
+Least privilege: `ensure_reader_role` makes the read-only role search runs as
+(`vector-platform db reader-role`), and `get_read_pool` / `get_search_pool` open pools on its
+DSN (VP_PG_READ_DSN) that never run DDL, not even CREATE EXTENSION.
 """
 
 from __future__ import annotations
@@ -179,6 +183,7 @@ def get_search_pool(dsn: str, max_size: int = 8) -> ConnectionPool:
     with _lock:
         pool = _pools.get(key)
         if pool is None:
+            logs.register_secret(logs.dsn_password(dsn))  # a reader's DSN (VP_PG_READ_DSN) has its own password
             pool = ConnectionPool(
                 dsn,
                 min_size=1,
@@ -207,6 +212,116 @@ def describe(dsn: str) -> str:
     host = str(info.get("host") or "the default socket")
     where = host if host.startswith("/") or not info.get("port") else f"{host}:{info['port']}"
     return f"database {info.get('dbname') or info.get('user') or '?'!r} on {where}"
+
+
+def get_read_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
+    """A process-wide pool on a read-only DSN (VP_PG_READ_DSN) for reads other than search (a
+    document by id, the collection list, health, metrics): reset like `get_pool`'s, but it
+    creates nothing (the role may not, and a streaming replica could not)."""
+    key = f"read\x00{dsn}"
+    with _lock:
+        pool = _pools.get(key)
+        if pool is None:
+            logs.register_secret(logs.dsn_password(dsn))
+            pool = ConnectionPool(
+                dsn,
+                min_size=1,
+                max_size=max_size,
+                kwargs={"autocommit": True, "application_name": "vector_platform reader"},
+                configure=_configure,
+                reset=_reset,
+                check=ConnectionPool.check_connection,
+                reconnect_timeout=RECONNECT_S,
+                open=True,
+                name="vector_platform_reader",
+            )
+            pool.wait(timeout=30)
+            _pools[key] = pool
+        return pool
+
+
+# ---------------------------------------------------------------- the read-only role
+
+READER_ROLE = "vp_reader"
+READER_PASSWORD_ENV = "VP_PG_READ_PASSWORD"
+# The catalog tables search reads (`vector_platform.search`, `archive.reads`: facts, snapshot
+# receipts, row-archive indexes), `get` reads (documents, chunks), and the API's /metrics
+# reads (run figures, dead letters, recall). Not the query log nor the audit log: what other
+# people searched for is not needed to search.
+SEARCH_READS = (
+    "collections", "collection_models", "models", "snapshots", "documents", "chunks", "archive_files",
+    "archived_documents", "dead_letters", "recall_history", "run_metrics",
+)
+# Vector tables and serving views: every one, and every one made later (ingest, upgrades,
+# rehydrates and swaps create them under new names), by default privileges.
+READ_SCHEMAS = ("vp_vectors", "vp_serving")
+_ELEVATED = ("rolsuper", "rolcreaterole", "rolcreatedb", "rolreplication", "rolbypassrls")
+
+
+def ensure_reader_role(conn: psycopg.Connection, name: str = READER_ROLE, password: str | None = None) -> dict[str, Any]:
+    """Create (or bring up to date) the read-only role search runs as; idempotent.
+
+    With `password` the role can log in (what is sent is a SCRAM verifier made here: the
+    password itself never reaches the server or its statement log); without, a
+    new role is NOLOGIN (grant it to a login role) and an existing one keeps its login. The
+    role gets CONNECT, USAGE on the platform's schemas, SELECT on SEARCH_READS and on every
+    vector table and serving view, and, by default privileges of the role running this (the
+    owner, as in VP_PG_DSN), SELECT on those created later. Nothing else: it cannot write,
+    create, drop or truncate anything. Every write a search causes (the query log,
+    last_queried_at, rehydrate requests, the audit log) goes through the owner's DSN.
+
+    Refused for the connecting role itself, for a role with any elevated attribute, and for a
+    member of the owner role (it would inherit the owner's rights)."""
+    from vector_platform.catalog.schema import CATALOG
+    from vector_platform.names import validate_name
+
+    validate_name(name, "role")
+    if name.startswith("pg_"):
+        raise ValueError(f"role names starting with pg_ are reserved by PostgreSQL (its predefined roles): {name!r}")
+    owner = conn.execute("SELECT current_user").fetchone()[0]
+    if name == owner:
+        raise ValueError(f"{name!r} is the role this connection (VP_PG_DSN) uses: the reader must be another role")
+    role = sql.Identifier(name)
+    with conn.transaction():
+        existing = conn.execute(
+            "SELECT " + ", ".join(_ELEVATED) + ", rolcanlogin FROM pg_roles WHERE rolname = %s", (name,)
+        ).fetchone()
+        if existing is not None:
+            elevated = [attr[3:] for attr, value in zip(_ELEVATED, existing) if value]
+            if elevated:
+                raise ValueError(f"role {name!r} exists with {', '.join(elevated)}: it cannot be a read-only role; name another")
+            if conn.execute("SELECT pg_has_role(%s, %s, 'MEMBER')", (name, owner)).fetchone()[0]:
+                raise ValueError(f"role {name!r} is a member of {owner!r} and would have its rights; name another")
+        else:
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(role))
+        if password:
+            verifier = conn.pgconn.encrypt_password(password.encode(), name.encode(), b"scram-sha-256").decode()
+            conn.execute(sql.SQL("ALTER ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(verifier)))
+        database = conn.execute("SELECT current_database()").fetchone()[0]
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(sql.Identifier(database), role))
+        schemas = sql.SQL(", ").join(sql.Identifier(s) for s in (CATALOG, *READ_SCHEMAS))
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schemas, role))
+        tables = sql.SQL(", ").join(sql.Identifier(CATALOG, t) for t in SEARCH_READS)
+        conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(tables, role))
+        for schema in READ_SCHEMAS:
+            conn.execute(sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(sql.Identifier(schema), role))
+            conn.execute(sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT SELECT ON TABLES TO {}").format(
+                sql.Identifier(schema), role))
+        login = conn.execute("SELECT rolcanlogin FROM pg_roles WHERE rolname = %s", (name,)).fetchone()[0]
+    return {"role": name, "created": existing is None, "login": login, "owner": owner, "database": database,
+            "schemas": [CATALOG, *READ_SCHEMAS], "catalog_tables": list(SEARCH_READS)}
+
+
+def reader_dsn(owner_dsn: str, role: str, password: str | None = None) -> str:
+    """The owner's DSN with the reader's role (and password, when given) instead."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    params = conninfo_to_dict(owner_dsn)
+    params.pop("password", None)
+    params["user"] = role
+    if password:
+        params["password"] = password
+    return make_conninfo(**params)
 
 
 def open_pools() -> list[ConnectionPool]:

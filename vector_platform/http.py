@@ -9,6 +9,10 @@
     GET  /healthz      -> {"status": "ok"} when the database answers
     GET  /metrics      -> Prometheus exposition (`vector_platform.telemetry.metrics`)
 
+With VP_PG_READ_DSN set every route reads through that read-only role (search, documents, the
+collection list, health, metrics); the query log and the audit log are written through
+VP_PG_DSN.
+
 When VP_API_KEY (one key, named `api-key`) or VP_API_KEYS (`name:key,name2:key2`, one per
 caller) is set every request needs a key, as `X-API-Key: <key>` or `Authorization: Bearer
 <key>`, compared in constant time against every configured key. With VP_AUDIT=1 each search is
@@ -41,6 +45,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -62,6 +67,17 @@ def _instant(value: Any, name: str) -> dt.datetime | None:
     except ValueError:
         raise HttpError(400, f"{name} is not an ISO date or time: {value[:40]!r}") from None
     return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def _not_json(constant: str) -> Any:
+    """Python's json reads NaN and Infinity; JSON has neither."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _not_found(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such route, wrong method) as JSON like every other error."""
+    return JSONResponse({"error": "not found" if exc.status_code == 404 else str(exc.detail)}, status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))
 
 
 class HttpError(Exception):
@@ -141,9 +157,13 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
             if len(body) > max_body:
                 raise HttpError(413, f"request body over {max_body} bytes")
         try:
-            return json.loads(body)
+            return json.loads(body, parse_constant=_not_json)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise HttpError(400, f"the body is not JSON ({err})") from None
+        except ValueError as err:  # NaN / Infinity, or an integer of more digits than Python reads
+            raise HttpError(400, f"the body is not JSON ({str(err)[:120]})") from None
+        except RecursionError:
+            raise HttpError(400, "the body is not JSON this server reads: nested too deeply") from None
 
     async def search(request: Request) -> JSONResponse:
         body = await read_json(request)
@@ -194,7 +214,7 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
 
     async def collections(request: Request) -> JSONResponse:
         def read():
-            with vp.pool().connection() as conn:
+            with vp.read_pool().connection() as conn:
                 return [
                     {"name": c.name, "tier": c.tier, "serving_model": c.serving_model, "models": list(c.models)}
                     for c in catalog.list_collections(conn)
@@ -214,7 +234,7 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
 
     async def healthz(request: Request) -> JSONResponse:
         def ping():
-            with vp.pool().connection() as conn:
+            with vp.read_pool().connection() as conn:
                 conn.execute("SELECT 1")
 
         await run_in_threadpool(ping)
@@ -226,8 +246,9 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
             Route("/collections", _guarded(collections, keys), methods=["GET"]),
             Route("/collections/{name}/documents/{doc_id:path}", _guarded(document, keys), methods=["GET"]),
             Route("/healthz", _guarded(healthz, keys), methods=["GET"]),
-            Route("/metrics", _guarded(_metrics_endpoint(vp.pool), {} if metrics_open else keys), methods=["GET"]),
-        ]
+            Route("/metrics", _guarded(_metrics_endpoint(vp.read_pool), {} if metrics_open else keys), methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: _not_found},
     )
 
 
@@ -243,15 +264,23 @@ def _guarded(handler, keys: dict[str, str]):
             try:
                 return await handler(request)
             except HttpError as err:
-                return JSONResponse({"error": logs.redact(str(err))}, status_code=err.status)
+                return _error(str(err), err.status)
             except (ValueError, KeyError) as err:  # the platform's own input errors (AllArchived included)
                 message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-                return JSONResponse({"error": logs.redact(str(message))}, status_code=400)
+                return _error(str(message), 400)
             except Exception:  # noqa: BLE001 - logged here, never sent to the client
                 log.exception("request failed: %s %s", request.method, request.url.path)
                 return JSONResponse({"error": "internal error (see the server's log)"}, status_code=500)
 
     return endpoint
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    """An error answer, masked like the logs. A message may quote the request (an unknown field,
+    a name), and JSON text from a client can hold an unpaired surrogate, which UTF-8 cannot
+    encode: it is sent escaped (\\ud800) rather than failing the answer."""
+    text = logs.redact(message).encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": text}, status_code=status)
 
 
 def create_metrics_app(pool_factory=None, api_key: str | None = None) -> Starlette:
@@ -263,7 +292,7 @@ def create_metrics_app(pool_factory=None, api_key: str | None = None) -> Starlet
         pool_factory = default_resources()["postgres"].pool
     keys = api_keys(single=api_key)
     return Starlette(routes=[Route("/metrics", _guarded(_metrics_endpoint(pool_factory), {} if _metrics_public() else keys),
-                                   methods=["GET"])])
+                                   methods=["GET"])], exception_handlers={HTTPException: _not_found})
 
 
 def _run(app: Starlette, host: str, port: int) -> None:

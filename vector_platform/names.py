@@ -12,6 +12,7 @@ import re
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 # Postgres silently truncates identifiers longer than 63 bytes; we never let it.
 MAX_IDENTIFIER = 63
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class InvalidName(ValueError):
@@ -35,3 +36,9 @@ def bounded_identifier(*parts: str, suffix: str = "") -> str:
     digest = hashlib.sha1(full.encode()).hexdigest()[:10]
     keep = MAX_IDENTIFIER - len(digest) - len(suffix) - 1
     return f"{full[:keep]}_{digest}{suffix}"
+
+
+def storable_text(text: str) -> str:
+    """`text` as PostgreSQL text can hold it, for logs of what users typed (a query, an error):
+    NUL characters dropped, unpaired UTF-16 surrogates replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text.replace("\x00", "")) if text else text

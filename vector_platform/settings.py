@@ -3,11 +3,16 @@
 Environment variables (all optional):
 - VP_HOME: folder for the embedded defaults (default ./.vp)
 - VP_PG_DSN: a PostgreSQL DSN; when unset the embedded server under $VP_HOME/pg is used
+- VP_PG_READ_DSN: the DSN search reads through (CLI `search`, `Platform.search`, `serve`): a
+  read-only role (`vector-platform db reader-role`); writes, checks and moves keep VP_PG_DSN.
+  Unset: search reads through VP_PG_DSN too. One DSN for now (`read_dsns` returns a list, so
+  that several streaming replicas only change how it is read)
 - VP_OBJECT_STORE: file:///path or s3://bucket/prefix (default file://$VP_HOME/objects)
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -16,6 +21,12 @@ from typing import Any
 
 def vp_home() -> Path:
     return Path(os.environ.get("VP_HOME", ".vp")).expanduser().resolve()
+
+
+def read_dsns(value: str | None = None) -> list[str]:
+    """The DSNs search reads through: VP_PG_READ_DSN (or `value`), [] when unset."""
+    value = os.environ.get("VP_PG_READ_DSN") if value is None else value
+    return [value.strip()] if value and value.strip() else []
 
 
 def default_object_store_url() -> str:
@@ -81,10 +92,12 @@ class CollectionSettings:
 
     def changed(self, **changes: Any) -> "CollectionSettings":
         """A copy with only `changes` applied (validated); unknown names are refused."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
+        known = {f.name: f for f in fields(self)}
+        unknown = sorted(set(changes) - set(known))
         if unknown:
-            raise ValueError(f"unknown collection setting(s): {', '.join(unknown)}; known: {', '.join(sorted(known - {'extra'}))}")
+            raise ValueError(f"unknown collection setting(s): {', '.join(unknown)}; known: {', '.join(sorted(set(known) - {'extra'}))}")
+        for name, value in changes.items():
+            _check_type(name, known[name].type, value)
         result = type(self)(**{**asdict(self), **changes})
         result._check_new_values()
         return result
@@ -96,3 +109,20 @@ class CollectionSettings:
     def from_json(cls, data: dict[str, Any] | None) -> "CollectionSettings":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+
+def _check_type(name: str, kind: str, value: Any) -> None:
+    """A new setting's value has its field's type (a string where a number belongs would reach
+    the comparisons of the checks, or the catalog's JSON, as something else)."""
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**31):
+        raise ValueError(f"{name} must be a whole number below 2**31, got {value!r}"[:300])
+    if kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not (isinstance(value, int) or math.isfinite(value)) or abs(value) >= 1e12):
+        raise ValueError(f"{name} must be a finite number (below 1e12), got {value!r}"[:300])
+    if kind.startswith("dict"):
+        from vector_platform.ingest.sources import check_storable
+
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be an object, got {value!r}"[:300])
+        check_storable(value, name)
+

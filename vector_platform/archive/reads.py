@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from psycopg_pool import ConnectionPool
 
 from vector_platform.models import ModelSpec
+from vector_platform.names import validate_name
 from vector_platform.object_store import ObjectStore
 from vector_platform.search import cold
 from vector_platform.settings import vp_home
@@ -69,6 +70,9 @@ class ArchiveFile:
 def get_document(pool: ConnectionPool, store: ObjectStore | None, collection: str, doc_id: str) -> dict[str, Any] | None:
     """One document by id: from Postgres when it has a catalog row there, else from the row
     archive (one ranged read). None when neither knows it."""
+    validate_name(collection)
+    if not _storable(doc_id):  # no document can have it (sources refuse such ids): not found
+        return None
     with pool.connection() as conn:
         tier = conn.execute("SELECT tier FROM vector_platform.collections WHERE name = %s", (collection,)).fetchone()
         if tier is None:
@@ -114,6 +118,17 @@ def get_document(pool: ConnectionPool, store: ObjectStore | None, collection: st
     doc.update(collection=collection, source_tier="archive", archived_at=archived_at, deleted_at=deleted_at,
                archive={"uri": store.uri(file.key), "row_group": row_group, "file_sha256": file.sha256})
     return _jsonable(doc)
+
+
+def _storable(doc_id: Any) -> bool:
+    """Whether `doc_id` is text PostgreSQL could hold (no NUL, no unpaired surrogate)."""
+    if not isinstance(doc_id, str) or "\x00" in doc_id:
+        return False
+    try:
+        doc_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _jsonable(doc: dict[str, Any]) -> dict[str, Any]:

@@ -115,6 +115,7 @@ def attach_model(conn: psycopg.Connection, collection: str, model_key: str) -> s
 def get_collection(
     conn: psycopg.Connection, name: str, missing_ok: bool = False, for_update: bool = False
 ) -> Collection | None:
+    validate_name(name)  # a name that cannot exist is refused as such, before it reaches SQL
     if for_update:
         conn.execute("SELECT 1 FROM vector_platform.collections WHERE name = %s FOR UPDATE", (name,))
     row = conn.execute(

@@ -13,6 +13,7 @@ from typing import Any, Iterable, Sequence
 import psycopg
 
 from vector_platform import clock
+from vector_platform.names import validate_name
 
 _UPSERT = """
     INSERT INTO vector_platform.dead_letters (collection, model_key, stage, ref, error, payload, created_at, last_seen_at)
@@ -82,6 +83,8 @@ def resolve_model_letters(conn: psycopg.Connection, collection: str, model_key: 
 
 
 def open_dead_letters(conn: psycopg.Connection, collection: str | None = None) -> list[dict[str, Any]]:
+    if collection is not None:
+        validate_name(collection)
     cur = conn.execute(
         """
         SELECT id, collection, model_key, stage, ref, error, attempts, created_at, last_seen_at

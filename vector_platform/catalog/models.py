@@ -6,6 +6,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from vector_platform.models import BUILTIN_MODELS, ModelConflict, ModelSpec
+from vector_platform.names import validate_name
 
 _SELECT = (
     "SELECT key, provider, model_name, dims, distance, storage_type, max_tokens, options FROM vector_platform.models"
@@ -45,6 +46,7 @@ def register_model(conn: psycopg.Connection, spec: ModelSpec) -> ModelSpec:
 
 
 def get_model(conn: psycopg.Connection, key: str, missing_ok: bool = False, for_update: bool = False) -> ModelSpec | None:
+    validate_name(key, "model key")  # a key that cannot exist is refused as such, before it reaches SQL
     query = _SELECT + (" WHERE key = %s FOR UPDATE" if for_update else " WHERE key = %s")
     row = conn.execute(query, (key,)).fetchone()
     if row is None:

@@ -17,6 +17,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from vector_platform import clock
+from vector_platform.names import validate_name
 
 TIERS = ("active", "cold", "archived")
 # (from, to) -> the move's name. Everything else is refused.
@@ -266,8 +267,8 @@ def set_rules(
             ("archive_rows_older_than_days", archive_rows_older_than_days))
     for label, value in days:
         if value is not _UNSET and value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value != value:
-                raise ValueError(f"{label} must be a positive number of days, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
+                raise ValueError(f"{label} must be a positive number of days (below a million), got {value!r}"[:300])
     with conn.transaction():
         row = conn.execute(
             "SELECT tier_rules, tier FROM vector_platform.collections WHERE name = %s FOR UPDATE", (collection,)
@@ -313,6 +314,8 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def tier_states(conn: psycopg.Connection, names: list[str] | None = None) -> list[TierState]:
+    if names is not None:
+        names = [validate_name(name) for name in names]
     rows = conn.execute(
         """
         SELECT name, tier, tier_rules, created_at, tier_changed_at, last_queried_at, rehydrate_requested_at

@@ -18,7 +18,7 @@ from vector_platform import catalog, db
 from vector_platform.ingest.embedders import Embedder, make_embedder
 from vector_platform.models import ModelSpec
 from vector_platform.object_store import ObjectStore
-from vector_platform.settings import default_object_store_url, vp_home
+from vector_platform.settings import default_object_store_url, read_dsns, vp_home
 
 
 _bootstrapped: set[str] = set()
@@ -32,6 +32,11 @@ class PostgresResource(dg.ConfigurableResource):
         description="PostgreSQL DSN (a secret: bind it with EnvVar('VP_PG_DSN')). "
         "Unset: the embedded PostgreSQL 18 + pgvector server under `home`/pg, started on demand.",
     )
+    read_dsn: Optional[str] = Field(
+        default=None,
+        description="DSN of the read-only role search reads through (a secret: bind it with EnvVar('VP_PG_READ_DSN'); "
+        "make the role with `vector-platform db reader-role`). Unset: search reads through `dsn`. Writes never use it.",
+    )
     home: Optional[str] = Field(default=None, description="Folder for embedded defaults (default $VP_HOME or ./.vp).")
     pool_size: int = Field(default=4, description="Connections per process.")
     wait_for_connection_s: float = Field(
@@ -44,6 +49,17 @@ class PostgresResource(dg.ConfigurableResource):
         # Inside a run Dagster resolves EnvVar fields; the Python API and CLI call us directly.
         dsn = self.dsn.get_value() if isinstance(self.dsn, dg.EnvVar) else self.dsn
         return dsn or db.embedded_dsn(Path(self.home) if self.home else vp_home())
+
+    def read_dsns(self) -> list[str]:
+        """The DSNs search reads through ([]: the owner's DSN). One for now (see settings.read_dsns)."""
+        value = self.read_dsn.get_value() if isinstance(self.read_dsn, dg.EnvVar) else self.read_dsn
+        return read_dsns(value or "")
+
+    def read_pool(self) -> ConnectionPool:
+        """The pool for reads outside search (documents, the collection list, health, metrics):
+        on the reader's DSN when one is set, else the owner's pool."""
+        readers = self.read_dsns()
+        return db.get_read_pool(readers[0], self.pool_size) if readers else self.pool()
 
     def pool(self) -> ConnectionPool:
         dsn = self.resolved_dsn()
@@ -94,8 +110,9 @@ class EmbedderResource(dg.ConfigurableResource):
 
 def default_resources() -> dict[str, dg.ConfigurableResource]:
     dsn = dg.EnvVar("VP_PG_DSN") if os.environ.get("VP_PG_DSN") else None
+    read_dsn = dg.EnvVar("VP_PG_READ_DSN") if os.environ.get("VP_PG_READ_DSN") else None
     return {
-        "postgres": PostgresResource(dsn=dsn),
+        "postgres": PostgresResource(dsn=dsn, read_dsn=read_dsn),
         "object_store": ObjectStoreResource(),
         "embedder": EmbedderResource(
             openai_api_key=dg.EnvVar("OPENAI_API_KEY") if os.environ.get("OPENAI_API_KEY") else None

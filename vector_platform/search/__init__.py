@@ -35,6 +35,7 @@ from psycopg_pool import ConnectionPool
 
 from vector_platform import clock, db, tables
 from vector_platform.models import ModelSpec
+from vector_platform.names import validate_name
 from vector_platform.object_store import ObjectStore
 from vector_platform.search import active, cold, merge
 from vector_platform.search import filters as filter_language
@@ -87,7 +88,13 @@ class SearchResult:
 
 
 class Runtime:
-    """Per process and database: the facts cache, the search pool, the query log."""
+    """Per process and database (the owner's DSN): the facts cache, the search pools, the query log.
+
+    Search reads through `pool(read_dsn)`: the read-only role's DSN when one is given, else
+    the owner's. What a search writes (the query log, last_queried_at, rehydrate requests)
+    always goes through the owner's DSN, in the background: a reader role needs no write
+    grant, and a read replica (which takes none) can serve the reads. The catalog's change
+    notices are heard on the owner's DSN too (a standby cannot LISTEN)."""
 
     def __init__(self, dsn: str):
         self.dsn = dsn
@@ -96,10 +103,9 @@ class Runtime:
         # planner settings each search connection holds (see active._apply_settings)
         self.sessions: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, str]] = weakref.WeakKeyDictionary()
 
-    @property
-    def pool(self) -> ConnectionPool:
+    def pool(self, read_dsn: str | None = None) -> ConnectionPool:
         """Looked up on each use: pools closed (e.g. by `db.close_pools`) are replaced."""
-        return db.get_search_pool(self.dsn)
+        return db.get_search_pool(read_dsn or self.dsn)
 
 
 _runtimes: dict[str, Runtime] = {}
@@ -149,13 +155,23 @@ def search(
     include_archive: bool = False,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
+    read_dsn: str | None = None,
 ) -> SearchResult:
     """Search collections in their tiers and merge the hits by score (or by reciprocal rank
     fusion across models). `include_archive` adds each collection's row archive, searched
     exactly; `since` / `until` keep rows whose source timestamp is in [since, until) in every
-    tier (and read only the archive months they overlap)."""
+    tier (and read only the archive months they overlap). `pool` is the owner's (the query
+    log is written through it); `read_dsn`, when given, is where the search reads (a
+    read-only role, VP_PG_READ_DSN)."""
     if (query is None) == (vector is None):
         raise ValueError("give either a query text or a vector")
+    if query is not None:
+        if not isinstance(query, str):
+            raise ValueError(f"the query must be text, got {type(query).__name__}")
+        try:
+            query.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the query holds an unpaired UTF-16 surrogate (not valid Unicode text)") from None
     if not collections or isinstance(collections, str):
         raise ValueError("name at least one collection (a list of names)")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
@@ -163,6 +179,7 @@ def search(
     filters = filter_language.validate(filters) or None
     window = _window(since, until)
     rt = runtime(pool)
+    reads = rt.pool(read_dsn)
     result = SearchResult(query=query, hits=[])
     tally: dict[str, _Tally] = {}
     vectors: dict[str, np.ndarray] = {}
@@ -179,10 +196,10 @@ def search(
             vectors[spec.key] = _query_vector(spec, query, vector, embed_query)
         return vectors[spec.key]
 
-    names = list(dict.fromkeys(collections))
+    names = list(dict.fromkeys(validate_name(name) for name in collections))  # refused before any SQL
     targets = [(name, rt.facts.cached(name)) for name in names]
     if any(facts is None for _, facts in targets):  # a pool checkout only when the cache lacks some
-        with rt.pool.connection() as conn:
+        with reads.connection() as conn:
             targets = [(name, rt.facts.get(conn, name)) for name in names]
     known = [f for _, f in targets if f is not None]
     if known and all(f.tier == "archived" for f in known):
@@ -197,7 +214,7 @@ def search(
             vector_for(facts.spec)
     outcomes: dict[str, tuple[str, Any]] = {}
     settled: dict[str, Facts] = {}
-    with rt.pool.connection() as conn:
+    with reads.connection() as conn:
         session = rt.sessions.setdefault(conn, {})
         for name, facts in targets:
             if facts is None or facts.tier == "cold":
@@ -235,7 +252,7 @@ def search(
         for name, facts in targets:
             facts = settled.get(name, facts)
             if facts is not None and facts.tier in ("active", "cold") and facts.spec is not None:
-                archive_outcomes[name] = _search_archive(rt.pool, facts, vector_for, k, filters, store, tally, window)
+                archive_outcomes[name] = _search_archive(reads, facts, vector_for, k, filters, store, tally, window)
     for name, facts in targets:
         if facts is None:
             result.warnings.append(f"unknown collection {name!r} skipped")
@@ -442,16 +459,27 @@ def _search_archive(pool, facts: Facts, vector_for, k, filters, store, tally, wi
 
 def _query_vector(spec: ModelSpec, query, vector, embed_query: QueryEmbedder) -> np.ndarray:
     if vector is not None:
-        vec = np.asarray(vector, dtype=np.float32)
-        if vec.shape != (spec.dims,) or not np.isfinite(vec).all():
+        try:
+            vec = np.asarray(vector, dtype=np.float32)
+        except (TypeError, ValueError, OverflowError):  # not numbers, ragged, or beyond any float
+            vec = None
+        if vec is None or vec.shape != (spec.dims,) or not np.isfinite(vec).all():
             raise ValueError(f"query vector must be {spec.dims} finite numbers for model {spec.key!r}")
     else:
         if not query or not query.strip():
             raise ValueError("empty query")
         vec = np.asarray(embed_query(spec, query), dtype=np.float32).reshape(-1)
+    norm = np.linalg.norm(vec)
     if spec.normalise:
-        norm = np.linalg.norm(vec)
-        if norm == 0:
-            raise ValueError("query vector has zero length")
+        if norm == 0 or not np.isfinite(norm):
+            # the squares over- or underflow 32-bit floats (components near 1e19 or 1e-23):
+            # the length in 64 bits, so a finite vector is a direction, not NaN scores
+            wide = vec.astype(np.float64)
+            norm = np.linalg.norm(wide)
+            if norm == 0:
+                raise ValueError("query vector has zero length")
+            return (wide / norm).astype(np.float32)
         vec = vec / norm
+    elif not np.isfinite(norm):
+        raise ValueError("query vector too large: its length overflows 32-bit floats")
     return vec

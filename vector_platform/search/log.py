@@ -23,6 +23,7 @@ from psycopg_pool import ConnectionPool
 
 from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog.queries import log_queries
+from vector_platform.names import storable_text
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 10_000
@@ -53,8 +54,8 @@ class QueryLog:
                     self._entries.popleft()
                     self.dropped += 1
                 text = entry[6]
-                if isinstance(text, str) and "\x00" in text:  # text columns cannot hold NUL
-                    entry = (*entry[:6], text.replace("\x00", ""), *entry[7:])
+                if isinstance(text, str):  # what the user typed, as a text column can hold it
+                    entry = (*entry[:6], storable_text(text), *entry[7:])
                 self._entries.append((*entry, at))
             for name in queried:
                 if name not in self._last_queried or self._last_queried[name] < at:
