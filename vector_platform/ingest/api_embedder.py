@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import os
 import random
 import time
@@ -307,7 +308,8 @@ class ApiEmbedder:
         import openai
 
         client = openai.AsyncOpenAI(
-            api_key=self._api_key, base_url=self.base_url, max_retries=0, timeout=self.limits.timeout_s
+            api_key=self._api_key, base_url=self.base_url, max_retries=0, timeout=self.limits.timeout_s,
+            http_client=openai.DefaultAsyncHttpxClient(verify=_tls_context()),
         )
         budget = self.budget
         budget.bind()
@@ -458,6 +460,18 @@ def _said(err) -> str:
     """What the API answered, masked: some gateways quote the key they refused, and this text
     goes into dead letters, step failures and logs."""
     return redact(err.message)
+
+
+@functools.cache
+def _tls_context():
+    """The HTTP library's default TLS context (the same trust store and SSL_CERT_* rules), built
+    once per process. A client built without one loads the CA certificates on every call, even
+    for http:// URLs: 35-230 ms of CPU per query embedding here, measured by the soak."""
+    from openai import _base_client
+
+    library = getattr(_base_client, "httpx2", None) or getattr(_base_client, "httpx", None)
+    create = getattr(library, "create_ssl_context", None)
+    return create() if create else True  # True: the library's default, built per client
 
 
 def _run_coroutine(coroutine) -> None:
