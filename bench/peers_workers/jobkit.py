@@ -1,0 +1,182 @@
+"""What every worker of bench/peers.py shares: the job, the documents, the lookup embedding,
+the recall tuning and latency loop, peak memory, and the one JSON line of results.
+
+Runs under both interpreters (the product's venv for ours, bench/.venv-peers for the
+peers), so it needs only the standard library and numpy.
+
+A worker is `python <worker>.py JOB.json`; it logs to stderr and prints its results as the
+last stdout line, `RESULT {...}`.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def load_job() -> dict:
+    return json.loads(Path(sys.argv[1]).read_text())
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def emit(result: dict) -> None:
+    result["peak_rss_mib"] = peak_rss_mib()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process and of any child it waited for (Linux: KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, children) / 1024, 1)
+
+
+def read_docs(path: str) -> list[dict]:
+    """The documents, as the JSONL the platform reads: `id`, `title`, `text`."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def full_text(doc: dict) -> str:
+    """What every system embeds for a document: the title, a blank line, the abstract
+    (what the platform chunks, and what the shared precomputed vectors were made from)."""
+    return f"{doc['title']}\n\n{doc['text']}" if doc.get("title") else doc["text"]
+
+
+def _key(text: str) -> str:
+    # Splitters trim and some re-join whitespace: compare texts with whitespace collapsed.
+    return " ".join(text.split())
+
+
+class Lookup:
+    """The shared precomputed vectors, found by the text they were computed from.
+
+    A text it does not know raises (no system may quietly get a made-up vector)."""
+
+    def __init__(self, texts_path: str, vectors_path: str):
+        texts = json.loads(Path(texts_path).read_text())
+        vectors = np.load(vectors_path).astype(np.float32)
+        self.by_key = {_key(t): i for i, t in enumerate(texts)}
+        self.vectors = vectors
+        self.calls = 0
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls += 1
+        out = np.empty((len(texts), self.vectors.shape[1]), np.float32)
+        for i, text in enumerate(texts):
+            index = self.by_key.get(_key(text))
+            if index is None:
+                raise KeyError(f"no precomputed vector for a text of {len(text)} characters: {text[:80]!r}")
+            out[i] = self.vectors[index]
+        return out
+
+
+def integrity(rows: Sequence[tuple[str, str]], docs: list[dict]) -> dict:
+    """What a table holds against the documents it should hold, one vector each: `rows`
+    are (document id, text) of every row. `duplicates`: rows beyond one per document;
+    `stale`: rows whose text is not the document's current text (an old version left
+    searchable); `missing`: documents with no row."""
+    current = {str(d["id"]): _key(full_text(d)) for d in docs}
+    seen = Counter(str(doc_id) for doc_id, _ in rows)
+    return {
+        "rows": len(rows),
+        "documents": len(current),
+        "duplicates": sum(count - 1 for count in seen.values() if count > 1),
+        "stale": sum(1 for doc_id, text in rows if str(doc_id) in current and _key(text) != current[str(doc_id)]),
+        "missing": sum(1 for doc_id in current if doc_id not in seen),
+        "unknown": sum(1 for doc_id in seen if doc_id not in current),
+    }
+
+
+def pct(values_s: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values_s) * 1000, q))
+
+
+def tune_and_time(
+    search: Callable[[np.ndarray, int], list[str]],
+    job: dict,
+    also: dict[str, Callable[[np.ndarray, int], object]] | None = None,
+) -> dict:
+    """Smallest ef_search on the job's ladder whose recall@k against exact search (over every
+    query) reaches the target, then p50/p95 at that ef_search over `latency_queries` x
+    `rounds` (after a warm-up). `search(vector, ef)` returns document ids, best first.
+
+    `also`: more searches timed at the same ef_search, interleaved with `search` query by
+    query (order rotated), so that their ratio is not skewed by the machine's load drifting.
+    """
+    queries = np.load(job["queries"]).astype(np.float32)
+    truth_idx = np.load(job["truth"])
+    doc_ids = json.loads(Path(job["doc_ids"]).read_text())
+    truth = [set(doc_ids[i] for i in row) for row in truth_idx]
+    k = job["k"]
+    curve: dict[int, float] = {}
+    chosen = None
+    for ef in job["ef_ladder"]:
+        hits = 0
+        for q, expected in zip(queries, truth):
+            hits += len(expected.intersection(search(q, ef)[:k]))
+        curve[ef] = hits / (k * len(queries))
+        log(f"ef_search {ef}: recall@{k} {curve[ef]:.4f}")
+        if curve[ef] >= job["recall_target"]:
+            chosen = ef
+            break
+    if chosen is None:  # the ladder's top is the best this system offers: time it there
+        chosen = job["ef_ladder"][-1]
+    runners = {"search": search, **(also or {})}
+    labels = list(runners)
+    lat_queries = queries[: job["latency_queries"]]
+    for q in lat_queries[:30]:  # warm-up: plans, caches, connections
+        for run in runners.values():
+            run(q, chosen)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for _ in range(job["rounds"]):
+        for i, q in enumerate(lat_queries):
+            order = labels[i % len(labels):] + labels[: i % len(labels)]
+            for label in order:
+                started = time.perf_counter()
+                runners[label](q, chosen)
+                times[label].append(time.perf_counter() - started)
+    result = {
+        "ef_search": chosen,
+        "recall": curve[chosen],
+        "recall_curve": {str(ef): round(r, 4) for ef, r in curve.items()},
+        "p50_ms": pct(times["search"], 50),
+        "p95_ms": pct(times["search"], 95),
+        "queries_timed": len(times["search"]),
+    }
+    for label in labels[1:]:
+        result[f"{label}_p50_ms"] = pct(times[label], 50)
+        result[f"{label}_p95_ms"] = pct(times[label], 95)
+    return result
+
+
+class Stopwatch:
+    """Named wall-clock laps: `with watch("ingest"): ...` records seconds under that name."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        watch = self
+
+        class _Lap:
+            def __enter__(self):
+                self.started = time.perf_counter()
+                log(f"{name} ...")
+
+            def __exit__(self, *exc):
+                watch.seconds[name] = round(time.perf_counter() - self.started, 3)
+                if exc[0] is None:
+                    log(f"{name}: {watch.seconds[name]:.2f} s")
+
+        return _Lap()

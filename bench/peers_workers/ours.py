@@ -1,0 +1,216 @@
+"""bench/peers.py worker for the platform itself (runs on the product's venv).
+
+The product's real path: a `Platform` with a collection over the JSONL of the documents,
+`ingest` through the Dagster jobs in-process (source_documents, chunks, embeddings,
+vector_table, hnsw_index with its checks, serving_view), `Platform.search(vector=...)`.
+
+Modes (job["mode"]):
+- `precomputed`: the embedder resource looks the shared precomputed vectors up by text (as
+  the tests' fake embedder plugs in); one chunk per document (chunk_max_tokens above the
+  longest abstract), so every system stores the same 5,183 vectors. Phases: ingest,
+  ef_search tuning + latency (with the bare SQL query on the same view interleaved), re-ingest
+  unchanged, re-ingest after 1 % of the documents changed, integrity counts.
+- `live`: the bundled local model (the default embedder resource, batch 64), default
+  chunking (the model's 256-token window); documents -> searchable only, and the chunk
+  texts written out for the embedding-only baseline.
+- `embed_only`: the same local model and batch size over those chunk texts, nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VP_RUN_MODE", "in_process")
+
+import jobkit  # noqa: E402
+from jobkit import log  # noqa: E402
+
+NAME = "peers_ours"
+
+
+def embed_only(job: dict) -> None:
+    """Embedding alone: load the local model, embed the chunk texts in pipeline-sized batches."""
+    from vector_platform.ingest.embedders import LocalEmbedder
+    from vector_platform.models import MINILM
+
+    texts = json.loads(Path(job["chunk_texts"]).read_text())
+    batch = job["batch_size"]
+    embedder = LocalEmbedder(MINILM)
+    started = time.perf_counter()
+    embedder._model()  # the load, timed apart
+    loaded = time.perf_counter()
+    for start in range(0, len(texts), batch):
+        embedder.embed(texts[start : start + batch])
+    done = time.perf_counter()
+    jobkit.emit({"system": "embed_only", "chunks": len(texts), "batch_size": batch,
+                 "load_s": round(loaded - started, 3), "encode_s": round(done - loaded, 3)})
+
+
+def make_platform(job: dict, work: Path):
+    import dagster as dg
+
+    from vector_platform.api import Platform
+    from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource
+
+    if job["mode"] == "precomputed":
+        from lookup_embedder import LookupEmbedderResource
+
+        embedder = LookupEmbedderResource(lookup_texts=job["lookup_texts"], lookup_vectors=job["lookup_vectors"])
+    else:
+        embedder = EmbedderResource(batch_size=job["batch_size"])
+    resources = {
+        "postgres": PostgresResource(dsn=job["dsn"]),
+        "object_store": ObjectStoreResource(url=(work / "objects").as_uri()),
+        "embedder": embedder,
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    return Platform(resources=resources, instance=instance), instance
+
+
+def step_times(instance, runs, started_epoch: float) -> dict:
+    """Per asset step: seconds; plus when (after `started_epoch`) vector_table finished."""
+    import dagster as dg
+
+    out: dict = {"steps": {}}
+    for run in runs:
+        starts = {}
+        for entry in instance.all_logs(run.run_id):
+            event = entry.dagster_event
+            if event is None or event.step_key is None:
+                continue
+            if event.event_type == dg.DagsterEventType.STEP_START:
+                starts[event.step_key] = entry.timestamp
+            elif event.event_type == dg.DagsterEventType.STEP_SUCCESS:
+                out["steps"][event.step_key] = round(entry.timestamp - starts[event.step_key], 3)
+                if event.step_key == "vector_table":
+                    out["loaded_after_s"] = round(entry.timestamp - started_epoch, 3)
+    return out
+
+
+def ingest(vp, instance) -> tuple[float, dict]:
+    started_epoch, started = time.time(), time.perf_counter()
+    runs = vp.ingest(NAME)
+    seconds = time.perf_counter() - started
+    for run in runs:
+        if not run.success:
+            raise SystemExit(f"{run.job} failed: {run.error}")
+    return seconds, step_times(instance, runs, started_epoch)
+
+
+def table_rows(vp) -> list[tuple[str, str]]:
+    from psycopg import sql
+
+    from vector_platform import tables
+
+    with vp.pool().connection() as conn:
+        return conn.execute(sql.SQL("SELECT doc_id, text FROM {}").format(tables.view_id(NAME))).fetchall()
+
+
+def main() -> None:
+    job = jobkit.load_job()
+    if job["mode"] == "embed_only":
+        embed_only(job)
+        return
+    work = Path(tempfile.mkdtemp(prefix="vp-peers-ours-"))
+    source = work / "documents.jsonl"
+    shutil.copyfile(job["docs"], source)
+    watch = jobkit.Stopwatch()
+    result: dict = {"system": "ours", "mode": job["mode"]}
+    try:
+        vp, instance = make_platform(job, work)
+        with watch("setup"):
+            vp.pool()  # the catalog's one-time bootstrap on this database
+        with watch("declare"):
+            settings = {"hnsw_m": job["hnsw_m"], "hnsw_ef_construction": job["hnsw_ef_construction"]}
+            if job["mode"] == "precomputed":
+                settings["chunk_max_tokens"] = job["one_chunk_max_tokens"]
+            vp.add_collection(NAME, source, **settings)
+        seconds, steps = ingest(vp, instance)
+        result.update(ingest_s=round(seconds + watch.seconds["declare"], 3), steps=steps["steps"],
+                      load_s=round(steps["loaded_after_s"] + watch.seconds["declare"], 3))
+        rows = table_rows(vp)
+        result["rows"] = len(rows)
+        log(f"ingest: {result['ingest_s']:.2f} s, {len(rows)} rows, steps {steps['steps']}")
+        if job["mode"] == "live":
+            Path(job["chunk_texts_out"]).write_text(json.dumps([text for _, text in rows]))
+            result["chunks"] = len(rows)
+            jobkit.emit(result)
+            return
+        result.update(search(vp, job))
+        with watch("reingest_same"):
+            runs_same = vp.ingest(NAME)
+        assert all(r.success for r in runs_same), [r.error for r in runs_same]
+        result["reingest_same_s"] = watch.seconds["reingest_same"]
+        result["after_twice"] = jobkit.integrity(table_rows(vp), jobkit.read_docs(job["docs"]))
+        shutil.copyfile(job["docs_changed"], source)  # the source now has 1 % of its documents edited
+        with watch("reingest_changed"):
+            runs_changed = vp.ingest(NAME)
+        assert all(r.success for r in runs_changed), [r.error for r in runs_changed]
+        result["reingest_changed_s"] = watch.seconds["reingest_changed"]
+        result["after_change"] = jobkit.integrity(table_rows(vp), jobkit.read_docs(job["docs_changed"]))
+        result["setup_s"] = watch.seconds["setup"]
+        result["settings"] = {
+            "chunking": f"one chunk per document (chunk_max_tokens {job['one_chunk_max_tokens']})",
+            "embedder": "lookup of the shared vectors, batch 64 (EmbedderResource default)",
+            "load": "vector_table asset: binary COPY, 20,000 rows per transaction (product default)",
+            "index": f"hnsw_index asset after the load, m {job['hnsw_m']}, ef_construction {job['hnsw_ef_construction']}, cosine",
+        }
+        jobkit.emit(result)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def search(vp, job: dict) -> dict:
+    """ef_search tuned through the collection's own setting; the bare query (the platform's
+    SELECT on the same serving view, same planner settings, one connection) interleaved."""
+    import psycopg
+    from pgvector.psycopg import register_vector
+    from psycopg import sql
+
+    from vector_platform import search as search_pkg
+    from vector_platform import tables
+    from vector_platform.models import MINILM
+    from vector_platform.search import active
+
+    view = tables.view_id(NAME)
+    bare = psycopg.connect(job["dsn"], autocommit=True)
+    register_vector(bare)
+    session: dict[str, str] = {}
+    bare_sql = sql.SQL(
+        "SELECT chunk_id, doc_id, text, metadata, embedding <=> %(q)s::vector AS distance FROM {rel} "
+        "ORDER BY embedding <=> %(q)s::vector LIMIT %(k)s"
+    ).format(rel=view)
+    current = {"ef": None}
+    k = job["k"]
+
+    def ours(q, ef):
+        if current["ef"] != ef:
+            vp.set_settings(NAME, hnsw_ef_search=ef)
+            search_pkg.runtime(vp.pool()).facts.invalidate(NAME)  # do not wait for the catalog's notice
+            current["ef"] = ef
+        return [h.doc_id for h in vp.search(vector=q, collections=[NAME], k=k).hits]
+
+    def bare_query(q, ef):
+        active._apply_settings(bare, active.plan_settings(False, ef, iterative=False), session)
+        return bare.execute(bare_sql, {"q": q, "k": k}, prepare=False).fetchall()
+
+    out = jobkit.tune_and_time(ours, job, also={"bare_sql": bare_query})
+    queries = jobkit.np.load(job["queries"]).astype("float32")
+    plan = active.explain_nearest(bare, view, MINILM, queries[0], exact=False, ef_search=out["ef_search"])
+    out["plan_uses_hnsw"] = "hnsw" in plan.lower()
+    bare.close()
+    return out
+
+
+if __name__ == "__main__":
+    main()
