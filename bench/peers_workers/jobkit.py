@@ -98,8 +98,71 @@ def integrity(rows: Sequence[tuple[str, str]], docs: list[dict]) -> dict:
     }
 
 
+class HttpEmbedder:
+    """The live model behind bench/peers_workers/embed_server.py (an OpenAI-compatible
+    `/v1/embeddings`), for peers whose venv has no torch: one request per batch."""
+
+    def __init__(self, base_url: str, model: str = "all-MiniLM-L6-v2"):
+        self.url = base_url.rstrip("/") + "/embeddings"
+        self.model = model
+        self.calls = 0
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        import urllib.request
+
+        self.calls += 1
+        body = json.dumps({"input": list(texts), "model": self.model, "encoding_format": "float"}).encode()
+        request = urllib.request.Request(self.url, body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=600) as response:
+            data = json.loads(response.read())["data"]
+        return np.asarray([d["embedding"] for d in sorted(data, key=lambda d: d["index"])], np.float32)
+
+
+def embedder_for(job: dict):
+    """The job's embedding function: the lookup (precomputed run) or the live model's server."""
+    if job["mode"] == "precomputed":
+        return Lookup(job["lookup_texts"], job["lookup_vectors"])
+    return HttpEmbedder(job["embed_url"])
+
+
+def minilm_token_counter(job: dict) -> Callable[[str], int]:
+    """Tokens of a text as all-MiniLM-L6-v2 counts them (its own tokenizer.json, offline),
+    for the peers' splitters (their default, tiktoken, needs the network)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(job["tokenizer_json"])
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def sqlalchemy_url(dsn: str, driver: str):
+    """A libpq DSN (URI or key=value, TCP or a socket directory) as a SQLAlchemy URL."""
+    from psycopg.conninfo import conninfo_to_dict
+    from sqlalchemy.engine import URL
+
+    info = conninfo_to_dict(dsn)
+    host = info.get("host")
+    query = {"host": host} if host and host.startswith("/") else {}
+    return URL.create(
+        f"postgresql+{driver}", username=info.get("user"), password=info.get("password") or None,
+        host=None if query else host, port=int(info["port"]) if info.get("port") and not query else None,
+        database=info.get("dbname"), query=query,
+    )
+
+
 def pct(values_s: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values_s) * 1000, q))
+
+
+def analyze(dsn: str) -> None:
+    """ANALYZE the system's database before searching: what autovacuum does within a minute
+    of a load anyway, so every system is searched under its steady-state plan (on small
+    tables PostgreSQL may then prefer an exact scan to the HNSW index)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ANALYZE")
 
 
 def tune_and_time(
