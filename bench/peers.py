@@ -196,7 +196,7 @@ def run_worker(python: Path, script: str, job: dict, work: Path, timeout_s: floa
     failure comes back as {"error": <its last words>}."""
     job_path = work / f"job_{job['label']}.json"
     job_path.write_text(json.dumps(job))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": str(WORKERS)}
     started = time.perf_counter()
     log(f"--- {job['label']}")
@@ -267,6 +267,18 @@ def main() -> None:
                 job = {**common, "label": peer, "mode": "precomputed", "dsn": server.database(f"peers_{peer}"),
                        "embed_url": lookup_url}
                 results[peer] = run_worker(python, f"{peer}_peer.py", job, work, 3600)
+        if not args.no_live:
+            live = {**common, "mode": "live", "docs": p["live_docs"]}
+            if not args.skip_ours:
+                job = {**live, "label": "ours_live", "dsn": server.database("peers_ours_live")}
+                results["ours_live"] = run_worker(Path(sys.executable), "ours.py", job, work, 3600)
+            if args.peers:
+                with embed_server(work, "model") as model_url:
+                    for peer in args.peers:
+                        job = {**live, "label": f"{peer}_live", "dsn": server.database(f"peers_{peer}_live"),
+                               "embed_url": model_url}
+                        results[f"{peer}_live"] = run_worker(python, f"{peer}_peer.py", job, work, 3600)
+        (work / "results.json").write_text(json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))
     finally:
         server.close()
