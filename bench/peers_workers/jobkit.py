@@ -4,8 +4,10 @@ the recall tuning and latency loop, peak memory, and the one JSON line of result
 Runs under both interpreters (the product's venv for ours, bench/.venv-peers for the
 peers), so it needs only the standard library and numpy.
 
-A worker is `python <worker>.py JOB.json`; it logs to stderr and prints its results as the
-last stdout line, `RESULT {...}`.
+A worker is `python <worker>.py JOB.json`; it logs to stderr and talks to bench/peers.py on
+stdout in lines that start with `BENCH:` (libraries may print there too): `BENCH:READY` when
+its table is loaded and tuned (it then times queries on request, see `serve`), and its
+results, `BENCH:RESULT {...}`, last.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def log(message: str) -> None:
 
 def emit(result: dict) -> None:
     result["peak_rss_mib"] = peak_rss_mib()
-    print("RESULT " + json.dumps(result), flush=True)
+    print("BENCH:RESULT " + json.dumps(result), flush=True)
 
 
 def peak_rss_mib() -> float:
@@ -165,25 +167,17 @@ def analyze(dsn: str) -> None:
         conn.execute("ANALYZE")
 
 
-def tune_and_time(
-    search: Callable[[np.ndarray, int], list[str]],
-    job: dict,
-    also: dict[str, Callable[[np.ndarray, int], object]] | None = None,
-) -> dict:
-    """Smallest ef_search on the job's ladder whose recall@k against exact search (over every
-    query) reaches the target, then p50/p95 at that ef_search over `latency_queries` x
-    `rounds` (after a warm-up). `search(vector, ef)` returns document ids, best first.
-
-    `also`: more searches timed at the same ef_search, interleaved with `search` query by
-    query (order rotated), so that their ratio is not skewed by the machine's load drifting.
-    """
+def tune(search: Callable[[np.ndarray, int], list[str]], job: dict) -> dict:
+    """The smallest ef_search on the job's ladder whose recall@k against exact search, over
+    every query, reaches the target (the ladder's top when none does: the best this system
+    offers). `search(vector, ef)` returns document ids, best first."""
     queries = np.load(job["queries"]).astype(np.float32)
     truth_idx = np.load(job["truth"])
     doc_ids = json.loads(Path(job["doc_ids"]).read_text())
     truth = [set(doc_ids[i] for i in row) for row in truth_idx]
     k = job["k"]
     curve: dict[int, float] = {}
-    chosen = None
+    chosen = job["ef_ladder"][-1]
     for ef in job["ef_ladder"]:
         hits = 0
         for q, expected in zip(queries, truth):
@@ -193,34 +187,30 @@ def tune_and_time(
         if curve[ef] >= job["recall_target"]:
             chosen = ef
             break
-    if chosen is None:  # the ladder's top is the best this system offers: time it there
-        chosen = job["ef_ladder"][-1]
-    runners = {"search": search, **(also or {})}
+    return {"ef_search": chosen, "recall": curve[chosen], "recall_curve": {str(ef): round(r, 4) for ef, r in curve.items()}}
+
+
+def serve(runners: dict[str, Callable[[np.ndarray, int], object]], ef_search: int, job: dict) -> None:
+    """The latency phase, driven by bench/peers.py so that every system is timed in the same
+    minutes (the machine is shared and its load drifts): prints `READY`, then for each
+    `Q <i>` line on stdin runs query i with every runner (order rotated) and answers
+    `T {"label": seconds, ...}`, until `END`. The first runner is the system's search; more
+    (the bare SQL query beside ours) are timed next to it."""
+    queries = np.load(job["queries"]).astype(np.float32)
     labels = list(runners)
-    lat_queries = queries[: job["latency_queries"]]
-    for q in lat_queries[:30]:  # warm-up: plans, caches, connections
-        for run in runners.values():
-            run(q, chosen)
-    times: dict[str, list[float]] = {label: [] for label in labels}
-    for _ in range(job["rounds"]):
-        for i, q in enumerate(lat_queries):
-            order = labels[i % len(labels):] + labels[: i % len(labels)]
-            for label in order:
-                started = time.perf_counter()
-                runners[label](q, chosen)
-                times[label].append(time.perf_counter() - started)
-    result = {
-        "ef_search": chosen,
-        "recall": curve[chosen],
-        "recall_curve": {str(ef): round(r, 4) for ef, r in curve.items()},
-        "p50_ms": pct(times["search"], 50),
-        "p95_ms": pct(times["search"], 95),
-        "queries_timed": len(times["search"]),
-    }
-    for label in labels[1:]:
-        result[f"{label}_p50_ms"] = pct(times[label], 50)
-        result[f"{label}_p95_ms"] = pct(times[label], 95)
-    return result
+    print("BENCH:READY", flush=True)
+    for line in sys.stdin:
+        command = line.split()
+        if not command or command[0] == "END":
+            break
+        i = int(command[1])
+        order = labels[i % len(labels):] + labels[: i % len(labels)]
+        times = {}
+        for label in order:
+            started = time.perf_counter()
+            runners[label](queries[i], ef_search)
+            times[label] = time.perf_counter() - started
+        print("BENCH:T " + json.dumps(times), flush=True)
 
 
 class Stopwatch:

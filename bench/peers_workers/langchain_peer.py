@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jobkit  # noqa: E402
-from jobkit import log  # noqa: E402
+from jobkit import log  # noqa: E402,F401
 
 TABLE = "scifact"
 
@@ -127,7 +127,8 @@ def main() -> None:
         jobkit.emit(result)
         return
     jobkit.analyze(job["dsn"])
-    result.update(search(side, job))
+    tuned, runners = search(side, job)
+    result.update(tuned)
     with watch("reingest_same"):
         result["reingest_same_index"] = LangChainSide(job, embed).ingest(job["docs"])
     result["reingest_same_s"] = watch.seconds["reingest_same"]
@@ -145,10 +146,11 @@ def main() -> None:
         "index": f"apply_vector_index(HNSWIndex(m={job['hnsw_m']}, ef_construction={job['hnsw_ef_construction']})) "
                  "after the first load, cosine",
     }
+    jobkit.serve(runners, result["ef_search"], job)
     jobkit.emit(result)
 
 
-def search(side: LangChainSide, job: dict) -> dict:
+def search(side: LangChainSide, job: dict) -> tuple[dict, dict]:
     import psycopg
 
     stores: dict[int, object] = {}
@@ -159,7 +161,7 @@ def search(side: LangChainSide, job: dict) -> dict:
             stores[ef] = side.store(ef)
         return [d.metadata["source"] for d in stores[ef].similarity_search_by_vector(q.tolist(), k=k)]
 
-    out = jobkit.tune_and_time(query, job)
+    out = jobkit.tune(query, job)
     with psycopg.connect(job["dsn"]) as conn:
         conn.execute(f"SET hnsw.ef_search = {int(out['ef_search'])}")
         vec = "[" + ",".join("0.05" for _ in range(384)) + "]"
@@ -167,7 +169,7 @@ def search(side: LangChainSide, job: dict) -> dict:
             f"EXPLAIN SELECT langchain_id, content, embedding, langchain_metadata, cosine_distance(embedding, '{vec}') "
             f"AS distance FROM {TABLE} ORDER BY embedding <=> '{vec}' LIMIT {k}"))
     out["plan_uses_hnsw"] = "index scan" in plan.lower()
-    return out
+    return out, {"search": query}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jobkit  # noqa: E402
-from jobkit import log  # noqa: E402
+from jobkit import log  # noqa: E402,F401
 
 TABLE = "scifact"  # PGVectorStore prefixes "data_"
 
@@ -129,7 +129,8 @@ def main() -> None:
         jobkit.emit(result)
         return
     jobkit.analyze(job["dsn"])
-    result.update(search(job))
+    tuned, runners = search(job)
+    result.update(tuned)
     with watch("reingest_same"):
         result["reingest_same_nodes"] = ingest(job, embed, job["docs"])
     result["reingest_same_s"] = watch.seconds["reingest_same"]
@@ -146,10 +147,11 @@ def main() -> None:
         "index": f"hnsw_kwargs: HNSW created with the table (before the rows), m {job['hnsw_m']}, "
                  f"ef_construction {job['hnsw_ef_construction']}, vector_cosine_ops",
     }
+    jobkit.serve(runners, result["ef_search"], job)
     jobkit.emit(result)
 
 
-def search(job: dict) -> dict:
+def search(job: dict) -> tuple[dict, dict]:
     import psycopg
     from llama_index.core.vector_stores.types import VectorStoreQuery
 
@@ -160,7 +162,7 @@ def search(job: dict) -> dict:
         found = vector_store.query(VectorStoreQuery(query_embedding=q.tolist(), similarity_top_k=k), hnsw_ef_search=ef)
         return [node.ref_doc_id for node in found.nodes]
 
-    out = jobkit.tune_and_time(query, job)
+    out = jobkit.tune(query, job)
     with psycopg.connect(job["dsn"]) as conn:  # the plan of its query shape, under its settings
         conn.execute(f"SET hnsw.ef_search = {int(out['ef_search'])}")
         conn.execute("SET enable_bitmapscan = off")
@@ -168,7 +170,7 @@ def search(job: dict) -> dict:
         plan = "\n".join(r[0] for r in conn.execute(
             f"EXPLAIN SELECT id FROM data_{TABLE} ORDER BY embedding <=> '{vec}'::vector LIMIT {k}"))
     out["plan_uses_hnsw"] = "embedding_idx" in plan or "hnsw" in plan.lower()
-    return out
+    return out, {"search": query}
 
 
 if __name__ == "__main__":

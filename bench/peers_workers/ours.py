@@ -18,7 +18,6 @@ Modes (job["mode"]):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -170,7 +169,8 @@ def main() -> None:
             jobkit.emit(result)
             return
         jobkit.analyze(job["dsn"])
-        result.update(search(vp, job))
+        tuned, runners = search(vp, job)
+        result.update(tuned)
         result["reingest_same_s"], steps = ingest(vp, instance)
         result["reingest_same_steps"] = steps["steps"]
         result["after_twice"] = jobkit.integrity(table_rows(vp), jobkit.read_docs(job["docs"]))
@@ -185,14 +185,16 @@ def main() -> None:
             "load": "vector_table asset: binary COPY, 20,000 rows per transaction (product default)",
             "index": f"hnsw_index asset after the load, m {job['hnsw_m']}, ef_construction {job['hnsw_ef_construction']}, cosine",
         }
+        jobkit.serve(runners, result["ef_search"], job)
         jobkit.emit(result)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def search(vp, job: dict) -> dict:
-    """ef_search tuned through the collection's own setting; the bare query (the platform's
-    SELECT on the same serving view, same planner settings, one connection) interleaved."""
+def search(vp, job: dict) -> tuple[dict, dict]:
+    """ef_search tuned through the collection's own setting; the searches to time: ours, and
+    the bare query (the platform's SELECT on the same serving view, same planner settings,
+    one connection) timed next to it."""
     import psycopg
     from pgvector.psycopg import register_vector
     from psycopg import sql
@@ -224,12 +226,11 @@ def search(vp, job: dict) -> dict:
         active._apply_settings(bare, active.plan_settings(False, ef, iterative=False), session)
         return bare.execute(bare_sql, {"q": q, "k": k}, prepare=False).fetchall()
 
-    out = jobkit.tune_and_time(ours, job, also={"bare_sql": bare_query})
+    out = jobkit.tune(ours, job)
     queries = jobkit.np.load(job["queries"]).astype("float32")
     plan = active.explain_nearest(bare, view, MINILM, queries[0], exact=False, ef_search=out["ef_search"])
     out["plan_uses_hnsw"] = "hnsw" in plan.lower()
-    bare.close()
-    return out
+    return out, {"search": ours, "bare_sql": bare_query}
 
 
 if __name__ == "__main__":

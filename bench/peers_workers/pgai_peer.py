@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jobkit  # noqa: E402
-from jobkit import log  # noqa: E402
+from jobkit import log  # noqa: E402,F401
 
 TABLE = "scifact"
 STORE = f"{TABLE}_embedding_store"
@@ -149,7 +149,8 @@ def main() -> None:
         jobkit.emit(result)
         return
     jobkit.analyze(job["dsn"])
-    result.update(search(job))
+    tuned, runners = search(job)
+    result.update(tuned)
     with watch("reingest_same"):
         result["reingest_same_rows_touched"] = load(job, job["docs"], first=False)
         vectorize(job)
@@ -168,10 +169,11 @@ def main() -> None:
         "index": f"CREATE INDEX ... USING hnsw (embedding vector_cosine_ops) WITH (m {job['hnsw_m']}, "
                  f"ef_construction {job['hnsw_ef_construction']}) after the first load",
     }
+    jobkit.serve(runners, result["ef_search"], job)
     jobkit.emit(result)
 
 
-def search(job: dict) -> dict:
+def search(job: dict) -> tuple[dict, dict]:
     import psycopg
     from pgvector.psycopg import register_vector
 
@@ -187,12 +189,11 @@ def search(job: dict) -> dict:
             current["ef"] = ef
         return [row[0] for row in conn.execute(query_sql, {"q": q, "k": k})]
 
-    out = jobkit.tune_and_time(query, job)
+    out = jobkit.tune(query, job)
     queries = jobkit.np.load(job["queries"]).astype("float32")
     plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + query_sql, {"q": queries[0], "k": k}))
     out["plan_uses_hnsw"] = "embedding_idx" in plan
-    conn.close()
-    return out
+    return out, {"search": query}
 
 
 if __name__ == "__main__":
