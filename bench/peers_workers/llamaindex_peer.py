@@ -122,6 +122,7 @@ def main() -> None:
                                                           "llama-index-storage-docstore-postgres")}}
     with watch("ingest"):
         written = ingest(job, embed, job["docs"])
+    result["peak_rss_after_ingest_mib"] = jobkit.peak_rss_mib()
     rows = table_rows(job)
     result.update(ingest_s=watch.seconds["ingest"], load_s=watch.seconds["ingest"], rows=len(rows), nodes_written=written)
     if job["mode"] == "live":

@@ -159,6 +159,7 @@ def main() -> None:
         last_runs = steps["runs"]
         result.update(ingest_s=round(seconds + watch.seconds["declare"], 3), steps=steps["steps"],
                       load_s=round(steps["loaded_after_s"] + watch.seconds["declare"], 3))
+        result["peak_rss_after_ingest_mib"] = jobkit.peak_rss_mib()
         rows = table_rows(vp)
         result["rows"] = len(rows)
         if job["mode"] == "live":

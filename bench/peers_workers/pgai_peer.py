@@ -141,6 +141,7 @@ def main() -> None:
             vectorize(job)
         with watch("hnsw_build"):
             build_index(job)
+    result["peak_rss_after_ingest_mib"] = jobkit.peak_rss_mib()
     rows = table_rows(job)
     result.update(setup_s=watch.seconds["install"], ingest_s=watch.seconds["ingest"], load_s=watch.seconds["load"],
                   index_s=watch.seconds["hnsw_build"], rows=len(rows))

