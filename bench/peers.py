@@ -64,7 +64,9 @@ SEARCH_RATIO_RECALL = 0.998
 LIVE_CHUNK_TOKENS, LIVE_CHUNK_OVERLAP = 254, 32
 # pgai's splitter counts characters: ~4.7 characters per MiniLM token on SciFact.
 PGAI_CHUNK_CHARS, PGAI_CHUNK_OVERLAP_CHARS = 1200, 150
-PGAI_BATCH_SIZE = 50  # rows per vectorizer batch: pgai's default
+# Rows per vectorizer batch: pgai's default is 50 (max 2,048) and its docs say larger batches
+# can be more efficient; 500 loaded SciFact 1.1-1.5x faster than 50 here, so pgai gets 500.
+PGAI_BATCH_SIZE = 500
 
 
 def log(message: str) -> None:

@@ -311,7 +311,8 @@ def behind_section(results: dict, meta: dict) -> str:
         out.append(
             f"- **Live model** — behind {who(pairs)}. The model's time dominates every system here; chunks made: ours "
             f"{(live or {}).get('chunks')}, {peer_chunks} (LlamaIndex's SentenceSplitter packs sentences into fewer, "
-            "fuller chunks of the same 254-token limit, so it embeds less). Our non-embedding steps in this run: "
+            "fuller chunks of the same 254-token limit, so it embeds less). Our steps in this run (the model's time is "
+            "inside `embeddings`): "
             f"{_steps(live or {}, 'steps')}. The peers call the model in another process (the local server), "
             "which on this oversubscribed machine is scheduled independently of theirs. What would change it: the same "
             "as for the precomputed run (the recall check before serving, chunking per document), which weigh less "

@@ -165,7 +165,8 @@ def main() -> None:
     result["settings"] = {
         "vectorizer": "loading_column('body'), parsing_none, chunking_none (one chunk per document), "
                       "formatting '$chunk', embedding_openai via the local server, scheduling_none, indexing_none",
-        "processing": f"processing_default(batch_size => {job['pgai_batch_size']}), concurrency 1 (default)",
+        "processing": f"processing_default(batch_size => {job['pgai_batch_size']}) (default 50; 500 loaded 1.1-1.5x "
+                      "faster in a trial), concurrency 1 (default)",
         "load": "COPY into the source table; re-ingest: COPY to a temporary table + upsert of changed rows only",
         "index": f"CREATE INDEX ... USING hnsw (embedding vector_cosine_ops) WITH (m {job['hnsw_m']}, "
                  f"ef_construction {job['hnsw_ef_construction']}) after the first load",
