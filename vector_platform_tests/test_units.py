@@ -114,6 +114,22 @@ def test_chunker_counts_tokens_not_characters(chunker):
     assert len(chunks) == 2
 
 
+def test_a_text_that_fits_is_one_chunk_exactly_as_the_splitter_cuts_it(chunker):
+    # The one-tokenization shortcut for a text that fits must give the splitter's own answer:
+    # the text trimmed as the splitter trims (not U+001C..U+001F, which str.strip() takes),
+    # the same count, and at the boundary (capacity, capacity + 1 tokens) the same cut.
+    capacity = chunker.capacity
+    texts = ["  Short abstract.\n\nWith a body.  \n", "\x1c kept separator \u3000", "\u00a0nbsp\u2028", "   ",
+             " ".join(["cat"] * capacity), " ".join(["cat"] * (capacity + 1)), " ".join(["cat"] * 300)]
+    for text in texts:
+        fast = [(c.chunk_id, c.text, c.token_count) for c in chunker.split("c", "d", text)]
+        pieces = [p for p in chunker._splitter.chunks(text) if p.strip()]
+        slow = [(chunk_id("c", "d", p), p, len(chunker.tokenizer.encode(p).ids)) for p in pieces]
+        assert fast == slow, text[:40]
+    assert len(chunker.split("c", "d", " ".join(["cat"] * capacity))) == 1
+    assert len(chunker.split("c", "d", " ".join(["cat"] * (capacity + 1)))) == 2
+
+
 def test_api_models_are_chunked_by_their_own_bpe():
     from vector_platform.ingest.api_embedder import count_tokens_function
 

@@ -25,6 +25,11 @@ class Chunk:
     token_count: int
 
 
+# Unicode White_Space, what the splitter (Rust's `str::trim`) trims from a chunk's ends.
+# Python's str.strip() would also take U+001C..U+001F, which the splitter keeps.
+WHITE_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+
+
 def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -51,6 +56,8 @@ class Chunker:
         self._setup(max_tokens - specials, overlap)
         self._splitter = TextSplitter.from_huggingface_tokenizer(tokenizer, capacity=self.capacity, overlap=self.overlap)
         self._count_many = lambda pieces: [len(e.ids) for e in tokenizer.encode_batch(pieces, add_special_tokens=True)]
+        self._specials = specials
+        self._count_one = lambda piece: len(tokenizer.encode(piece, add_special_tokens=True).ids)
 
     @classmethod
     def from_token_counter(cls, count_tokens: Callable[[str], int], max_tokens: int, overlap: int = 32) -> "Chunker":
@@ -59,6 +66,8 @@ class Chunker:
         chunker._setup(max_tokens, overlap)
         chunker._splitter = TextSplitter.from_callback(count_tokens, chunker.capacity, chunker.overlap)
         chunker._count_many = lambda pieces: [count_tokens(p) for p in pieces]
+        chunker._specials = 0
+        chunker._count_one = count_tokens
         return chunker
 
     def _setup(self, capacity: int, overlap: int) -> None:
@@ -67,11 +76,26 @@ class Chunker:
         self.capacity = capacity
         self.overlap = min(overlap, capacity // 2)
 
+    def _whole(self, text: str) -> tuple[str, int] | None:
+        """(the trimmed text, its token count) when the whole text fits one chunk: what the
+        splitter returns for it, counted with one tokenization instead of the splitter's
+        search for boundaries (several). None when it does not fit."""
+        trimmed = text.strip(WHITE_SPACE)
+        if len(trimmed.split()) > self.capacity:  # at least a token a word: cannot fit, spare the count
+            return None
+        tokens = self._count_one(trimmed)
+        return (trimmed, tokens) if tokens - self._specials <= self.capacity else None
+
     def split(self, collection: str, doc_id: str, text: str) -> list[Chunk]:
         chunks: list[Chunk] = []
         seen: set[uuid.UUID] = set()
-        pieces = [p for p in self._splitter.chunks(text) if p.strip()]
-        for piece, tokens in zip(pieces, self._count_many(pieces) if pieces else []):
+        whole = self._whole(text)
+        if whole is not None:
+            pieces, counts = ([whole[0]], [whole[1]]) if whole[0].strip() else ([], [])
+        else:
+            pieces = [p for p in self._splitter.chunks(text) if p.strip()]
+            counts = self._count_many(pieces) if pieces else []
+        for piece, tokens in zip(pieces, counts):
             cid = chunk_id(collection, doc_id, piece)
             if cid in seen:  # the same passage twice in one document is one vector
                 continue
