@@ -450,7 +450,9 @@ def test_search_answers_through_every_move(make_platform, pg_dsn, s3_url, tmp_pa
     assert report["empty"] == 0, report["failures"].get("empty")
     assert report["violations"] == 0, report["failures"].get("violation")
     assert report["requests"] >= load_s, "the clients hardly searched"
-    assert all(counts[op] > 0 for op in OPS), counts
+    assert all(counts[op] > 0 for op in OPS), (
+        f"not every kind of move ran: {dict(counts)}; timings {summary['move_timings']}; "
+        f"last moves {[{k: m.get(k) for k in ('op', 'seconds', 'ok', 'kind', 'errors')} for m in worker.moves[-3:]]}")
     assert worker.archived_documents > 0
     # The clients saw every state they were meant to see through: the tier collection both
     # active and cold, archived rows answered from the archive, both models serving.
