@@ -316,16 +316,20 @@ def last_error(stderr: str) -> str:
 
 
 def combine_live(runs: list[dict]) -> dict:
-    """A system's live runs as one figure: the mean time; each run kept."""
+    """A system's live runs as one figure: the median time (the mean for the rest); each run kept."""
     failed = [r for r in runs if "error" in r]
     if failed:
         return failed[0]
     out = dict(runs[0])
-    for key in ("ingest_s", "load_s", "model_load_s", "embed_only_before_s", "embed_only_after_s"):
+    out["ingest_s"] = round(float(np.median([r["ingest_s"] for r in runs])), 3)
+    for key in ("load_s", "model_load_s", "embed_only_before_s", "embed_only_after_s"):
         if key in out:
             out[key] = round(sum(r[key] for r in runs) / len(runs), 3)
+    out["ingest_mean_s"] = round(sum(r["ingest_s"] for r in runs) / len(runs), 3)
     out["runs"] = [{k: r.get(k) for k in ("ingest_s", "chunks", "embed_only_before_s", "embed_only_after_s",
-                                          "model_load_s", "peak_rss_mib") if k in r} for r in runs]
+                                          "model_load_s", "peak_rss_mib", "steps") if k in r} for r in runs]
+    if all("steps" in r for r in runs):  # mean seconds per step over the runs
+        out["steps"] = {k: round(sum(r["steps"].get(k, 0.0) for r in runs) / len(runs), 3) for k in runs[0]["steps"]}
     return out
 
 
@@ -337,8 +341,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", help="PostgreSQL DSN of a server with pgvector (default: a temporary embedded server)")
     parser.add_argument("--docs", type=int, default=None, help="first N SciFact documents (default: all 5,183)")
-    parser.add_argument("--live-docs", type=int, default=200, help="documents for the live-model run")
-    parser.add_argument("--live-repeats", type=int, default=2, choices=(1, 2), help="live runs per system (A B .. B A)")
+    parser.add_argument("--live-docs", type=int, default=150, help="documents for the live-model run")
+    parser.add_argument("--live-repeats", type=int, default=4, help="live runs per system (A B C D D C B A …)")
     parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=PEERS)
     parser.add_argument("--latency-queries", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
@@ -400,9 +404,10 @@ def main() -> None:
             systems = ([] if args.skip_ours else ["ours"]) + peers_to_run
             runs: dict[str, list[dict]] = {s: [] for s in systems}
             with embed_server(work, "model") if peers_to_run else nullcontext() as model_url:
-                # Each system twice, in the order A B C D D C B A: the machine's drifting load
-                # weighs on every system alike.
-                for repeat, order in enumerate((systems, systems[::-1])[: args.live_repeats], start=1):
+                # Each system several times, in the order A B C D D C B A A B C D …: the machine's
+                # drifting load weighs on every system alike; each figure is the median.
+                orders = [systems if i % 2 == 0 else systems[::-1] for i in range(args.live_repeats)]
+                for repeat, order in enumerate(orders, start=1):
                     for system in order:
                         label = f"{system}_live_{repeat}"
                         job = {**live, "label": label, "dsn": server.database(f"peers_{label}"), "embed_url": model_url}

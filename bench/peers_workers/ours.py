@@ -181,6 +181,7 @@ def main() -> None:
         result["after_change"] = jobkit.integrity(table_rows(vp), jobkit.read_docs(job["docs_changed"]))
         result["setup_s"] = watch.seconds["setup"]
         result["settings"] = {
+            "runs": "Platform.ingest: the Dagster jobs in this process (in-process run mode, ephemeral instance)",
             "chunking": f"one chunk per document (chunk_max_tokens {job['one_chunk_max_tokens']})",
             "embedder": "lookup of the shared vectors, batch 64 (EmbedderResource default)",
             "load": "vector_table asset: binary COPY, 20,000 rows per transaction (product default)",
