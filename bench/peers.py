@@ -327,7 +327,7 @@ def combine_live(runs: list[dict]) -> dict:
             out[key] = round(sum(r[key] for r in runs) / len(runs), 3)
     out["ingest_mean_s"] = round(sum(r["ingest_s"] for r in runs) / len(runs), 3)
     out["runs"] = [{k: r.get(k) for k in ("ingest_s", "chunks", "embed_only_before_s", "embed_only_after_s",
-                                          "model_load_s", "peak_rss_mib", "steps") if k in r} for r in runs]
+                                          "model_load_s", "model_calls_s", "peak_rss_mib", "steps") if k in r} for r in runs]
     if all("steps" in r for r in runs):  # mean seconds per step over the runs
         out["steps"] = {k: round(sum(r["steps"].get(k, 0.0) for r in runs) / len(runs), 3) for k in runs[0]["steps"]}
     return out
