@@ -6,7 +6,6 @@ only words written here are the ones that explain what a figure measures.
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 from typing import Any, Callable
@@ -367,11 +366,3 @@ def settings_section(results: dict) -> str:
             out.append(f"- {key}: {value}")
         out.append("")
     return "\n".join(out)
-
-
-def fmt_seconds(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-def isfinite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
