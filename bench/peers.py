@@ -434,6 +434,7 @@ def main() -> None:
     report, minimum = peers_report.render(results, meta)
     report += "\n" + peers_report.behind_section(results, meta) + "\n" + peers_report.settings_section(results)
     last = f"min_peer_over_ours={minimum:.3f}" if minimum is not None else "min_peer_over_ours=nan"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report + "\n" + last + "\n", encoding="utf-8")
     raw = {k: {kk: vv for kk, vv in v.items() if kk not in ("_all", "stderr")} for k, v in results.items()}
     Path(args.out).with_name("peers-results.json").write_text(json.dumps({"meta": meta, "results": raw}, indent=1, default=str))
