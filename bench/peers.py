@@ -327,7 +327,7 @@ def combine_live(runs: list[dict]) -> dict:
             out[key] = round(sum(r[key] for r in runs) / len(runs), 3)
     out["ingest_mean_s"] = round(sum(r["ingest_s"] for r in runs) / len(runs), 3)
     out["runs"] = [{k: r.get(k) for k in ("ingest_s", "chunks", "embed_only_before_s", "embed_only_after_s",
-                                          "model_load_s", "peak_rss_mib", "steps") if k in r} for r in runs]
+                                          "model_load_s", "model_calls_s", "peak_rss_mib", "steps") if k in r} for r in runs]
     if all("steps" in r for r in runs):  # mean seconds per step over the runs
         out["steps"] = {k: round(sum(r["steps"].get(k, 0.0) for r in runs) / len(runs), 3) for k in runs[0]["steps"]}
     return out
@@ -434,6 +434,7 @@ def main() -> None:
     report, minimum = peers_report.render(results, meta)
     report += "\n" + peers_report.behind_section(results, meta) + "\n" + peers_report.settings_section(results)
     last = f"min_peer_over_ours={minimum:.3f}" if minimum is not None else "min_peer_over_ours=nan"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report + "\n" + last + "\n", encoding="utf-8")
     raw = {k: {kk: vv for kk, vv in v.items() if kk not in ("_all", "stderr")} for k, v in results.items()}
     Path(args.out).with_name("peers-results.json").write_text(json.dumps({"meta": meta, "results": raw}, indent=1, default=str))

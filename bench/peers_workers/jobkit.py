@@ -153,10 +153,6 @@ def sqlalchemy_url(dsn: str, driver: str):
     )
 
 
-def pct(values_s: Sequence[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values_s) * 1000, q))
-
-
 def analyze(dsn: str) -> None:
     """ANALYZE the system's database before searching: what autovacuum does within a minute
     of a load anyway, so every system is searched under its steady-state plan (on small

@@ -165,8 +165,9 @@ def main() -> None:
         if job["mode"] == "live":
             result["embed_only_after_s"] = round(embed_only(embedder, texts, job["batch_size"]), 3)
             log(f"embed only: {len(texts)} chunks in {result['embed_only_after_s']:.2f} s")
+            embedding_step = runs_metadata(last_runs, "embeddings")
             result.update(chunks=len(rows), embed_only_chunks=len(texts), batch_size=job["batch_size"],
-                          embedding_step=runs_metadata(last_runs, "embeddings"))
+                          embedding_step=embedding_step, model_calls_s=round(embedding_step.get("seconds_embedding", 0.0), 3))
             jobkit.emit(result)
             return
         jobkit.analyze(job["dsn"])

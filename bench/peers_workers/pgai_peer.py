@@ -27,7 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jobkit  # noqa: E402
-from jobkit import log  # noqa: E402,F401
 
 TABLE = "scifact"
 STORE = f"{TABLE}_embedding_store"
