@@ -142,62 +142,68 @@ def _reset(conn: psycopg.Connection) -> None:
     conn.execute("DISCARD TEMP")
 
 
-def get_pool(dsn: str, max_size: int = 4, wait_s: float | None = None) -> ConnectionPool:
-    """A process-wide pool for `dsn`, opened on first use (CREATE EXTENSION vector first).
+def _open_pool(dsn: str, key: str, name: str, max_size: int, reset=None, application_name: str | None = None,
+               wait_s: float | None = None) -> ConnectionPool:
+    """Open a pool and keep it under `key` (the caller holds `_lock`). Every pool's connections
+    are autocommit, configured by `_configure`, and checked (one empty round trip) before each
+    loan: after the server restarted, the idle connections it cut are replaced instead of
+    failing the next borrower; a backed-off reconnection gives up after RECONNECT_S."""
+    logs.register_secret(logs.dsn_password(dsn))  # masked in every log line from now on
+    kwargs: dict[str, Any] = {"autocommit": True}
+    if application_name:
+        kwargs["application_name"] = application_name
+    pool = ConnectionPool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        kwargs=kwargs,
+        configure=_configure,
+        reset=reset,
+        check=ConnectionPool.check_connection,
+        timeout=30.0 if wait_s is None else wait_s,
+        reconnect_timeout=RECONNECT_S,
+        open=True,
+        name=name,
+    )
+    pool.wait(timeout=30)
+    _pools[key] = pool
+    return pool
 
-    Every connection is checked (one empty round trip) before it is lent: after the server
-    restarted, the idle connections it cut are replaced instead of failing the next step.
-    `wait_s`: how long a borrower waits for a connection (the server restarting, a failover)
-    before PoolTimeout; psycopg_pool's 30 s unless given."""
+
+def get_pool(dsn: str, max_size: int = 4, wait_s: float | None = None) -> ConnectionPool:
+    """A process-wide pool for `dsn`, opened on first use (CREATE EXTENSION vector first),
+    its connections reset between borrowers. `wait_s`: how long a borrower waits for a
+    connection (the server restarting, a failover) before PoolTimeout; psycopg_pool's 30 s
+    unless given."""
     with _lock:
         pool = _pools.get(dsn)
         if pool is not None and wait_s is not None:
             pool.timeout = wait_s
         if pool is None:
-            logs.register_secret(logs.dsn_password(dsn))  # masked in every log line from now on
             _ensure_extension(dsn)
-            pool = ConnectionPool(
-                dsn,
-                min_size=1,
-                max_size=max_size,
-                kwargs={"autocommit": True},
-                configure=_configure,
-                reset=_reset,
-                check=ConnectionPool.check_connection,
-                timeout=30.0 if wait_s is None else wait_s,
-                reconnect_timeout=RECONNECT_S,
-                open=True,
-                name="vector_platform",
-            )
-            pool.wait(timeout=30)
-            _pools[dsn] = pool
+            pool = _open_pool(dsn, dsn, "vector_platform", max_size, reset=_reset, wait_s=wait_s)
         return pool
 
 
 def get_search_pool(dsn: str, max_size: int = 8) -> ConnectionPool:
     """A process-wide pool that only search uses. Its connections keep the planner settings
     search gives them (search sends a setting only when it changes), so they are not reset
-    between borrowers and nothing else may borrow them. Checked before each loan, as in
-    `get_pool`: a search after a database restart gets a live connection."""
+    between borrowers and nothing else may borrow them. `dsn` may be a reader's
+    (VP_PG_READ_DSN)."""
     key = f"search\x00{dsn}"
     with _lock:
-        pool = _pools.get(key)
-        if pool is None:
-            logs.register_secret(logs.dsn_password(dsn))  # a reader's DSN (VP_PG_READ_DSN) has its own password
-            pool = ConnectionPool(
-                dsn,
-                min_size=1,
-                max_size=max_size,
-                kwargs={"autocommit": True, "application_name": "vector_platform search"},
-                configure=_configure,
-                check=ConnectionPool.check_connection,
-                reconnect_timeout=RECONNECT_S,
-                open=True,
-                name="vector_platform_search",
-            )
-            pool.wait(timeout=30)
-            _pools[key] = pool
-        return pool
+        return _pools.get(key) or _open_pool(dsn, key, "vector_platform_search", max_size,
+                                             application_name="vector_platform search")
+
+
+def get_read_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
+    """A process-wide pool on a read-only DSN (VP_PG_READ_DSN) for reads other than search (a
+    document by id, the collection list, health, metrics): reset like `get_pool`'s, but it
+    creates nothing (the role may not, and a streaming replica could not)."""
+    key = f"read\x00{dsn}"
+    with _lock:
+        return _pools.get(key) or _open_pool(dsn, key, "vector_platform_reader", max_size, reset=_reset,
+                                             application_name="vector_platform reader")
 
 
 def describe(dsn: str) -> str:
@@ -212,32 +218,6 @@ def describe(dsn: str) -> str:
     host = str(info.get("host") or "the default socket")
     where = host if host.startswith("/") or not info.get("port") else f"{host}:{info['port']}"
     return f"database {info.get('dbname') or info.get('user') or '?'!r} on {where}"
-
-
-def get_read_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
-    """A process-wide pool on a read-only DSN (VP_PG_READ_DSN) for reads other than search (a
-    document by id, the collection list, health, metrics): reset like `get_pool`'s, but it
-    creates nothing (the role may not, and a streaming replica could not)."""
-    key = f"read\x00{dsn}"
-    with _lock:
-        pool = _pools.get(key)
-        if pool is None:
-            logs.register_secret(logs.dsn_password(dsn))
-            pool = ConnectionPool(
-                dsn,
-                min_size=1,
-                max_size=max_size,
-                kwargs={"autocommit": True, "application_name": "vector_platform reader"},
-                configure=_configure,
-                reset=_reset,
-                check=ConnectionPool.check_connection,
-                reconnect_timeout=RECONNECT_S,
-                open=True,
-                name="vector_platform_reader",
-            )
-            pool.wait(timeout=30)
-            _pools[key] = pool
-        return pool
 
 
 # ---------------------------------------------------------------- the read-only role
