@@ -19,7 +19,7 @@ from psycopg_pool import ConnectionPool
 
 from vector_platform import catalog, tables
 from vector_platform.catalog import documents as docs_sql
-from vector_platform.catalog.queries import logged_query_vectors
+from vector_platform.catalog.queries import logged_query_vectors, logged_sample_digest
 from vector_platform.ingest import embedding_cache
 from vector_platform.ingest.validation import check_matrix
 from vector_platform.metrics import percentile, recall_at_k
@@ -128,6 +128,20 @@ def measure_recall(
     }
 
 
+def current_plan(pool: ConnectionPool, collection: str, model_key: str, ef_search: int) -> tuple[str, bool | None]:
+    """(plan, uses_index) of an ANN search of the table now, for a stored vector ("" and None
+    for an empty table)."""
+    with pool.connection() as conn:
+        spec = catalog.get_model(conn, model_key)
+        relation = tables.table_id(catalog.vector_table_name(conn, collection, model_key))
+        row = conn.execute(sql.SQL("SELECT embedding FROM {} LIMIT 1").format(relation)).fetchone()
+        if row is None:
+            return "", None
+        vector = np.asarray(row[0].to_numpy() if hasattr(row[0], "to_numpy") else row[0], np.float32)
+        plan = active.explain_nearest(conn, relation, spec, vector, exact=False, ef_search=ef_search)
+    return plan, "Index Scan" in plan and "hnsw" in plan.lower()
+
+
 def snapshot_matches_table(pool: ConnectionPool, store: ObjectStore, collection: str, model_key: str) -> dict[str, Any]:
     """Active: the newest snapshot's rows and digest equal the table's, its files are present.
     Cold: the snapshot that serves the collection, read back in full, matches its receipt."""
@@ -168,18 +182,63 @@ def snapshot_matches_table(pool: ConnectionPool, store: ObjectStore, collection:
     }
 
 
-def record_recall(conn, collection: str, model_key: str, figures: dict[str, Any], at: dt.datetime) -> None:
-    """Keep one measurement of `measure_recall` in recall_history (recall over time, vp_recall)."""
+def recall_state(
+    conn, collection: str, model_key: str, ef_search: int, sample: int, logged_since: dt.datetime | None, salt: str
+) -> str | None:
+    """What a recall measurement (`measure_recall` with these arguments) measures: the table's
+    rows (count and digest: any row added, removed or rewritten changes it), its valid indexes
+    (a rebuilt index is a new one), the ef_search and the logged queries it would sample.
+    None when the table does not exist."""
+    from vector_platform.tiers.snapshots import table_digest
+
+    table = catalog.vector_table_name(conn, collection, model_key)
+    if not tables.table_exists(conn, table):
+        return None
+    _, digest = table_digest(conn, table)
+    indexes = conn.execute(
+        "SELECT coalesce(string_agg(indexrelid::text, ',' ORDER BY indexrelid), '') FROM pg_index "
+        "WHERE indisvalid AND indrelid = (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s)",
+        (catalog.VECTORS, table),
+    ).fetchone()[0]
+    logged = logged_sample_digest(conn, collection, model_key, sample, since=logged_since, salt=salt)
+    return f"rows {digest}; indexes {indexes}; ef_search {ef_search}; sample {sample} {salt} logged {logged}"
+
+
+def measurement_of_state(conn, collection: str, model_key: str, state: str) -> dict[str, Any] | None:
+    """The latest kept measurement taken in exactly `state` (see recall_state), if any."""
+    row = conn.execute(
+        """
+        SELECT measured_at, recall, k, ef_search, queries, queries_from_log, ann_p95_ms, curve, uses_index
+        FROM vector_platform.recall_history
+        WHERE collection = %s AND model_key = %s AND measured_state = %s
+        ORDER BY measured_at DESC, id DESC LIMIT 1
+        """,
+        (collection, model_key, state),
+    ).fetchone()
+    if row is None:
+        return None
+    keys = ("measured_at", "recall", "k", "ef_search", "queries", "queries_from_log", "ann_p95_ms", "curve", "uses_index")
+    found = dict(zip(keys, row))
+    found["curve"] = {int(ef): r for ef, r in (found["curve"] or {}).items()}
+    return found
+
+
+def record_recall(conn, collection: str, model_key: str, figures: dict[str, Any], at: dt.datetime, state: str | None = None) -> None:
+    """Keep one measurement of `measure_recall` in recall_history (recall over time, vp_recall),
+    with the `recall_state` it was taken in."""
     if figures.get("recall") is None:
         return
     conn.execute(
         """
         INSERT INTO vector_platform.recall_history
-            (collection, model_key, measured_at, recall, k, ef_search, queries, queries_from_log, ann_p95_ms, curve)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            (collection, model_key, measured_at, recall, k, ef_search, queries, queries_from_log, ann_p95_ms, curve,
+             measured_state, uses_index)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
         """,
         (collection, model_key, at, figures["recall"], figures["k"], figures["ef_search"], figures["queries"],
-         figures["queries_from_log"], figures.get("ann_p95_ms"), Jsonb({str(ef): r for ef, r in figures.get("curve", {}).items()})),
+         figures["queries_from_log"], figures.get("ann_p95_ms"), Jsonb({str(ef): r for ef, r in figures.get("curve", {}).items()}),
+         state, figures.get("uses_index")),
     )
 
 

@@ -166,6 +166,45 @@ def test_weekly_recall_check_runs_on_logged_queries_and_keeps_its_history(ops_pl
         vp.check_recall(name)
 
 
+def test_recall_is_measured_again_only_when_what_it_measures_changed(make_platform, tmp_path, unique_name):
+    """A re-ingest that changed no row reuses the last measurement (its time in the metadata, no
+    new history row); a changed document, a new ef_search or a new week measure again."""
+    vp = make_platform()
+    source = write_jsonl(tmp_path / "d.jsonl", _docs(300, "rr"))
+    vp.add_collection(unique_name, source=source)
+
+    def check_of(runs):
+        assert all(r.success for r in runs), [r.error for r in runs]
+        embed = next(r for r in runs if "index_recall_meets_target" in r.checks)
+        assert embed.checks["index_recall_meets_target"] is True
+        return embed.check_metadata["index_recall_meets_target"]
+
+    def measurements() -> int:
+        with vp.pool().connection() as conn:
+            return conn.execute("SELECT count(*) FROM vector_platform.recall_history WHERE collection = %s",
+                                (unique_name,)).fetchone()[0]
+
+    first = check_of(vp.ingest(unique_name))
+    assert "measured" not in first and measurements() == 1
+    again = check_of(vp.ingest(unique_name))  # nothing changed at the source
+    assert "reused" in again["measured"] and measurements() == 1
+    assert again["recall"] == first["recall"] and again["uses_index"] is True and "hnsw" in again["plan"].lower()
+
+    docs = _docs(300, "rr")
+    docs[7]["text"] += " and one more sentence"
+    write_jsonl(source, docs)
+    changed = check_of(vp.ingest(unique_name))
+    assert "measured" not in changed and measurements() == 2
+
+    vp.set_settings(unique_name, hnsw_ef_search=60)
+    assert "measured" not in check_of(vp.ingest(unique_name)) and measurements() == 3
+    clock.set_now(clock.now() + dt.timedelta(days=7))
+    try:
+        assert "measured" not in check_of(vp.ingest(unique_name)) and measurements() == 4
+    finally:
+        clock.set_now(None)
+
+
 # ---------------------------------------------------------------- audit
 
 def _free_port() -> int:

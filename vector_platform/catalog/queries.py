@@ -22,6 +22,18 @@ def log_queries(conn: psycopg.Connection, entries: Sequence[tuple]) -> None:
         )
 
 
+# The sample of logged_query_vectors: the distinct texts' latest vectors, ranked by md5(text || salt).
+_SAMPLE = """
+    SELECT query_text, query_vector FROM (
+        SELECT DISTINCT ON (query_text) query_text, query_vector FROM vector_platform.query_stats
+        WHERE collection = %(c)s AND model_key = %(m)s AND query_vector IS NOT NULL
+          AND (%(since)s::timestamptz IS NULL OR queried_at >= %(since)s)
+        ORDER BY query_text, queried_at DESC
+    ) latest
+    ORDER BY md5(coalesce(query_text, '') || %(salt)s) LIMIT %(n)s
+"""
+
+
 def logged_query_vectors(
     conn: psycopg.Connection, collection: str, model_key: str, limit: int, since: dt.datetime | None = None, salt: str = ""
 ) -> list[np.ndarray]:
@@ -31,15 +43,19 @@ def logged_query_vectors(
     order: texts are ranked by md5(text || salt), so the same salt draws the same sample (a
     check is repeatable) and another salt (the week, say) draws another."""
     rows = conn.execute(
-        """
-        SELECT query_vector FROM (
-            SELECT DISTINCT ON (query_text) query_text, query_vector FROM vector_platform.query_stats
-            WHERE collection = %(c)s AND model_key = %(m)s AND query_vector IS NOT NULL
-              AND (%(since)s::timestamptz IS NULL OR queried_at >= %(since)s)
-            ORDER BY query_text, queried_at DESC
-        ) latest
-        ORDER BY md5(coalesce(query_text, '') || %(salt)s) LIMIT %(n)s
-        """,
-        {"c": collection, "m": model_key, "since": since, "salt": salt, "n": limit},
+        "SELECT query_vector FROM (" + _SAMPLE + ") sample", {"c": collection, "m": model_key, "since": since, "salt": salt, "n": limit}
     ).fetchall()
     return [np.asarray(r[0].to_numpy() if hasattr(r[0], "to_numpy") else r[0], np.float32) for r in rows]
+
+
+def logged_sample_digest(
+    conn: psycopg.Connection, collection: str, model_key: str, limit: int, since: dt.datetime | None = None, salt: str = ""
+) -> str:
+    """Names the sample logged_query_vectors would draw now (its size and an md5 of its texts
+    and vectors): a new query logged, or one asked again with another vector, changes it."""
+    count, digest = conn.execute(
+        "SELECT count(*), md5(coalesce(string_agg(md5(coalesce(query_text, '') || query_vector::text), '' "
+        "ORDER BY md5(coalesce(query_text, '') || %(salt)s)), '')) FROM (" + _SAMPLE + ") sample",
+        {"c": collection, "m": model_key, "since": since, "salt": salt, "n": limit},
+    ).fetchone()
+    return f"{count}:{digest}"

@@ -99,6 +99,9 @@ def no_chunk_lost(context: dg.AssetCheckExecutionContext, postgres: PostgresReso
     return combine(context, results)
 
 
+RECALL_SAMPLE = 100  # queries per measurement
+
+
 @dg.asset_check(asset=hnsw_index, partitions_def=collection_model_partitions)
 def index_recall_meets_target(
     context: dg.AssetCheckExecutionContext, postgres: PostgresResource
@@ -109,8 +112,11 @@ def index_recall_meets_target(
     query plan really uses the index. Also measured on the same queries: recall at other
     ef_search values (the trade-off curve). Each measurement is kept (recall_history): the
     metadata shows recall vs ef_search and recall over time. recall_monitoring_schedule runs this
-    check weekly on each serving index, on a new sample of queries each week. An empty table has
-    nothing to miss and passes, saying so."""
+    check weekly on each serving index, on a new sample of queries each week. While the table's
+    rows, its indexes, ef_search and the logged queries it samples are all unchanged since the last
+    measurement (a re-ingest that changed nothing), that measurement stands and is not taken
+    again; the plan is explained anew every time. An empty table has nothing to miss and
+    passes, saying so."""
     pool = postgres.pool()
     now = clock.now()
     since = now - dt.timedelta(days=float(os.environ.get("VP_RECALL_QUERY_DAYS", "30")))
@@ -119,19 +125,30 @@ def index_recall_meets_target(
     for collection, model_key in partition_pairs(context):
         with pool.connection() as conn:
             settings = catalog.get_collection(conn, collection).settings
-        ef = settings.hnsw_ef_search
-        figures = checks.measure_recall(
-            pool, collection, model_key, ef_search=ef, sample=100, curve=sorted({10, 20, 40, ef // 2, ef, ef * 2} - {0}),
-            logged_since=since, salt=week,
-        )
+            ef = settings.hnsw_ef_search
+            state = checks.recall_state(conn, collection, model_key, ef, RECALL_SAMPLE, since, week)
+            reused = checks.measurement_of_state(conn, collection, model_key, state) if state else None
+        if reused is not None:
+            # Nothing it measured has changed since: its figures stand; the plan is explained anew.
+            plan, uses_index = checks.current_plan(pool, collection, model_key, ef)
+            figures = {**reused, "plan": plan, "uses_index": uses_index}
+        else:
+            figures = checks.measure_recall(
+                pool, collection, model_key, ef_search=ef, sample=RECALL_SAMPLE,
+                curve=sorted({10, 20, 40, ef // 2, ef, ef * 2} - {0}), logged_since=since, salt=week,
+            )
         if figures["recall"] is None:
             passed = True
         else:
             passed = figures["recall"] >= settings.recall_target and bool(figures["uses_index"])
             with pool.connection() as conn:
-                checks.record_recall(conn, collection, model_key, figures, now)
+                if reused is None:
+                    checks.record_recall(conn, collection, model_key, figures, now, state)
                 history = checks.recall_history(conn, collection, model_key)
-        metadata = {k: v for k, v in figures.items() if k not in ("plan", "curve") and v is not None}
+        metadata = {k: v for k, v in figures.items() if k not in ("plan", "curve", "measured_at") and v is not None}
+        if reused is not None:
+            metadata["measured"] = (f"{reused['measured_at'].astimezone(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC, reused: the table's rows, its indexes, "
+                                    "ef_search and the logged queries it samples are unchanged since")
         metadata["recall"] = figures["recall"] if figures["recall"] is not None else "no rows: nothing to measure"
         metadata.update(target=settings.recall_target, plan=dg.MetadataValue.md(f"```\n{figures['plan']}\n```"))
         if figures["recall"] is not None:
