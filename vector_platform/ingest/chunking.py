@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from semantic_text_splitter import TextSplitter
 from tokenizers import Tokenizer
@@ -57,7 +57,6 @@ class Chunker:
         self._splitter = TextSplitter.from_huggingface_tokenizer(tokenizer, capacity=self.capacity, overlap=self.overlap)
         self._count_many = lambda pieces: [len(e.ids) for e in tokenizer.encode_batch(pieces, add_special_tokens=True)]
         self._specials = specials
-        self._count_one = lambda piece: len(tokenizer.encode(piece, add_special_tokens=True).ids)
 
     @classmethod
     def from_token_counter(cls, count_tokens: Callable[[str], int], max_tokens: int, overlap: int = 32) -> "Chunker":
@@ -67,7 +66,6 @@ class Chunker:
         chunker._splitter = TextSplitter.from_callback(count_tokens, chunker.capacity, chunker.overlap)
         chunker._count_many = lambda pieces: [count_tokens(p) for p in pieces]
         chunker._specials = 0
-        chunker._count_one = count_tokens
         return chunker
 
     def _setup(self, capacity: int, overlap: int) -> None:
@@ -76,25 +74,44 @@ class Chunker:
         self.capacity = capacity
         self.overlap = min(overlap, capacity // 2)
 
-    def _whole(self, text: str) -> tuple[str, int] | None:
-        """(the trimmed text, its token count) when the whole text fits one chunk: what the
-        splitter returns for it, counted with one tokenization instead of the splitter's
-        search for boundaries (several). None when it does not fit."""
-        trimmed = text.strip(WHITE_SPACE)
-        if len(trimmed.split()) > self.capacity:  # at least a token a word: cannot fit, spare the count
-            return None
-        tokens = self._count_one(trimmed)
-        return (trimmed, tokens) if tokens - self._specials <= self.capacity else None
+    def _fits(self, text: str) -> bool:
+        """False when the text cannot be one chunk without counting (at least a token a word)."""
+        return len(text.split()) <= self.capacity
 
     def split(self, collection: str, doc_id: str, text: str) -> list[Chunk]:
+        chunks = self.split_many(collection, [(doc_id, text)])[0]
+        if isinstance(chunks, Exception):
+            raise chunks
+        return chunks
+
+    def split_many(self, collection: str, documents: Sequence[tuple[str, str]]) -> list[list[Chunk] | Exception]:
+        """`split` of each (doc_id, text), in order; a document that cannot be split gets its
+        exception in its place, and the others go on. A text that fits one chunk whole is what
+        the splitter would return for it (trimmed); those are counted in one `encode_batch`
+        call (in parallel) instead of the splitter's search for boundaries (several passes)."""
+        trimmed = [text.strip(WHITE_SPACE) for _, text in documents]
+        candidates = [i for i, t in enumerate(trimmed) if self._fits(t)]
+        try:
+            counts = dict(zip(candidates, self._count_many([trimmed[i] for i in candidates]) if candidates else []))
+        except Exception:  # noqa: BLE001 - a text the counter refuses: each document on its own below
+            counts = {}
+        out: list[list[Chunk] | Exception] = []
+        for i, (doc_id, text) in enumerate(documents):
+            try:
+                if i in counts and counts[i] - self._specials <= self.capacity:
+                    pieces, tokens = ([trimmed[i]], [counts[i]]) if trimmed[i].strip() else ([], [])
+                else:
+                    pieces = [p for p in self._splitter.chunks(text) if p.strip()]
+                    tokens = self._count_many(pieces) if pieces else []
+                out.append(self._chunks(collection, doc_id, pieces, tokens))
+            except Exception as err:  # noqa: BLE001 - one document's failure is its own
+                out.append(err)
+        return out
+
+    @staticmethod
+    def _chunks(collection: str, doc_id: str, pieces: list[str], counts: list[int]) -> list[Chunk]:
         chunks: list[Chunk] = []
         seen: set[uuid.UUID] = set()
-        whole = self._whole(text)
-        if whole is not None:
-            pieces, counts = ([whole[0]], [whole[1]]) if whole[0].strip() else ([], [])
-        else:
-            pieces = [p for p in self._splitter.chunks(text) if p.strip()]
-            counts = self._count_many(pieces) if pieces else []
         for piece, tokens in zip(pieces, counts):
             cid = chunk_id(collection, doc_id, piece)
             if cid in seen:  # the same passage twice in one document is one vector

@@ -187,12 +187,10 @@ def chunk_documents(
                 break
             after = page[-1][0]
             done, letters = [], []
-            for doc_id, title, body, doc_hash in page:
-                doc = Document(doc_id=doc_id, body=body, title=title)
-                try:
-                    chunks = chunker.split(collection, doc_id, doc.text_for_chunking())
-                except Exception as err:  # noqa: BLE001 - one document's failure is its dead letter
-                    letters.append((doc_id, f"chunking failed: {type(err).__name__}: {err}", None))
+            texts = [(doc_id, Document(doc_id=doc_id, body=body, title=title).text_for_chunking()) for doc_id, title, body, _ in page]
+            for (doc_id, _, _, doc_hash), chunks in zip(page, chunker.split_many(collection, texts)):
+                if isinstance(chunks, Exception):  # one document's failure is its dead letter
+                    letters.append((doc_id, f"chunking failed: {type(chunks).__name__}: {chunks}", None))
                     continue
                 if not chunks:
                     letters.append((doc_id, "no text left to embed after chunking", None))
