@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,9 @@ DAGSTER_DATABASE = "dagster"
 # about as long again before the pool tried, and every borrower meanwhile timed out. Giving up
 # on a backed-off attempt after 2 s lets the next borrower start a fresh attempt at once.
 RECONNECT_S = 2.0
+# Search connections back in the pool for less than this are lent without the check's round
+# trip (a fifth of a millisecond, a tenth of a search's time); one idle longer is checked.
+SEARCH_CHECK_IDLE_S = 1.0
 
 _pools: dict[str, ConnectionPool] = {}
 _servers: dict[Path, Any] = {}  # embedded servers this process has started or attached to, by home
@@ -143,10 +147,10 @@ def _reset(conn: psycopg.Connection) -> None:
 
 
 def _open_pool(dsn: str, key: str, name: str, max_size: int, reset=None, application_name: str | None = None,
-               wait_s: float | None = None) -> ConnectionPool:
+               wait_s: float | None = None, check=ConnectionPool.check_connection) -> ConnectionPool:
     """Open a pool and keep it under `key` (the caller holds `_lock`). Every pool's connections
-    are autocommit, configured by `_configure`, and checked (one empty round trip) before each
-    loan: after the server restarted, the idle connections it cut are replaced instead of
+    are autocommit, configured by `_configure`, and checked (`check`; by default one empty round
+    trip) before each loan: after the server restarted, the idle connections it cut are replaced instead of
     failing the next borrower; a backed-off reconnection gives up after RECONNECT_S."""
     logs.register_secret(logs.dsn_password(dsn))  # masked in every log line from now on
     kwargs: dict[str, Any] = {"autocommit": True}
@@ -159,7 +163,7 @@ def _open_pool(dsn: str, key: str, name: str, max_size: int, reset=None, applica
         kwargs=kwargs,
         configure=_configure,
         reset=reset,
-        check=ConnectionPool.check_connection,
+        check=check,
         timeout=30.0 if wait_s is None else wait_s,
         reconnect_timeout=RECONNECT_S,
         open=True,
@@ -185,15 +189,29 @@ def get_pool(dsn: str, max_size: int = 4, wait_s: float | None = None) -> Connec
         return pool
 
 
+_returned_at: "weakref.WeakKeyDictionary[psycopg.Connection, float]" = weakref.WeakKeyDictionary()
+
+
+def _stamp_return(conn: psycopg.Connection) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+def _check_if_idle(conn: psycopg.Connection) -> None:
+    """The pool's check, skipped for a connection returned less than SEARCH_CHECK_IDLE_S ago.
+    Search retries once on a fresh connection when one was cut meanwhile."""
+    if time.monotonic() - _returned_at.get(conn, float("-inf")) > SEARCH_CHECK_IDLE_S:
+        ConnectionPool.check_connection(conn)
+
+
 def get_search_pool(dsn: str, max_size: int = 8) -> ConnectionPool:
     """A process-wide pool that only search uses. Its connections keep the planner settings
     search gives them (search sends a setting only when it changes), so they are not reset
-    between borrowers and nothing else may borrow them. `dsn` may be a reader's
-    (VP_PG_READ_DSN)."""
+    between borrowers and nothing else may borrow them; they are checked before a loan only
+    after SEARCH_CHECK_IDLE_S idle. `dsn` may be a reader's (VP_PG_READ_DSN)."""
     key = f"search\x00{dsn}"
     with _lock:
-        return _pools.get(key) or _open_pool(dsn, key, "vector_platform_search", max_size,
-                                             application_name="vector_platform search")
+        return _pools.get(key) or _open_pool(dsn, key, "vector_platform_search", max_size, reset=_stamp_return,
+                                             application_name="vector_platform search", check=_check_if_idle)
 
 
 def get_read_pool(dsn: str, max_size: int = 4) -> ConnectionPool:

@@ -199,8 +199,7 @@ def search(
     names = list(dict.fromkeys(validate_name(name) for name in collections))  # refused before any SQL
     targets = [(name, rt.facts.cached(name)) for name in names]
     if any(facts is None for _, facts in targets):  # a pool checkout only when the cache lacks some
-        with reads.connection() as conn:
-            targets = [(name, rt.facts.get(conn, name)) for name in names]
+        targets = _on_a_connection(reads, lambda conn: [(name, rt.facts.get(conn, name)) for name in names])
     known = [f for _, f in targets if f is not None]
     if known and all(f.tier == "archived" for f in known):
         raise AllArchived(
@@ -214,7 +213,7 @@ def search(
             vector_for(facts.spec)
     outcomes: dict[str, tuple[str, Any]] = {}
     settled: dict[str, Facts] = {}
-    with reads.connection() as conn:
+    def active_pass(conn) -> None:
         session = rt.sessions.setdefault(conn, {})
         for name, facts in targets:
             if facts is None or facts.tier == "cold":
@@ -240,6 +239,14 @@ def search(
                     if facts.tier == "cold":  # searched below, outside the connection
                         break
             settled[name] = facts
+
+    def fresh_pass(conn) -> None:
+        outcomes.clear()  # a pass cut short by a lost connection starts over
+        settled.clear()
+        tally.pop("active", None)
+        active_pass(conn)
+
+    _on_a_connection(reads, fresh_pass)
     for name, facts in targets:
         facts = settled.get(name, facts)
         if facts is not None and facts.tier == "cold" and name not in outcomes:
@@ -322,6 +329,21 @@ def search(
     if rehydrate:
         result.stats["rehydrate_requested"] = rehydrate
     return result
+
+
+def _on_a_connection(pool: ConnectionPool, work: Callable[[psycopg.Connection], Any]) -> Any:
+    """`work(conn)` on a connection of `pool`; once more on a fresh one when the first was cut
+    while it sat in the pool (a server restart or failover: the pool lends a search connection
+    unchecked when it was returned less than db.SEARCH_CHECK_IDLE_S ago, and drops a broken one)."""
+    conn = None
+    try:
+        with pool.connection() as conn:
+            return work(conn)
+    except psycopg.OperationalError:
+        if conn is None or not conn.broken:
+            raise
+    with pool.connection() as conn:
+        return work(conn)
 
 
 def _window(since, until) -> tuple[dt.datetime | None, dt.datetime | None]:

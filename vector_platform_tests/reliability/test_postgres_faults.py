@@ -304,3 +304,29 @@ def test_postgres_stopped_during_an_index_rebuild_leaves_no_invalid_index_servin
     assert end["rows"] == end["distinct"] == len(docs) and end["missing"] == 0
     assert [h.chunk_id for h in vp.search("term5 term17", [name], k=10, exact=True).hits] == before
     figures.save()
+
+
+@pytest.mark.parametrize("checked", [True, False], ids=["idle_connections_checked", "cut_connection_retried"])
+def test_search_answers_after_a_restart(platform, own_pg, tmp_path, monkeypatch, checked):
+    """Search connections stay in their pool between searches; a restart cuts them all. The
+    next search still answers: a connection idle past SEARCH_CHECK_IDLE_S is checked before it
+    is lent, and one lent unchecked (the check skipped here) fails once and the search is
+    asked again on a fresh connection."""
+    from vector_platform import db
+
+    vp = platform
+    name = f"pgsearch_{uuid.uuid4().hex[:6]}"
+    vp.add_collection(name, write_jsonl(tmp_path / "docs.jsonl", _docs(60)))
+    assert all(r.success for r in vp.ingest(name))
+    before = [h.chunk_id for h in vp.search("term5 term17", [name], k=5).hits]
+    assert len(before) == 5
+    # Every connection checked before its loan, or none (each restart below takes about a
+    # second, either side of the real threshold).
+    monkeypatch.setattr(db, "SEARCH_CHECK_IDLE_S", 0.0 if checked else 3600.0)
+    own_pg.stop_immediately()
+    own_pg.start()
+    after = vp.search("term5 term17", [name], k=5)
+    assert [h.chunk_id for h in after.hits] == before
+    # The owner's pool holds connections the restart cut too: replaced now, so that the query
+    # log's flush at teardown is not left to the check's back-off (1 s, 2 s...) within WAIT_S.
+    vp.pool().check()
