@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from vector_platform import catalog
 from vector_platform.metrics import ndcg_at_k, recall_at_k
 
 from .conftest import SCIFACT, scifact_docs, write_jsonl
@@ -67,10 +68,19 @@ def test_scifact_subset_search_matches_exact_search(make_platform, s3_url, tmp_p
     assert status["dead_letters"] == 0
     assert vp.status()["object_store"]["embedding_cache"]["minilm_l6_v2"]["bytes"] > 0  # the cache lives on S3
 
+    # The queries embedded once, in one batch, by the serving model (as search embeds a text);
+    # one search by text shows it answers what the search by its vector answers.
+    with vp.pool().connection() as conn:
+        spec = catalog.get_model(conn, vp.collection(unique_name).serving_model)
+    qvecs = dict(zip(queries, vp.embedder.for_model(spec).embed(list(queries.values()))))
+    first = next(iter(queries))
+    by_text = vp.search(queries[first], [unique_name], k=10)
+    assert [h.chunk_id for h in by_text.hits] == [h.chunk_id for h in vp.search(vector=qvecs[first], collections=[unique_name], k=10).hits]
+
     recalls, ndcg_ann, ndcg_exact, exact_top = [], [], [], {}
-    for qid, text in queries.items():
-        ann = vp.search(text, [unique_name], k=30)
-        exact = vp.search(text, [unique_name], k=30, exact=True)
+    for qid in queries:
+        ann = vp.search(vector=qvecs[qid], collections=[unique_name], k=30)
+        exact = vp.search(vector=qvecs[qid], collections=[unique_name], k=30, exact=True)
         exact_top[qid] = exact.hits[:10]  # exact search's top 10, for the cold tier below
         assert len(ann.hits) == 30 and ann.stats["exact_fallback"] == []  # k hits, from the index
         recalls.append(recall_at_k([h.chunk_id for h in ann.hits], [h.chunk_id for h in exact.hits], k=10))
@@ -89,8 +99,8 @@ def test_scifact_subset_search_matches_exact_search(make_platform, s3_url, tmp_p
     # from the cold tier, with the same scores, every hit labelled cold and exact.
     run = vp.tier(unique_name, "cold")
     assert run.success, run.error
-    for qid, text in queries.items():
-        cold = vp.search(text, [unique_name], k=10)
+    for qid in queries:
+        cold = vp.search(vector=qvecs[qid], collections=[unique_name], k=10)
         assert {(h.source_tier, h.exact) for h in cold.hits} == {("cold", True)}
         _assert_same_ranking(cold.hits, exact_top[qid])
     # Rehydrated: table, index and checks back; an ingest afterwards embeds nothing.

@@ -25,6 +25,7 @@ $VP_TEST_ARTIFACTS/soak-<seconds>s.json when that is set, and a summary line is 
 from __future__ import annotations
 
 import datetime as dt
+import faulthandler
 import json
 import os
 import select
@@ -67,6 +68,7 @@ CLOCK_MAX_DAYS = 300  # ...and no further, so that the stable recent documents n
 SPREAD_DAYS = 1095  # the dated documents' timestamps span three years before T0
 N_DOCS, N_TIER, N_SWAP = 240, 200, 200
 OPS = ("ingest", "archival", "eviction", "rehydration", "swap", "rollback")
+SLOW_MOVE_S = 20.0  # a move still running this long: the worker's stack and the database's sessions are kept
 BENIGN_WARNINGS = [r"merged by reciprocal rank fusion"]
 
 
@@ -94,8 +96,9 @@ class Worker:
     grace); stops at the first move that fails. Every move is timed."""
 
     def __init__(self, vp, names: dict[str, str], second_model: str, sources: dict[str, tuple[Path, list[dict]]],
-                 t0: dt.datetime, churn: dict[str, list[str]], deadline: float):
+                 t0: dt.datetime, churn: dict[str, list[str]], deadline: float, dsn: str, dump_dir: Path):
         self.vp, self.names, self.second, self.t0 = vp, names, second_model, t0
+        self.dsn, self.dump_dir = dsn, dump_dir
         self.sources = {role: (path, {d["id"]: d for d in docs}) for role, (path, docs) in sources.items()}
         self.churn = churn
         self.deadline = deadline
@@ -138,14 +141,45 @@ class Worker:
     def _timed(self, op: str, collection: str, call) -> None:
         began, at = time.perf_counter(), time.time()
         ok, detail = False, {}
+        slow = self._watch(len(self.moves))
         try:
             ok, detail = call()
         except Exception as err:  # noqa: BLE001 - a failed move ends the soak, reported by the test
             detail = {"error": repr(err)}
-        self.moves.append({"op": op, "collection": collection, "at": at, "seconds": round(time.perf_counter() - began, 3),
-                           "ok": ok, **detail})
+        finally:
+            slow["timer"].cancel()
+            faulthandler.cancel_dump_traceback_later()
+        seconds = round(time.perf_counter() - began, 3)
+        if seconds > SLOW_MOVE_S:
+            detail = {**detail, "slow": self._what_it_waited_on(slow)}
+        self.moves.append({"op": op, "collection": collection, "at": at, "seconds": seconds, "ok": ok, **detail})
         if not ok:
             self.failure = f"{op} of {collection} failed: {detail}"
+
+    def _watch(self, number: int) -> dict:
+        """After SLOW_MOVE_S: every thread's stack (faulthandler, to a file) and the database's
+        busy sessions, to say what a slow move was waiting on."""
+        slow: dict = {"dump": self.dump_dir / f"move{number}.stacks.txt", "sessions": None}
+        slow["file"] = slow["dump"].open("w")
+        faulthandler.dump_traceback_later(SLOW_MOVE_S, repeat=False, file=slow["file"])
+
+        def sessions():
+            try:
+                slow["sessions"] = _database_activity(self.dsn)
+            except Exception as err:  # noqa: BLE001 - a diagnosis only
+                slow["sessions"] = repr(err)
+
+        slow["timer"] = threading.Timer(SLOW_MOVE_S, sessions)
+        slow["timer"].daemon = True
+        slow["timer"].start()
+        return slow
+
+    def _what_it_waited_on(self, slow: dict) -> dict:
+        slow["file"].close()
+        text = slow["dump"].read_text(errors="replace")
+        me = f"Thread 0x{threading.get_ident():016x}"
+        mine = [block for block in text.split("\n\n") if block.startswith(me) or me in block[:40]]
+        return {"worker_stack": (mine[0] if mine else text)[-4000:], "sessions": slow["sessions"]}
 
     def _toggle_tier(self, round_: int) -> None:
         name = self.names["tier"]
@@ -397,7 +431,7 @@ def test_search_answers_through_every_move(make_platform, pg_dsn, s3_url, tmp_pa
             )
         load_began = time.monotonic()
         worker = Worker(vp, names, second.key, {"docs": (source, docs), "tier": (tier_source, tier_docs)}, t0, churn,
-                        deadline=load_began + SOAK_SECONDS)
+                        deadline=load_began + SOAK_SECONDS, dsn=pg_dsn, dump_dir=tmp_path)
         worker.thread.start()
         worker.thread.join(SOAK_SECONDS + COVERAGE_GRACE_S + JOIN_TIMEOUT_S)
         hung = worker.thread.is_alive()
@@ -452,7 +486,7 @@ def test_search_answers_through_every_move(make_platform, pg_dsn, s3_url, tmp_pa
     assert report["requests"] >= load_s, "the clients hardly searched"
     assert all(counts[op] > 0 for op in OPS), (
         f"not every kind of move ran: {dict(counts)}; timings {summary['move_timings']}; "
-        f"last moves {[{k: m.get(k) for k in ('op', 'seconds', 'ok', 'kind', 'errors')} for m in worker.moves[-3:]]}")
+        f"last moves {[{k: m.get(k) for k in ('op', 'seconds', 'ok', 'kind', 'errors', 'slow')} for m in worker.moves[-3:]]}")
     assert worker.archived_documents > 0
     # The clients saw every state they were meant to see through: the tier collection both
     # active and cold, archived rows answered from the archive, both models serving.
