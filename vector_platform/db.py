@@ -44,8 +44,8 @@ DAGSTER_DATABASE = "dagster"
 # about as long again before the pool tried, and every borrower meanwhile timed out. Giving up
 # on a backed-off attempt after 2 s lets the next borrower start a fresh attempt at once.
 RECONNECT_S = 2.0
-# Search connections back in the pool for less than this are lent without the check's round
-# trip (a fifth of a millisecond, a tenth of a search's time); one idle longer is checked.
+# Search connections lent again within this are lent without the check's round trip (a fifth
+# of a millisecond, a tenth of a search's time); one idle longer is checked.
 SEARCH_CHECK_IDLE_S = 1.0
 
 _pools: dict[str, ConnectionPool] = {}
@@ -189,18 +189,20 @@ def get_pool(dsn: str, max_size: int = 4, wait_s: float | None = None) -> Connec
         return pool
 
 
-_returned_at: "weakref.WeakKeyDictionary[psycopg.Connection, float]" = weakref.WeakKeyDictionary()
-
-
-def _stamp_return(conn: psycopg.Connection) -> None:
-    _returned_at[conn] = time.monotonic()
+# When each search connection was last lent. A search holds its connection for milliseconds
+# (cold and archive reads happen outside it), so this is also about when it came back; a
+# `reset` callback to stamp the return would make psycopg_pool hand every return to a worker
+# thread.
+_lent_at: "weakref.WeakKeyDictionary[psycopg.Connection, float]" = weakref.WeakKeyDictionary()
 
 
 def _check_if_idle(conn: psycopg.Connection) -> None:
-    """The pool's check, skipped for a connection returned less than SEARCH_CHECK_IDLE_S ago.
+    """The pool's check, skipped for a connection lent less than SEARCH_CHECK_IDLE_S ago.
     Search retries once on a fresh connection when one was cut meanwhile."""
-    if time.monotonic() - _returned_at.get(conn, float("-inf")) > SEARCH_CHECK_IDLE_S:
+    now = time.monotonic()
+    if now - _lent_at.get(conn, float("-inf")) > SEARCH_CHECK_IDLE_S:
         ConnectionPool.check_connection(conn)
+    _lent_at[conn] = now
 
 
 def get_search_pool(dsn: str, max_size: int = 8) -> ConnectionPool:
@@ -210,7 +212,7 @@ def get_search_pool(dsn: str, max_size: int = 8) -> ConnectionPool:
     after SEARCH_CHECK_IDLE_S idle. `dsn` may be a reader's (VP_PG_READ_DSN)."""
     key = f"search\x00{dsn}"
     with _lock:
-        return _pools.get(key) or _open_pool(dsn, key, "vector_platform_search", max_size, reset=_stamp_return,
+        return _pools.get(key) or _open_pool(dsn, key, "vector_platform_search", max_size,
                                              application_name="vector_platform search", check=_check_if_idle)
 
 

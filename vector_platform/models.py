@@ -9,6 +9,7 @@ embedding cache's key. Registering a key again with another fingerprint is refus
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -102,7 +103,7 @@ class ModelSpec:
             "options": {k: v for k, v in sorted(self.options.items()) if k not in OPERATIONAL_OPTIONS and k != "revision"},
         }
 
-    @property
+    @functools.cached_property  # computed once per spec (specs are frozen); search reads it per query
     def fingerprint(self) -> str:
         canonical = json.dumps(self.identity, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

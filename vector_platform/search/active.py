@@ -94,15 +94,16 @@ def _nearest_query(
            exact if halfvec_index else None, filtered, pinned, timed)
     query = _queries.get(key)
     if query is None:
-        conditions = ([sql.SQL("fingerprint = %(fingerprint)s")] if pinned else []) + (
-            [sql.SQL("metadata @> %(filters)s")] if filtered else []
-        ) + ([TIME_CONDITION] if timed else [])
+        # A pinned search reads the view's fingerprint column and `nearest` keeps the rows that
+        # carry the pin: as a WHERE condition it cost a tenth of a query in planning.
+        conditions = ([sql.SQL("metadata @> %(filters)s")] if filtered else []) + ([TIME_CONDITION] if timed else [])
         where = sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
         query = sql.SQL(
             "SELECT {columns}, embedding {op} %(q)s::{vtype} AS distance FROM {rel} {where} "
             "ORDER BY {order} LIMIT %(k)s"
         ).format(
-            columns=columns or sql.SQL("chunk_id, doc_id, text, metadata"), op=operator(spec),
+            columns=sql.SQL(", ").join([columns or sql.SQL("chunk_id, doc_id, text, metadata"), *([sql.SQL("fingerprint")] if pinned else [])]),
+            op=operator(spec),
             vtype=sql.SQL(spec.storage_type), rel=relation, where=where, order=_order_by(spec, exact),
         ).as_string(conn)
         _queries[key] = query
@@ -128,7 +129,8 @@ def nearest(
 
     `fingerprint`: on a serving view, only rows of vectors with this fingerprint (the view
     holds one model's table, so this is all rows or none: a view swapped to another model
-    since the query was embedded answers nothing rather than something wrong).
+    since the query was embedded answers nothing rather than something wrong). Read as a
+    column and compared here, not in the WHERE clause.
 
     `session`: the settings a search-only connection already holds (see `_apply_settings`);
     None on a shared connection, where settings last one transaction.
@@ -143,13 +145,22 @@ def nearest(
     if filters:
         params["filters"] = Jsonb(filters)
     settings = plan_settings(exact, max(ef_search, k), iterative=bool(filters) or timed)
-    if session is not None:
-        _apply_settings(conn, settings, session)
-        rows = conn.execute(query, params, prepare=False).fetchall()
-    else:
-        with conn.transaction():
-            _apply_settings(conn, settings, None)
+    try:
+        if session is not None:
+            _apply_settings(conn, settings, session)
             rows = conn.execute(query, params, prepare=False).fetchall()
+        else:
+            with conn.transaction():
+                _apply_settings(conn, settings, None)
+                rows = conn.execute(query, params, prepare=False).fetchall()
+    except psycopg.errors.DataException:
+        if fingerprint is None:
+            raise
+        # "different vector dimensions": the view was swapped to a model of another size since
+        # the query was embedded; none of its rows carries the pin
+        return []
+    if fingerprint is not None:
+        rows = [(*r[:-2], r[-1]) for r in rows if r[-2] == fingerprint]
     if not exact and (filters or timed or spec.index_type != spec.storage_type):
         # relaxed order may return rows slightly out of order, and a halfvec index orders by
         # the rounded distance: order by the full-precision distance returned
