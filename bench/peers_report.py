@@ -276,16 +276,15 @@ def behind_section(results: dict, meta: dict) -> str:
         out.append(
             f"- **Documents → searchable / load rate** — behind {who(pairs)}. Our {ours['ingest_s']:.1f} s: {_steps(ours)}. "
             f"Three steps do work the peers ahead of us skip: `chunks` ({step('chunks'):.1f} s) tokenizes every document "
-            "to prove it fits the model's window (pgai with `chunking_none` and LangChain without a splitter never count "
-            f"tokens); `embeddings` ({step('embeddings'):.1f} s) writes every batch of 64 vectors to the Parquet embedding "
+            "to prove it fits the model's window (a page of documents in one parallel `encode_batch` call; pgai with "
+            "`chunking_none` and LangChain without a splitter never count tokens); `embeddings` ({step('embeddings'):.1f} s) writes every batch of 64 vectors to the Parquet embedding "
             "cache and its catalog index before any row reaches the table (what lets a killed run resume without "
             "re-embedding and a re-ingest skip the model); `index_recall_meets_target` "
             f"({step('hnsw_index_index_recall_meets_target'):.1f} s) measures recall@10 of the new index on 100 queries "
             "at 6 ef_search values plus exact search, before `serving_view` publishes the collection — a warning check, "
             f"so nothing waits on its verdict. Together {guard:.1f} s of {ours['ingest_s']:.1f} s. What would change it: "
-            "run the recall check after the view is published (it gates nothing); tokenize a page of documents in one "
-            "`encode_batch` call (parallel) instead of one call per document; let a collection whose source is already "
-            "chunked skip token counting; write the cache in larger files than one per 64 vectors.")
+            "run the recall check after the view is published (it gates nothing); let a collection whose source is "
+            "already chunked skip token counting; write the cache in larger files than one per 64 vectors.")
     if (pairs := ahead("query p50")) or ahead("query p95"):
         pairs = pairs or ahead("query p95")
         lat = ours.get("latency") or {}
@@ -299,7 +298,9 @@ def behind_section(results: dict, meta: dict) -> str:
             f"view takes {bare:.2f} ms at p50" + (", so the platform's own path (facts, pool, hits, the query log) adds "
             f"{lat['search']['p50_ms'] - bare:.2f} ms" if bare else "") + ". pgai's search is bare SQL through psycopg, "
             "which prepares a statement on the server after 5 executions; ours runs unprepared on purpose (a prepared "
-            "plan keeps the planner settings it was made under, and exact and ANN searches share a statement). "
+            "plan keeps the planner settings it was made under, and exact and ANN searches share a statement); a search "
+            "connection returned to the pool less than a second ago is lent without a check, so a search is one round "
+            "trip. "
             "On an oversubscribed machine (load average above the core count) per-query Python work stretches most. "
             "What would change it: prepared statements keyed by (shape, planner settings); fewer Python objects per hit.")
     if (pairs := ahead("re-ingest, unchanged")) or ahead("re-ingest after"):
@@ -309,18 +310,22 @@ def behind_section(results: dict, meta: dict) -> str:
         other = sum(v for k, v in same.items() if k != "hnsw_index_index_recall_meets_target")
         out.append(
             f"- **Re-ingest** — unchanged corpus behind {who(pairs) or 'none'}; after the 1 % change behind "
-            f"{who(pairs_c) or 'none'}. Our unchanged re-ingest, {ours['reingest_same_s']:.1f} s: {_steps(ours, 'reingest_same_steps')}. "
-            "Nothing is re-embedded or re-written (0 rows touched, 0 duplicates), but an ingest is always three Dagster "
-            "runs (documents, embed-and-index, serving view) whose steps each confirm there is nothing to do, and the "
-            f"recall check measures the index again on every run ({recall_s:.1f} s here, {other:.1f} s for every other "
-            "step together), though no row changed. pgai's re-ingest is one `INSERT … ON CONFLICT DO UPDATE … WHERE "
-            "… IS DISTINCT FROM` that touches no row, and its worker finds an empty queue. After the change: "
-            f"{_steps(ours, 'reingest_changed_steps')}. What would change it: skip the embed-and-index and serving-view "
-            "runs when `source_documents` and `chunks` changed nothing and nothing is pending (no chunk without a vector, "
-            "no orphan row, index parameters unchanged); re-measure recall only when the table changed since the last "
-            "measurement at the same ef_search (or leave it to the weekly `recall_monitoring_schedule`). Both would "
-            f"bring the unchanged case near the {same.get('source_documents', 0) + same.get('chunks', 0):.1f} s that "
-            "reading and comparing the source takes (the first of the three runs).")
+            f"{who(pairs_c) or 'none'}. Our unchanged re-ingest, {ours['reingest_same_s']:.1f} s: {_steps(ours, 'reingest_same_steps')}"
+            + (f" (the first re-ingest after the latency phase's ef_search tuning took {ours['reingest_after_tuning_s']:.1f} s: "
+               "the recall check measured at the new ef_search; the row is the next one, nothing changed since)"
+               if ours.get("reingest_after_tuning_s") is not None else "") + ". "
+            "Nothing is re-embedded or re-written (0 rows touched, 0 duplicates), and the recall check reuses its last "
+            "measurement while the table's rows, its indexes, ef_search and the logged queries it samples are unchanged "
+            f"({recall_s:.1f} s here, {other:.1f} s for every other step together); but an ingest is always three Dagster "
+            "runs (documents, embed-and-index, serving view) whose steps each confirm there is nothing to do. pgai's "
+            "re-ingest is one `INSERT … ON CONFLICT DO UPDATE … WHERE … IS DISTINCT FROM` that touches no row, and its "
+            f"worker finds an empty queue. After the change: {_steps(ours, 'reingest_changed_steps')} (the recall check "
+            "measures again: rows changed). What would change it: skip the embed-and-index and serving-view runs when "
+            "`source_documents` and `chunks` changed nothing and nothing is pending (no chunk without a vector, no orphan "
+            "or stale row, index parameters unchanged, the view current); that would bring the unchanged case near the "
+            f"{same.get('source_documents', 0) + same.get('chunks', 0):.1f} s that reading and comparing the source takes "
+            "(the first of the three runs). It is not done: the check that nothing is pending would repeat the load's "
+            "own logic, and a wrong \"nothing to do\" would leave rows stale.")
     if pairs := ahead("peak RSS"):
         out.append(
             f"- **Memory** — behind {who(pairs)}. Our worker is at {ours.get('peak_rss_after_ingest_mib', 0):,.0f} MiB "
@@ -345,7 +350,7 @@ def behind_section(results: dict, meta: dict) -> str:
             "fuller chunks under the same 254-token limit, so it embeds fewer)." + spread + " Against the model alone in "
             f"the same minutes we lose {100 * (1 - meta['e2e_over_embedding']):.0f} % (`e2e_over_embedding` below); our "
             f"steps other than `embeddings` took {_other_steps(live)}. What would change it: as for the precomputed run "
-            "(the recall check before serving, chunking one document at a time), and they weigh less as the model's share grows."
+            "(the recall check before serving), and they weigh less as the model's share grows."
             if live and "e2e_over_embedding" in meta else
             f"- **Live model** — behind {who(pairs)}; chunks made: ours {(live or {}).get('chunks')}, {peer_chunks}.")
     if len(out) == 1:

@@ -108,6 +108,23 @@ def test_chunks_fit_the_model_and_ids_are_deterministic(chunker):
     assert chunker.split("other", "doc", text)[0].chunk_id != chunks[0].chunk_id
 
 
+def test_split_many_is_split_of_each_and_one_failure_stays_with_its_document(chunker):
+    long = "\n\n".join(f"Part {i}. " + "Ions cross the membrane through channels. " * 10 for i in range(6))
+    docs = [("a", "short text"), ("b", long), ("c", "   "), ("d", "another short one")]
+    assert chunker.split_many("c", docs) == [chunker.split("c", d, t) for d, t in docs]
+
+    def count(text: str) -> int:  # a counter that refuses one text (an API tokenizer's error, say)
+        if "BOOM" in text:
+            raise ValueError("cannot count this")
+        return len(text.split())
+
+    counting = Chunker.from_token_counter(count, max_tokens=50, overlap=5)
+    out = counting.split_many("c", [("ok1", "fine words here"), ("bad", "BOOM " + "word " * 80), ("ok2", " ".join(f"w{i}" for i in range(120)))])
+    assert isinstance(out[1], ValueError)
+    assert [c.text for c in out[0]] == ["fine words here"]
+    assert len(out[2]) > 2 and all(c.token_count <= 50 for c in out[2])
+
+
 def test_chunker_counts_tokens_not_characters(chunker):
     # 300 short words are ~300 tokens: more than one chunk, though far under 256 * 4 characters.
     chunks = chunker.split("c", "d", " ".join(["cat"] * 300))

@@ -88,25 +88,48 @@ class Chunker:
         """`split` of each (doc_id, text), in order; a document that cannot be split gets its
         exception in its place, and the others go on. A text that fits one chunk whole is what
         the splitter would return for it (trimmed); those are counted in one `encode_batch`
-        call (in parallel) instead of the splitter's search for boundaries (several passes)."""
+        call (in parallel) instead of the splitter's search for boundaries. The others are split
+        together (`chunk_all`, in parallel) and their pieces counted in one call."""
         trimmed = [text.strip(WHITE_SPACE) for _, text in documents]
         candidates = [i for i, t in enumerate(trimmed) if self._fits(t)]
+        counts = self._counted([trimmed[i] for i in candidates]) or []
+        whole = {i: n for i, n in zip(candidates, counts) if n - self._specials <= self.capacity}
+        rest = [i for i in range(len(documents)) if i not in whole]
         try:
-            counts = dict(zip(candidates, self._count_many([trimmed[i] for i in candidates]) if candidates else []))
-        except Exception:  # noqa: BLE001 - a text the counter refuses: each document on its own below
-            counts = {}
+            split = dict(zip(rest, self._splitter.chunk_all([documents[i][1] for i in rest]))) if rest else {}
+        except Exception:  # noqa: BLE001 - a text the splitter refuses: each document on its own below
+            split = {}
+        pieces = {i: [p for p in split[i] if p.strip()] for i in split}
+        flat = [p for i in rest if i in pieces for p in pieces[i]]
+        flat_counts = self._counted(flat)
+        piece_counts: dict[int, list[int]] = {}
+        if flat_counts is not None:
+            at = 0
+            for i in rest:
+                if i in pieces:
+                    piece_counts[i] = flat_counts[at:at + len(pieces[i])]
+                    at += len(pieces[i])
         out: list[list[Chunk] | Exception] = []
         for i, (doc_id, text) in enumerate(documents):
             try:
-                if i in counts and counts[i] - self._specials <= self.capacity:
-                    pieces, tokens = ([trimmed[i]], [counts[i]]) if trimmed[i].strip() else ([], [])
+                if i in whole:
+                    texts, tokens = ([trimmed[i]], [whole[i]]) if trimmed[i].strip() else ([], [])
                 else:
-                    pieces = [p for p in self._splitter.chunks(text) if p.strip()]
-                    tokens = self._count_many(pieces) if pieces else []
-                out.append(self._chunks(collection, doc_id, pieces, tokens))
+                    texts = pieces[i] if i in pieces else [p for p in self._splitter.chunks(text) if p.strip()]
+                    tokens = piece_counts[i] if i in piece_counts else (self._count_many(texts) if texts else [])
+                out.append(self._chunks(collection, doc_id, texts, tokens))
             except Exception as err:  # noqa: BLE001 - one document's failure is its own
                 out.append(err)
         return out
+
+    def _counted(self, texts: list[str]) -> list[int] | None:
+        """Token counts of `texts` in one call; None when the counter refuses one of them."""
+        if not texts:
+            return []
+        try:
+            return self._count_many(texts)
+        except Exception:  # noqa: BLE001 - counted one by one where needed
+            return None
 
     @staticmethod
     def _chunks(collection: str, doc_id: str, pieces: list[str], counts: list[int]) -> list[Chunk]:
