@@ -204,6 +204,18 @@ def test_recall_is_measured_again_only_when_what_it_measures_changed(make_platfo
     finally:
         clock.set_now(None)
 
+    # Searches by vector alone are logged queries too, each distinct vector one of its own.
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        vec = rng.standard_normal(384).astype(np.float32)
+        vp.search(vector=vec / np.linalg.norm(vec), collections=[unique_name], k=5)
+    flush_query_log(vp.pool())
+    logged = check_of(vp.ingest(unique_name))
+    assert "measured" not in logged and logged["queries_from_log"] == 3 and measurements() == 5
+    assert "reused" in check_of(vp.ingest(unique_name))["measured"] and measurements() == 5
+
 
 # ---------------------------------------------------------------- audit
 

@@ -22,15 +22,20 @@ def log_queries(conn: psycopg.Connection, entries: Sequence[tuple]) -> None:
         )
 
 
-# The sample of logged_query_vectors: the distinct texts' latest vectors, ranked by md5(text || salt).
+# The sample of logged_query_vectors: the distinct queries' latest vectors, ranked by md5(key || salt).
+# A query's key is its text; a search by vector (no text) is keyed by its vector, so each distinct
+# vector is a query of its own (not all of them one NULL text whose latest vector keeps changing).
 _SAMPLE = """
     SELECT query_text, query_vector FROM (
-        SELECT DISTINCT ON (query_text) query_text, query_vector FROM vector_platform.query_stats
-        WHERE collection = %(c)s AND model_key = %(m)s AND query_vector IS NOT NULL
-          AND (%(since)s::timestamptz IS NULL OR queried_at >= %(since)s)
-        ORDER BY query_text, queried_at DESC
+        SELECT DISTINCT ON (key) key, query_text, query_vector FROM (
+            SELECT coalesce('t:' || query_text, 'v:' || md5(query_vector::text)) AS key, query_text, query_vector, queried_at
+            FROM vector_platform.query_stats
+            WHERE collection = %(c)s AND model_key = %(m)s AND query_vector IS NOT NULL
+              AND (%(since)s::timestamptz IS NULL OR queried_at >= %(since)s)
+        ) logged
+        ORDER BY key, queried_at DESC
     ) latest
-    ORDER BY md5(coalesce(query_text, '') || %(salt)s) LIMIT %(n)s
+    ORDER BY md5(key || %(salt)s) LIMIT %(n)s
 """
 
 
@@ -39,9 +44,10 @@ def logged_query_vectors(
 ) -> list[np.ndarray]:
     """A sample of the distinct real queries users asked (since `since`), each with its latest vector.
 
-    The sample is an even spread over the distinct query texts, not the first ones in any
-    order: texts are ranked by md5(text || salt), so the same salt draws the same sample (a
-    check is repeatable) and another salt (the week, say) draws another."""
+    The sample is an even spread over the distinct queries (texts; a search by vector alone is
+    keyed by its vector), not the first ones in any order: queries are ranked by md5(key ||
+    salt), so the same salt draws the same sample (a check is repeatable) and another salt (the
+    week, say) draws another."""
     rows = conn.execute(
         "SELECT query_vector FROM (" + _SAMPLE + ") sample", {"c": collection, "m": model_key, "since": since, "salt": salt, "n": limit}
     ).fetchall()
@@ -55,7 +61,7 @@ def logged_sample_digest(
     and vectors): a new query logged, or one asked again with another vector, changes it."""
     count, digest = conn.execute(
         "SELECT count(*), md5(coalesce(string_agg(md5(coalesce(query_text, '') || query_vector::text), '' "
-        "ORDER BY md5(coalesce(query_text, '') || %(salt)s)), '')) FROM (" + _SAMPLE + ") sample",
+        "ORDER BY md5(coalesce(query_text, '') || query_vector::text)), '')) FROM (" + _SAMPLE + ") sample",
         {"c": collection, "m": model_key, "since": since, "salt": salt, "n": limit},
     ).fetchone()
     return f"{count}:{digest}"
