@@ -277,7 +277,7 @@ def behind_section(results: dict, meta: dict) -> str:
             f"- **Documents → searchable / load rate** — behind {who(pairs)}. Our {ours['ingest_s']:.1f} s: {_steps(ours)}. "
             f"Three steps do work the peers ahead of us skip: `chunks` ({step('chunks'):.1f} s) tokenizes every document "
             "to prove it fits the model's window (a page of documents in one parallel `encode_batch` call; pgai with "
-            "`chunking_none` and LangChain without a splitter never count tokens); `embeddings` ({step('embeddings'):.1f} s) writes every batch of 64 vectors to the Parquet embedding "
+            f"`chunking_none` and LangChain without a splitter never count tokens); `embeddings` ({step('embeddings'):.1f} s) writes every batch of 64 vectors to the Parquet embedding "
             "cache and its catalog index before any row reaches the table (what lets a killed run resume without "
             "re-embedding and a re-ingest skip the model); `index_recall_meets_target` "
             f"({step('hnsw_index_index_recall_meets_target'):.1f} s) measures recall@10 of the new index on 100 queries "
