@@ -15,13 +15,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import dagster as dg
 
@@ -116,20 +119,41 @@ def root_cause(error) -> str:
     return _FAILURE_PREFIX.sub("", error.message.strip())
 
 
+@contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """SIGTERM's handler as it was before, after an in-process run on the main thread.
+
+    Dagster's in-process execution, when it restores SIGINT afterwards, also sets SIGTERM to
+    SIGINT's handler (dagster._utils.interrupts). In a process started with SIGINT ignored (a
+    background job of a script, nohup ... &) SIGTERM is then ignored from that moment, by the
+    process and by every child it starts later: Dagster's own compute-log `tail` then survives
+    terminate() and a step of a later run (on another thread) waits 30 s for it, twice."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if before is not None and signal.getsignal(signal.SIGTERM) != before:
+            signal.signal(signal.SIGTERM, before)
+
+
 def run_in_process(defs: dg.Definitions, instance: dg.DagsterInstance, job_name: str, partition_key, run_config: dict,
                    checks_only: set[dg.AssetCheckKey] | None = None) -> RunSummary:
     """`checks_only`: run just these asset checks of the job, no asset."""
     job = defs.resolve_job_def(job_name)
     if checks_only:
         job = job.get_subset(asset_selection=set(), asset_check_selection=checks_only)
-    result = job.execute_in_process(
-        partition_key=partition_key,
-        instance=instance,
-        raise_on_error=False,
-        # Failures come back in the summary (root cause, no stack trace); warnings worth a
-        # person's attention reach the CLI through progress.notify.
-        run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}, **run_config},
-    )
+    with sigterm_kept():
+        result = job.execute_in_process(
+            partition_key=partition_key,
+            instance=instance,
+            raise_on_error=False,
+            # Failures come back in the summary (root cause, no stack trace); warnings worth a
+            # person's attention reach the CLI through progress.notify.
+            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}, **run_config},
+        )
     return summarise(job_name, str(partition_key), result.run_id, result.success, result.all_events, "in_process")
 
 

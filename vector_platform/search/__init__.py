@@ -213,6 +213,7 @@ def search(
             vector_for(facts.spec)
     outcomes: dict[str, tuple[str, Any]] = {}
     settled: dict[str, Facts] = {}
+
     def active_pass(conn) -> None:
         session = rt.sessions.setdefault(conn, {})
         for name, facts in targets:
@@ -334,7 +335,7 @@ def search(
 def _on_a_connection(pool: ConnectionPool, work: Callable[[psycopg.Connection], Any]) -> Any:
     """`work(conn)` on a connection of `pool`; once more on a fresh one when the first was cut
     while it sat in the pool (a server restart or failover: the pool lends a search connection
-    unchecked when it was returned less than db.SEARCH_CHECK_IDLE_S ago, and drops a broken one)."""
+    unchecked when it was lent less than db.SEARCH_CHECK_IDLE_S ago, and drops a broken one)."""
     conn = None
     try:
         with pool.connection() as conn:
