@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,20 @@ from vector_platform.models import ModelSpec  # noqa: E402
 from vector_platform.defs.resources import EmbedderResource, ObjectStoreResource, PostgresResource  # noqa: E402
 from vector_platform_tests.scifact import SCIFACT, texts_and_vectors  # noqa: E402
 
+
+
+_SIGTERM_AT_START = signal.getsignal(signal.SIGTERM)
+
+
+@pytest.fixture(autouse=True)
+def sigterm_as_at_start():
+    """Each test leaves SIGTERM as the session began with it. A test that runs Dagster on the
+    main thread itself, not through `runs.run_in_process`, can leave SIGTERM set to SIGINT's
+    handler ("ignore" in a backgrounded CI: see runs.sigterm_kept), and every child process
+    of later tests would then ignore terminate()."""
+    yield
+    if _SIGTERM_AT_START is not None and signal.getsignal(signal.SIGTERM) != _SIGTERM_AT_START:
+        signal.signal(signal.SIGTERM, _SIGTERM_AT_START)
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,11 @@ def test_sigterm_still_works_after_a_run_in_a_process_that_ignores_sigint(make_p
     vp = make_platform()
     vp.add_collection(unique_name, write_jsonl(tmp_path / "d.jsonl", [{"id": f"d{i}", "text": f"note {i} alpha beta"} for i in range(20)]))
     sigint, sigterm = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a fresh process has it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         assert all(r.success for r in vp.ingest(unique_name))  # on the main thread
-        assert signal.getsignal(signal.SIGTERM) == sigterm
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
         child = subprocess.Popen(["sleep", "30"])  # what a later step's `tail` is
         child.terminate()
         assert child.wait(timeout=5) == -signal.SIGTERM
