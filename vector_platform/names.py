@@ -38,6 +38,16 @@ def bounded_identifier(*parts: str, suffix: str = "") -> str:
     return f"{full[:keep]}_{digest}{suffix}"
 
 
+def unstorable(text: str) -> str | None:
+    """What in `text` PostgreSQL text cannot hold, as words for an error message; None when
+    it can hold all of it (see `storable_text` to clean it instead)."""
+    if "\x00" in text:
+        return "a NUL character (\\u0000)"
+    if _SURROGATE.search(text):
+        return "an unpaired UTF-16 surrogate (not valid Unicode text)"
+    return None
+
+
 def storable_text(text: str) -> str:
     """`text` as PostgreSQL text can hold it, for logs of what users typed (a query, an error):
     NUL characters dropped, unpaired UTF-16 surrogates replaced by U+FFFD."""

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
+from vector_platform.names import unstorable
+
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".markdown", ".rst"}
 # Longer ids would not fit a btree index entry (about 2,700 bytes) once prefixed.
 MAX_ID_CHARS = 512
@@ -205,12 +207,9 @@ def check_storable(value: Any, what: str, depth: int = 0) -> None:
             raise ValueError(f"{what} holds NaN or infinity ({value!r}), which JSON and PostgreSQL jsonb cannot store")
         return
     if isinstance(value, str):
-        if "\x00" in value:
-            raise ValueError(f"{what} contains a NUL character (\\u0000), which PostgreSQL text cannot store")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{what} contains an unpaired UTF-16 surrogate (not valid Unicode text)") from None
+        problem = unstorable(value)
+        if problem:
+            raise ValueError(f"{what} contains {problem}, which PostgreSQL text cannot store")
         return
     if depth >= MAX_METADATA_DEPTH:
         raise ValueError(f"{what} is nested deeper than {MAX_METADATA_DEPTH} levels")

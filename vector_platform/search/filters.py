@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from vector_platform.names import unstorable
+
 # As deep as stored metadata may be (`ingest.sources.MAX_METADATA_DEPTH`).
 MAX_DEPTH = 64
 # Python refuses to write ints longer than this many digits (sys.get_int_max_str_digits).
@@ -64,12 +66,9 @@ def _check(value: Any, path: str, depth: int) -> None:
 
 
 def _check_text(text: str, where: str) -> None:
-    if "\x00" in text:
-        raise UnsupportedFilter(f"{where[:120]} holds a NUL character (\\u0000), which no stored metadata can hold")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UnsupportedFilter(f"{where[:120]} holds an unpaired UTF-16 surrogate (not valid Unicode text)") from None
+    problem = unstorable(text)
+    if problem:
+        raise UnsupportedFilter(f"{where[:120]} holds {problem}, which no stored metadata can hold")
 
 
 def _kind(value: Any) -> str:
