@@ -278,16 +278,19 @@ class Platform:
         include_archive: bool = False,
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
+        fingerprint: str | None = None,
     ) -> SearchResult:
         """Search active collections by HNSW (or exactly), cold ones exactly over their snapshot;
         archived ones are skipped. `include_archive` adds the collections' row archives (aged
         rows on the object store, searched exactly); `since` / `until` keep rows whose source
-        timestamp is in [since, until). Every hit says its `source_tier`."""
+        timestamp is in [since, until). Every hit says its `source_tier`. With a `vector`, pass
+        the `fingerprint` of the model that made it: collections serving another model are
+        then refused, not compared."""
         readers = self.postgres.read_dsns()
         return search(
             self.pool(), self.embed_query, collections, query=query, vector=vector, k=k, exact=exact, filters=filters,
             store=self.store(), include_archive=include_archive, since=since, until=until,
-            read_dsn=readers[0] if readers else None,
+            read_dsn=readers[0] if readers else None, fingerprint=fingerprint,
         )
 
     def archive_rows(self, name: str) -> RunSummary:
@@ -415,7 +418,17 @@ class Platform:
                 "SELECT name FROM vector_platform.collections WHERE upgrade_backfill_id = %s AND serving_model IS DISTINCT FROM %s "
                 "ORDER BY name", (backfill_id, to))]
         outcome = UpgradeOutcome(to=to or "", collections=names)
-        outcome.backfill_id = backfills.retry_failed(self.instance, self.defs, backfill_id)
+        # A partition whose last step succeeded but whose gate never ran (its run failed on
+        # another partition of its range) or could not measure (the new model's API was
+        # down) is run again from that step: the step keeps what it built, its check gates it.
+        ungated = []
+        with self.pool().connection() as conn:
+            for name in names:
+                latest = upgrade_sql.latest_gate(conn, name, to) if to else None
+                if latest is None or not latest.passed or latest.evaluated_at.timestamp() < parent.backfill_timestamp:
+                    last = cold_snapshot.key if catalog.get_collection(conn, name).tier == "cold" else hnsw_index.key
+                    ungated.append((last, (name, to)))
+        outcome.backfill_id = backfills.retry_failed(self.instance, self.defs, backfill_id, also=ungated)
         with self.pool().connection() as conn:
             for name in names:
                 upgrade_sql.start_upgrade(conn, name, to, outcome.backfill_id)

@@ -73,16 +73,27 @@ def launch(
     return backfill.backfill_id
 
 
-def retry_failed(instance: dg.DagsterInstance, defs: dg.Definitions, backfill_id: str) -> str:
+def retry_failed(
+    instance: dg.DagsterInstance,
+    defs: dg.Definitions,
+    backfill_id: str,
+    also: Sequence[tuple[dg.AssetKey, tuple[str, str]]] = (),
+) -> str:
     """A new backfill of what the finished one did not materialize (the UI's "Re-execute from
-    failure"): failed partitions and the steps they blocked, nothing that succeeded."""
+    failure"): failed partitions and the steps they blocked, nothing that succeeded. `also`:
+    (asset, (collection, model)) to run again although they were materialized (an upgrade's
+    last step whose blocking check never ran or could not measure: running the step runs it)."""
     backfill = instance.get_backfill(backfill_id)
     if backfill is None:
         raise KeyError(f"no backfill {backfill_id!r} in this instance")
     if backfill.status not in BULK_ACTION_TERMINAL_STATUSES:
         raise RuntimeError(f"backfill {backfill_id} is still {backfill.status.value}: wait for it to finish")
-    data = backfill.get_asset_backfill_data(defs.resolve_asset_graph())
+    graph = defs.resolve_asset_graph()
+    data = backfill.get_asset_backfill_data(graph)
     missing = data.target_subset - data.materialized_subset
+    if also:
+        extra = {AssetKeyPartitionKey(key, str(partition_key(c, m))) for key, (c, m) in also}
+        missing = missing | AssetGraphSubset.from_asset_partition_set(extra, graph)
     if missing.num_partitions_and_non_partitioned_assets == 0:
         raise RuntimeError(f"backfill {backfill_id} materialized everything it targeted: nothing to retry")
     retry = PartitionBackfill.from_asset_graph_subset(

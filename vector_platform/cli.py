@@ -35,6 +35,7 @@ SETTING_FLAGS = {
     "recall_target": float,
     "upgrade_ndcg_margin": float,
     "upgrade_latency_factor": float,
+    "upgrade_latency_floor_ms": float,
     "retain_previous_days": float,
 }
 
@@ -474,10 +475,10 @@ def cmd_models_list(args) -> int:
     with vp.pool().connection() as conn:
         specs = [catalog.get_model(conn, key) for key in catalog.list_model_keys(conn)]
     if args.json:
-        _print_json({"models": [s.to_row() for s in specs]})
+        _print_json({"models": [{**s.to_row(), "fingerprint": s.fingerprint} for s in specs]})
     else:
         for s in specs:
-            print(f"{s.key:<20} {s.provider:<7} {s.dims:>5} d {s.distance:<13} {s.model_name}")
+            print(f"{s.key:<20} {s.provider:<7} {s.dims:>5} d {s.distance:<13} {s.fingerprint}  {s.model_name}")
     return 0
 
 

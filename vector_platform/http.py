@@ -1,7 +1,8 @@
 """The HTTP search API: a thin Starlette app over `Platform.search`, served by uvicorn.
 
     POST /search       {"query": "..." | "vector": [...], "collections": [...], "k": 10, "filters": {...}, "exact": false,
-                        "include_archive": false, "since": "2024-01-01", "until": "2024-07-01"}
+                        "include_archive": false, "since": "2024-01-01", "until": "2024-07-01",
+                        "fingerprint": "<the model fingerprint a given vector was made with>"}
                        -> the same JSON as `vector-platform search --json`
     GET  /collections/{name}/documents/{doc_id}
                        -> one document (`vector-platform get NAME DOC_ID --json`), 404 when unknown
@@ -53,7 +54,7 @@ from starlette.routing import Route
 from vector_platform.telemetry import logs
 
 log = logging.getLogger(__name__)
-SEARCH_FIELDS = {"query", "vector", "collections", "k", "filters", "exact", "include_archive", "since", "until"}
+SEARCH_FIELDS = {"query", "vector", "fingerprint", "collections", "k", "filters", "exact", "include_archive", "since", "until"}
 
 
 def _instant(value: Any, name: str) -> dt.datetime | None:
@@ -184,6 +185,9 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
         vector = body.get("vector")
         if vector is not None and (not isinstance(vector, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vector)):
             raise HttpError(400, "vector must be a list of numbers")
+        fingerprint = body.get("fingerprint")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise HttpError(400, "fingerprint must be a string (the model fingerprint the vector was made with)")
         query = body.get("query")
         if query is not None and not isinstance(query, str):
             raise HttpError(400, "query must be a string")
@@ -197,7 +201,7 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
             with logs.log_context(collection=",".join(collections)):
                 result = await run_in_threadpool(
                     vp.search, query, collections, k=k, exact=exact, vector=vector, filters=body.get("filters"),
-                    include_archive=include_archive, **window,
+                    include_archive=include_archive, fingerprint=fingerprint, **window,
                 )
         except Exception as err:
             error = str(err)[:500] if isinstance(err, (ValueError, KeyError)) else f"internal error ({err.__class__.__name__})"

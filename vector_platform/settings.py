@@ -49,9 +49,10 @@ class CollectionSettings:
     max_delete_fraction: float = 0.5
     # Model upgrades: a shadow model's nDCG@10 on labelled queries may trail the serving
     # model's by at most this much, and its search p95 may be at most this factor slower
-    # (latencies under 5 ms always pass: below that the machine's noise dominates).
+    # (a p95 under upgrade_latency_floor_ms always passes: below it the machine's noise dominates).
     upgrade_ndcg_margin: float = 0.02
     upgrade_latency_factor: float = 2.0
+    upgrade_latency_floor_ms: float = 5.0
     # After a swap the previous model's table is kept this long for `models rollback`.
     retain_previous_days: float = 7.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +83,8 @@ class CollectionSettings:
             raise ValueError(f"upgrade_ndcg_margin must be between 0 and 1, got {self.upgrade_ndcg_margin}")
         if self.upgrade_latency_factor < 1.0:
             raise ValueError(f"upgrade_latency_factor must be at least 1, got {self.upgrade_latency_factor}")
+        if not 0.0 <= self.upgrade_latency_floor_ms <= 60_000.0:
+            raise ValueError(f"upgrade_latency_floor_ms must be between 0 and 60000, got {self.upgrade_latency_floor_ms}")
         if self.retain_previous_days < 0:
             raise ValueError(f"retain_previous_days cannot be negative, got {self.retain_previous_days}")
         if self.max_document_bytes < 1:

@@ -590,32 +590,84 @@ def _ensure_hnsw_partitioned(
 
 # ---------------------------------------------------------------- serving view
 
+# How long the swap of a serving view waits for its lock at a time, and in all. DROP VIEW needs
+# an ACCESS EXCLUSIVE lock: while it waits behind a long search, every new search of the
+# collection queues behind it. A short wait, given up and tried again, bounds that queue.
+VIEW_LOCK_WAIT_MS = 100
+VIEW_LOCK_GIVE_UP_S = 30.0
+
+
+class ViewBusy(RuntimeError):
+    """The serving view stayed locked by searches longer than VIEW_LOCK_GIVE_UP_S."""
+
+
+def _view_label(table: str, fingerprint: str) -> str:
+    return f"vector_platform serving view: {table} {fingerprint}"
+
+
 def publish_view(conn: psycopg.Connection, collection: str, table: str) -> None:
     """Point the collection's serving view at `table`, atomically (in the caller's transaction).
 
-    The view carries the fingerprint of the table's vectors as a constant column: search asks
-    for its query's fingerprint (`WHERE fingerprint = ...`, folded by the planner into a
-    one-time filter), so a query embedded for one model never ranks another model's vectors,
-    even while a swap replaces the view under it and the dimensions are equal."""
+    The view carries the fingerprint of the table's vectors as a constant column, which search
+    reads with each row: a query embedded for one model never ranks another model's vectors,
+    even while a swap replaces the view under it and the dimensions are equal.
+
+    A view that already reads `table` (its comment says so) is left alone: re-publishing it
+    after every ingest would take the view's exclusive lock for nothing. Otherwise the view is
+    dropped under a short lock wait, retried (`VIEW_LOCK_WAIT_MS`, up to `VIEW_LOCK_GIVE_UP_S`),
+    so a long search delays the swap, never the searches that arrive meanwhile."""
     row = conn.execute(
         "SELECT fingerprint FROM vector_platform.collection_models WHERE collection = %s AND table_name = %s",
         (collection, table),
     ).fetchone()
     if row is None or not row[0]:
         raise ValueError(f"{VECTORS}.{table} is not a vector table of collection {collection!r}")
-    conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(view_id(collection)))
+    label = _view_label(table, row[0])
+    view = view_id(collection)
+    current = conn.execute(
+        "SELECT obj_description(to_regclass(%s), 'pg_class')", (view.as_string(conn),), prepare=False
+    ).fetchone()[0]
+    if current == label:
+        announce_change(conn, collection)
+        return
+    _drop_view_waiting(conn, view)
     conn.execute(
         sql.SQL(
             "CREATE VIEW {} AS SELECT chunk_id, doc_id, seq, content_hash, text, metadata, source_ts, embedding, "
             "{}::text AS fingerprint FROM {}"
-        ).format(view_id(collection), sql.Literal(row[0]), table_id(table))
+        ).format(view, sql.Literal(row[0]), table_id(table))
     )
+    conn.execute(sql.SQL("COMMENT ON VIEW {} IS {}").format(view, sql.Literal(label)))
     announce_change(conn, collection)
+
+
+def _drop_view_waiting(conn: psycopg.Connection, view: sql.Composable) -> None:
+    """DROP VIEW IF EXISTS in the caller's transaction, waiting for its lock a little at a time
+    (a savepoint per attempt, so a timed-out attempt leaves the transaction usable)."""
+    previous = conn.execute("SELECT current_setting('lock_timeout')", prepare=False).fetchone()[0]
+    deadline = time.monotonic() + VIEW_LOCK_GIVE_UP_S
+    try:
+        while True:
+            try:
+                with conn.transaction():
+                    conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{VIEW_LOCK_WAIT_MS}ms",), prepare=False)
+                    conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(view))
+                return
+            except psycopg.errors.LockNotAvailable:
+                if time.monotonic() > deadline:
+                    raise ViewBusy(
+                        f"the serving view {view.as_string(conn)} stayed in use by searches for {VIEW_LOCK_GIVE_UP_S:.0f} s; "
+                        "nothing was changed: try again"
+                    ) from None
+                time.sleep(0.02)
+    finally:
+        # a SET LOCAL made inside a savepoint outlives it: put the caller's value back
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (previous,), prepare=False)
 
 
 def drop_view(conn: psycopg.Connection, collection: str) -> None:
     """Stop serving a collection from Postgres (in the caller's transaction)."""
-    conn.execute(sql.SQL("DROP VIEW IF EXISTS {}").format(view_id(collection)))
+    _drop_view_waiting(conn, view_id(collection))
     announce_change(conn, collection)
 
 

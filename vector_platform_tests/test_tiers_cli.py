@@ -171,6 +171,12 @@ def test_http_api_answers_what_the_cli_answers_and_needs_its_key(cli_platform, t
         assert _post_oversized(f"{base}/search", b"[" + b"1," * 600_000 + b"1]", key=key) == 413
         status, vec = _request(f"{base}/search", {"vector": [0.01] * 384, "collections": [name], "k": 3}, key=key)
         assert status == 200 and len(vec["hits"]) == 3
+        pinned = {"vector": [0.01] * 384, "collections": [name], "k": 3, "fingerprint": vec["hits"][0]["fingerprint"]}
+        status, same = _request(f"{base}/search", pinned, key=key)
+        assert status == 200 and [h["chunk_id"] for h in same["hits"]] == [h["chunk_id"] for h in vec["hits"]]
+        status, other = _request(f"{base}/search", {**pinned, "fingerprint": "0" * 16}, key=key)
+        assert status == 200 and other["hits"] == [] and "refused" in other["warnings"][0]
+        assert _request(f"{base}/search", {**pinned, "fingerprint": "minilm"}, key=key)[0] == 400
         status, windowed = _request(f"{base}/search", {**body, "include_archive": True, "since": "2000-01-01"}, key=key)
         assert status == 200 and windowed["hits"] == []  # these documents have no source timestamp: no window holds them
         assert _request(f"{base}/search", {**body, "since": "last week"}, key=key)[0] == 400

@@ -192,3 +192,33 @@ def test_settings_saved_by_an_older_release_stay_readable_but_new_changes_are_ch
     with pytest.raises(ValueError, match="at most half"):
         old.changed(chunk_max_tokens=40)
     assert old.changed(chunk_overlap_tokens=8).chunk_overlap_tokens == 8
+
+
+def test_the_quality_gate_latency_rule_fails_a_slow_shadow_and_times_stored_vectors_without_queries():
+    from vector_platform.upgrade import gate as quality_gate
+
+    def searcher(ms):  # a search that answers one fixed list in `ms` milliseconds
+        def search(spec, vectors, k):
+            return [[("c1", "d1")] for _ in vectors], [ms] * len(vectors)
+        return search
+
+    vectors = [np.ones(MINILM.dims, np.float32)] * 20
+    strict = CollectionSettings(upgrade_latency_floor_ms=0.0)
+    for settings, shadow_ms, fails in (
+        (strict, 10.0, True),  # 10 x slower than the serving model, over the factor 2
+        (strict, 1.5, False),  # within the factor
+        (CollectionSettings(), 4.0, False),  # slower, but under the default 5 ms floor
+        (CollectionSettings(), 12.0, True),  # over both
+    ):
+        figures, reasons = {}, []
+        quality_gate._compare(figures, reasons, settings, None, MINILM, searcher(shadow_ms), MINILM, searcher(1.0),
+                              [], [], stored=(vectors, vectors))
+        assert figures["p95_ms_shadow"] == shadow_ms and figures["p95_ms_serving"] == 1.0
+        assert "stored vectors" in figures["latency_queries"] and "overlap_at_10" not in figures
+        assert bool(reasons) == fails, (shadow_ms, reasons)
+        assert figures["latency_rounds"] == (3 if fails else 1)  # a slower round is measured again before it counts
+    figures, reasons = {}, []
+    quality_gate._compare(figures, reasons, strict, None, MINILM, searcher(10.0), MINILM, searcher(1.0), [], [], stored=None)
+    assert "not measured" in figures["latency"] and reasons == []
+    with pytest.raises(ValueError, match="upgrade_latency_floor_ms"):
+        CollectionSettings().changed(upgrade_latency_floor_ms=-1.0)

@@ -4,11 +4,13 @@ wide (3,072-d) and halfvec models indexed and searched through their index."""
 
 import datetime as dt
 import threading
+import time
 
 import numpy as np
 import psycopg
 import pytest
 from pgvector.psycopg import register_vector
+from psycopg import sql
 
 from vector_platform import catalog, clock, tables
 from vector_platform.catalog import tiers as tier_sql
@@ -133,6 +135,76 @@ def test_upgrade_is_gated_swapped_under_search_and_rolled_back(make_platform, se
     with pytest.raises(SwapRefused, match="nothing to roll back"):
         vp.rollback(name)
     assert vp.search(texts[1], [name]).hits  # still serving
+
+
+def test_vectors_stay_pinned_to_their_model_and_a_swap_never_holds_up_searches(make_platform, servers, tmp_path, unique_name):
+    """Raw query vectors say which model made them (`fingerprint`): a collection serving another
+    model is refused, even with equal dimensions and across a swap. The swap waits for a long
+    search without making the searches that arrive meanwhile wait; an ingest that changes
+    nothing does not touch the serving view at all; documents ingested while the shadow waits
+    for its swap reach both models' tables."""
+    vp = make_platform()
+    keys = _models(vp, servers, unique_name[-6:])
+    name = unique_name
+    _ingested(vp, tmp_path, name, keys["mini"], data.docs_with_judged(400))
+    mini_fp = data.spec(keys["mini"], servers["mini"]).fingerprint
+    rotated_fp = data.spec(keys["rotated"], servers["rotated"]).fingerprint
+    text = list(data.queries().values())[0]
+    mini_vec, rotated_vec = servers["mini"].vector(text), servers["rotated"].vector(text)
+
+    outcome = vp.upgrade([name], keys["rotated"], swap=False, say=lambda m: None)
+    assert outcome.runs[0].success, outcome.runs[0].error
+    write_jsonl(tmp_path / f"{name}.jsonl", data.docs_with_judged(401))  # dual write before the swap
+    assert all(r.success for r in vp.ingest(name))
+    status = {c["name"]: c for c in vp.status()["collections"]}[name]
+    assert status["tables"][keys["mini"]]["rows"] == status["tables"][keys["rotated"]]["rows"] == 401
+
+    pinned = vp.search(vector=mini_vec, collections=[name], fingerprint=mini_fp)
+    assert pinned.hits and {h.fingerprint for h in pinned.hits} == {mini_fp}
+    refused = vp.search(vector=rotated_vec, collections=[name], fingerprint=rotated_fp)
+    assert refused.hits == [] and "refused" in refused.warnings[0] and rotated_fp in refused.warnings[0]
+    with pytest.raises(ValueError, match="fingerprint must be"):
+        vp.search(vector=mini_vec, collections=[name], fingerprint=keys["mini"])
+
+    # A long search holds the serving view (an open transaction that read it); the swap waits
+    # for it, and searches arriving meanwhile are answered at once, by the old model.
+    dsn = vp.postgres.resolved_dsn()
+    reader = psycopg.connect(dsn)
+    reader.execute(sql.SQL("SELECT count(*) FROM {}").format(tables.view_id(name))).fetchone()
+    swapped: list = []
+    swap = threading.Thread(target=lambda: swapped.append(vp.swap(name, keys["rotated"])))
+    release = threading.Timer(2.5, reader.rollback)
+    began = time.monotonic()
+    swap.start()
+    release.start()
+    try:
+        latencies = []
+        while time.monotonic() - began < 2.0:
+            t = time.perf_counter()
+            answer = vp.search(vector=mini_vec, collections=[name], fingerprint=mini_fp)
+            latencies.append(time.perf_counter() - t)
+            assert {h.fingerprint for h in answer.hits} == {mini_fp}
+        assert swap.is_alive()  # still waiting for the long search
+        assert len(latencies) > 20 and max(latencies) < 1.0, max(latencies)
+        swap.join(60)
+    finally:
+        release.join()
+    assert swapped and swapped[0].success, swapped and swapped[0].error
+    after = vp.search(vector=mini_vec, collections=[name], fingerprint=mini_fp)
+    assert after.hits == [] and "refused" in after.warnings[0]  # not ranked against the new model
+    fresh = vp.search(vector=rotated_vec, collections=[name], fingerprint=rotated_fp)
+    assert fresh.hits and {h.fingerprint for h in fresh.hits} == {rotated_fp}
+
+    # An ingest that changes nothing leaves the view alone: it does not wait for a long search.
+    reader.execute(sql.SQL("SELECT count(*) FROM {}").format(tables.view_id(name))).fetchone()
+    try:
+        ingest = threading.Thread(target=lambda: swapped.append(vp.ingest(name)))
+        ingest.start()
+        ingest.join(60)
+        assert not ingest.is_alive()
+        assert all(r.success for r in swapped[-1])
+    finally:
+        reader.close()
 
 
 def test_a_bad_model_fails_the_gate_and_the_old_model_keeps_serving(make_platform, servers, tmp_path, unique_name):
@@ -296,6 +368,12 @@ def test_a_cold_collection_is_upgraded_from_its_snapshot_and_stays_cold(make_pla
         hits = vp.search(q, [name]).hits
         assert {(h.source_tier, h.model, h.fingerprint) for h in hits} == {("cold", keys["rotated"], rotated_fp)}
         assert [h.doc_id for h in hits][:5] == docs[:5]
+
+    mini_vec = servers["mini"].vector(texts[0])  # a vector made by the old model, pinned: refused, not compared
+    pinned = vp.search(vector=mini_vec, collections=[name], fingerprint=mini_fp)
+    assert pinned.hits == [] and "refused" in pinned.warnings[0]
+    assert {h.fingerprint for h in vp.search(vector=servers["rotated"].vector(texts[0]), collections=[name],
+                                             fingerprint=rotated_fp).hits} == {rotated_fp}
 
     vp.rollback(name)  # cold too: back to the old snapshot
     hits = vp.search(texts[0], [name]).hits

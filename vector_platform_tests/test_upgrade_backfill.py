@@ -2,7 +2,11 @@
 active collections and a cold one, starts a dagster-daemon for it (none was running), the
 multi-run policy packs the three table partitions into one run (the cold collection gets its
 new snapshot in a run of its own); one partition fails, and `models retry` re-executes from
-failure only what was not materialized (the failed partition's embeddings, not the others')."""
+failure only what was not materialized (the failed partition's embeddings, not the others').
+In that retry one collection's quality gate cannot be measured (the new model's API refuses
+its logged query): the others are still gated and swapped, and a second `models retry` runs
+only that collection's last step again, which gates it. A rollback then runs under the same
+search loop."""
 
 import json
 import os
@@ -13,6 +17,8 @@ import time
 import dagster as dg
 
 from . import upgrade_data as data
+from vector_platform.search import flush_query_log
+
 from .conftest import build_platform, cli, instance_env, write_jsonl
 
 INSTANCE_VARS = ("DAGSTER_HOME", "VP_DAGSTER_PG_URL", "VP_DAGSTER_ARTIFACTS")
@@ -90,6 +96,9 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
         ingested(cold, data.docs_with_judged(420)[360:])
         moved = setup.tier(cold, "cold")
         assert moved.success, moved.error
+        gate_query = "cancer GATE_DOWN"  # logged for c only: c's gate embeds it with the new model
+        assert setup.search(gate_query, [names[2]]).hits
+        flush_query_log(setup.pool())
 
         flaky.faults.forbidden_marker = "FORBIDDEN_TOPIC"
         vp = make_platform()  # the same catalog and object store, searching while the CLI upgrades
@@ -115,12 +124,13 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
             assert first_run.tags["dagster/asset_partition_range_end"] == f"{names[2]}|flaky_{suffix}"
             assert first_run.status == dg.DagsterRunStatus.FAILURE
 
-            flaky.faults.forbidden_marker = None
+            flaky.faults.forbidden_marker = "GATE_DOWN"  # b's documents pass now; c's logged query does not
             flaky.counters.reset()
             done = run("models", "retry", backfill_id, "--wait")
-            assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+            assert done.returncode == 1, done.stdout + done.stderr[-3000:]
             retry_id = done.stdout.split("backfill ")[1].split(":")[0]
-            assert all(f"{n}: now serving flaky_{suffix}" in done.stdout for n in names)
+            assert all(f"{n}: now serving flaky_{suffix}" in done.stdout for n in names[:2])
+            assert f"{names[2]}: NOT swapped" in done.stdout  # its gate could not measure: no swap
 
             retry_runs = instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": retry_id}))
             embedded = set()
@@ -133,23 +143,37 @@ def test_upgrade_backfill_packs_partitions_and_a_retry_redoes_only_the_failed_on
             b_texts = {t: n for t, n in flaky.counters.texts.items() if "FORBIDDEN_TOPIC" in t}
             assert len(b_texts) == sum(b_texts.values()) == 120  # b's documents went to the model again, once each
             others = set(flaky.counters.texts) - set(b_texts)
-            assert others <= set(loop.queries)  # and nothing else but the search loop's queries
+            assert others <= set(loop.queries)  # and nothing else but the search loop's (and gates') queries
+
+            flaky.faults.forbidden_marker = None
+            done = run("models", "retry", retry_id, "--wait")
+            assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+            assert f"{names[2]}: now serving flaky_{suffix}" in done.stdout
+            again_id = done.stdout.split("backfill ")[1].split(":")[0]
+            made = set()
+            for r in instance.get_runs(dg.RunsFilter(tags={"dagster/backfill": again_id})):
+                for record in instance.get_records_for_run(r.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records:
+                    mat = record.event_log_entry.dagster_event.event_specific_data.materialization
+                    made.add((mat.asset_key.path[-1], mat.partition))
+            assert made == {("hnsw_index", f"{names[2]}|flaky_{suffix}")}  # only c's last step, which its gate checks
+
+            done = run("search", "cancer", "--collection", names[0], "--collection", names[2], "--json")
+            assert done.returncode == 0, done.stderr
+            assert f'"model": "flaky_{suffix}"' in done.stdout and f"mini_{suffix}" not in done.stdout
+            assert run("models", "rollback", names[0]).returncode == 0  # under the search loop
         finally:
             loop.__exit__()
-        # Through the first backfill, its failure, the retry and four swaps: no search failed or
-        # came back empty, and no answer mixed two models.
+        # Through the first backfill, its failure, two retries, four swaps and a rollback: no
+        # search failed or came back empty, and no answer mixed two models.
         assert loop.errors == [] and loop.empty == [], (loop.errors[:3], loop.empty[:3])
         assert len(loop.answers) > 50 and all(len(models) == 1 for models in loop.answers)
         assert {m for a in loop.answers for m, _ in a} == {f"mini_{suffix}", f"flaky_{suffix}"}
 
-        done = run("search", "cancer", "--collection", names[0], "--collection", names[2], "--json")
-        assert done.returncode == 0, done.stderr
-        assert f'"model": "flaky_{suffix}"' in done.stdout and f"mini_{suffix}" not in done.stdout
         done = run("search", "cancer", "--collection", cold, "--json")
         hits = json.loads(done.stdout)["hits"]
         assert hits and {(h["source_tier"], h["model"]) for h in hits} == {("cold", f"flaky_{suffix}")}
 
-        assert run("models", "rollback", names[0]).returncode == 0  # one transaction: the old model serves again
+        # the rollback was one transaction: the old model serves again
         mini_fp = next(fp for answer in loop.answers for model, fp in answer if model == f"mini_{suffix}")
         assert {(h.model, h.fingerprint) for h in vp.search("cancer", [names[0]]).hits} == {(f"mini_{suffix}", mini_fp)}
     finally:

@@ -23,6 +23,7 @@ and the query log is written in batches off the request path (`log.py`).
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 import time
 import weakref
@@ -45,6 +46,7 @@ from vector_platform.search.log import QueryLog
 from vector_platform.telemetry.metrics import observe_query
 
 QueryEmbedder = Callable[[ModelSpec, str], np.ndarray]
+_FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 
 
 class AllArchived(ValueError):
@@ -156,15 +158,24 @@ def search(
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     read_dsn: str | None = None,
+    fingerprint: str | None = None,
 ) -> SearchResult:
     """Search collections in their tiers and merge the hits by score (or by reciprocal rank
     fusion across models). `include_archive` adds each collection's row archive, searched
     exactly; `since` / `until` keep rows whose source timestamp is in [since, until) in every
     tier (and read only the archive months they overlap). `pool` is the owner's (the query
     log is written through it); `read_dsn`, when given, is where the search reads (a
-    read-only role, VP_PG_READ_DSN)."""
+    read-only role, VP_PG_READ_DSN).
+
+    `fingerprint`: the model fingerprint the caller's `vector` was made with. A collection
+    whose serving vectors carry another fingerprint is refused with a warning, even when the
+    dimensions match, and a swap during the search answers nothing from the new model rather
+    than ranking the vector against it. A text query needs none: it is embedded by each
+    collection's own serving model."""
     if (query is None) == (vector is None):
         raise ValueError("give either a query text or a vector")
+    if fingerprint is not None and (not isinstance(fingerprint, str) or not _FINGERPRINT.fullmatch(fingerprint)):
+        raise ValueError("fingerprint must be a model fingerprint: 16 hexadecimal digits (see `vector-platform models list`)")
     if query is not None:
         if not isinstance(query, str):
             raise ValueError(f"the query must be text, got {type(query).__name__}")
@@ -209,7 +220,7 @@ def search(
     # The query is embedded, and cold snapshots are read, without holding a search connection:
     # a slow model or a first cold load must not starve active searches of connections.
     for _, facts in targets:
-        if facts is not None and facts.tier != "archived" and facts.spec is not None:
+        if facts is not None and facts.tier != "archived" and facts.spec is not None and _refusal(facts, fingerprint) is None:
             vector_for(facts.spec)
     outcomes: dict[str, tuple[str, Any]] = {}
     settled: dict[str, Facts] = {}
@@ -221,7 +232,8 @@ def search(
                 continue
             for attempt in (1, 2):
                 try:
-                    outcomes[name] = _search_one(conn, session, facts, vector_for, k, exact, filters, store, tally, window)
+                    outcomes[name] = _search_one(conn, session, facts, vector_for, k, exact, filters, store, tally, window,
+                                                 fingerprint)
                     break
                 except (psycopg.errors.UndefinedTable, psycopg.errors.InternalError, psycopg.errors.ObjectInUse,
                         _ServingChanged) as err:
@@ -253,13 +265,15 @@ def search(
         if facts is not None and facts.tier == "cold" and name not in outcomes:
             if facts.spec is not None:
                 vector_for(facts.spec)
-            outcomes[name] = _search_one(None, None, facts, vector_for, k, exact, filters, store, tally, window)
+            outcomes[name] = _search_one(None, None, facts, vector_for, k, exact, filters, store, tally, window,
+                                         fingerprint)
             settled[name] = facts
     archive_outcomes: dict[str, tuple[str, Any]] = {}
     if include_archive:  # outside the connection, as cold search: files may have to be fetched
         for name, facts in targets:
             facts = settled.get(name, facts)
-            if facts is not None and facts.tier in ("active", "cold") and facts.spec is not None:
+            if (facts is not None and facts.tier in ("active", "cold") and facts.spec is not None
+                    and outcomes.get(name, ("",))[0] == "hits"):
                 archive_outcomes[name] = _search_archive(reads, facts, vector_for, k, filters, store, tally, window)
     for name, facts in targets:
         if facts is None:
@@ -357,13 +371,31 @@ def _window(since, until) -> tuple[dt.datetime | None, dt.datetime | None]:
     return since, until
 
 
-def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, store, tally, window=(None, None)) -> tuple[str, Any]:
-    """One collection in its tier: ("hits", (...)) | ("warning", text) | ("archived", None)."""
+def _refusal(facts: Facts, expected: str | None) -> str | None:
+    """Why a collection cannot answer a vector made with fingerprint `expected` (None: it can)."""
+    if expected is None or facts.spec is None:
+        return None
+    served = facts.snapshot.manifest.get("fingerprint") if facts.tier == "cold" and facts.snapshot else facts.spec.fingerprint
+    if served == expected:
+        return None
+    return (
+        f"collection {facts.name!r} refused: it serves model {facts.spec.key!r} (fingerprint {served}), "
+        f"not the query vector's fingerprint {expected}; vectors of different fingerprints are never compared"
+    )
+
+
+def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, store, tally, window=(None, None),
+                expected: str | None = None) -> tuple[str, Any]:
+    """One collection in its tier: ("hits", (...)) | ("warning", text) | ("archived", None).
+    `expected`: the fingerprint the query vector was made with, when the caller said."""
     name = facts.name
     if facts.tier == "archived":
         return "archived", None
     if facts.spec is None:
         return "warning", f"collection {name!r} has no serving model"
+    refused = _refusal(facts, expected)
+    if refused:
+        return "warning", refused
     if facts.tier == "cold":
         return _search_cold(facts, vector_for, k, filters, store, tally, window)
     if not facts.has_view:

@@ -80,6 +80,7 @@ instants = st.one_of(
 field_values = {
     "query": st.one_of(any_text, st.none(), numbers, json_values),
     "vector": st.one_of(st.lists(numbers, min_size=384, max_size=384), st.lists(st.floats(-1, 1), max_size=390), json_values),
+    "fingerprint": st.one_of(any_text, st.text("0123456789abcdef", min_size=16, max_size=16), json_values),
     "collections": st.one_of(st.lists(any_text, min_size=1, max_size=3), json_values),
     "k": st.one_of(st.integers(-3, 105), numbers, json_values),
     "filters": st.one_of(json_objects, json_values),

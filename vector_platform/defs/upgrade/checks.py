@@ -44,7 +44,13 @@ def _gate(context, postgres: PostgresResource, embedder: EmbedderResource, tier:
             results[key] = (False, {"role": "shadow", "gate": f"not measured: the collection is {current_tier} now; "
                                     f"run models upgrade again ({other} gates it there)"})
         else:
-            recorded = gate.run_gate(pool, embed, collection, model_key, run_id=context.run.run_id, store=store)
+            try:
+                recorded = gate.run_gate(pool, embed, collection, model_key, run_id=context.run.run_id, store=store)
+            except Exception as err:  # noqa: BLE001 - one partition's failure (its model's API down) leaves the others measured
+                context.log.error(f"quality gate of {key} could not be measured: {err.__class__.__name__}: {err}")
+                results[key] = (False, {"role": "shadow", "gate": f"not measured: {err.__class__.__name__}: {str(err)[:300]}; "
+                                        "models retry measures it again"})
+                continue
             metadata = {"role": "shadow", "gate_id": recorded.id, "summary": recorded.summary(),
                         "reasons": "; ".join(recorded.reasons) or "none",
                         **{k: v for k, v in recorded.figures.items() if v is not None}}
