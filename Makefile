@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 export VP_HOME ?= $(CURDIR)/.vp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# pytest-xdist workers for `make test` (each takes whole test files; 2 suits 2 cores).
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test dev bench bench-scale bench-peers soak clean
 
@@ -24,7 +26,7 @@ demo: install
 	$(BIN)/vector-platform demo
 
 test: install
-	$(BIN)/python -m pytest -q --durations=30 vector_platform_tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 vector_platform_tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 dev: install
 	$(BIN)/vector-platform dev

@@ -41,7 +41,9 @@ setup(
     ],
     extras_require={
         # playwright: the browser test drives the Dagster UI in Debian's chromium (never `playwright install`).
-        "test": ["pytest>=8", "moto[server]>=5.0", "playwright>=1.45", "hypothesis>=6.100"],
+        # pytest-xdist: `make test` runs two workers, a test file per worker (most tests wait on
+        # Postgres, Dagster runs and subprocesses: 22 min alone, 13 min as two on 2 cores).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "moto[server]>=5.0", "playwright>=1.45", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["vector-platform=vector_platform.cli:main"]},
 )
