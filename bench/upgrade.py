@@ -2,16 +2,19 @@
 multi-run policy vs one run per partition, and search latency before, during and after.
 
 Everything is real: the embedded PostgreSQL, Dagster instance storage in it, a dagster-daemon
-(started by `Platform.upgrade` as the CLI does), run workers in their own processes, and two
-OpenAI-compatible test servers on 127.0.0.1 answering the shared SciFact all-MiniLM-L6-v2
-vectors (the serving model) and fixed rotations of them (the new models). Each collection
+(started by `Platform.upgrade` as the CLI does), run workers in their own processes, and three
+OpenAI-compatible test servers on 127.0.0.1, each in a process of its own (as a provider
+would be), answering the shared SciFact all-MiniLM-L6-v2 vectors (the serving model) and
+fixed rotations of them (the new models). Each collection
 holds `--docs` SciFact abstracts. A thread searches the collections (by vector, k 10, every
 20 ms) through the whole run; the latencies are split by phase. Both backfills build shadows
 only (no swap), the first then swaps so that "after" searches the new model.
 
     .venv/bin/python bench/upgrade.py [--docs 1500]
 
-Last line: `upgrade_p95_ratio=<search p95 during the backfill / p95 before>` (goal <= 1.5).
+Last line: `upgrade_p95_ratio=<search p95 during the upgrade backfill (the product's multi-run
+policy) / p95 before>` (goal <= 1.5); the line before it gives the same ratio during the
+baseline's one-run-per-partition backfill.
 """
 
 from __future__ import annotations
@@ -59,13 +62,50 @@ def main() -> int:
         pg.cleanup()
 
 
+class _Provider:
+    """An OpenAI-compatible test server (`upgrade_data.server`) in a child process; `vector`
+    answers what it answers, computed here."""
+
+    def __init__(self, seed: int | None):
+        import subprocess
+
+        code = (
+            "import sys, time\n"
+            "from vector_platform_tests import upgrade_data as data\n"
+            f"srv = data.server(space=None if {seed!r} is None else data.rotation(seed={seed!r}))\n"
+            "print(srv.base_url, flush=True)\n"
+            "sys.stdin.read()\n"
+            "srv.stop()\n"
+        )
+        self.process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        self.base_url = self.process.stdout.readline().strip()
+        if not self.base_url.startswith("http"):
+            raise RuntimeError("the embedding server did not start")
+        from vector_platform_tests import upgrade_data as data
+
+        self._space = None if seed is None else data.rotation(seed=seed)
+        self._known = data.minilm_space()
+
+    def vector(self, text: str) -> np.ndarray:
+        vec = np.asarray(self._known[text], np.float32)
+        vec = vec / np.linalg.norm(vec)
+        return self._space(vec) if self._space is not None else vec
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(30)
+
+
 def run(args, work: Path) -> int:
     from vector_platform.api import Platform
     from vector_platform.backfills import backfill_runs
     from vector_platform_tests import upgrade_data as data
 
-    servers = {"mini": data.server(), "multi": data.server(space=data.rotation(seed=1)),
-               "per_partition": data.server(space=data.rotation(seed=2))}
+    # The embedding servers answer in processes of their own, as a model provider would: in
+    # this process they would take the GIL from the search thread whose latency is measured.
+    seeds = {"mini": None, "multi": 1, "per_partition": 2}
+    servers = {kind: _Provider(seed) for kind, seed in seeds.items()}
     try:
         vp = Platform()
         keys = {}
@@ -141,8 +181,10 @@ def run(args, work: Path) -> int:
         print(f"| {name} | {len(values)} | {p(values, 50):.2f} | {p(values, 95):.2f} |")
     print(f"\nsearch errors {len(errors)}, empty results {len(empties)}" + (f": {errors[:3]}" if errors else ""))
     print(f"multi_run_over_per_partition_wall={walls['multi'] / walls['per_partition']:.3f}")
-    during = latencies.get("during_multi", []) + latencies.get("during_per_partition", [])
-    print(f"upgrade_p95_ratio={p(during, 95) / p(latencies['before'], 95):.3f}")
+    before = p(latencies["before"], 95)
+    # The baseline's figure first; the last line is the product's upgrade (the multi-run policy).
+    print(f"per_partition_p95_ratio={p(latencies.get('during_per_partition', []), 95) / before:.3f}")
+    print(f"upgrade_p95_ratio={p(latencies.get('during_multi', []), 95) / before:.3f}")
     return 1 if errors or empties else 0
 
 
