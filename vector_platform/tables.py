@@ -661,8 +661,10 @@ def _drop_view_waiting(conn: psycopg.Connection, view: sql.Composable) -> None:
                     ) from None
                 time.sleep(0.02)
     finally:
-        # a SET LOCAL made inside a savepoint outlives it: put the caller's value back
-        conn.execute("SELECT set_config('lock_timeout', %s, true)", (previous,), prepare=False)
+        # a SET LOCAL made inside a savepoint outlives it: put the caller's value back (unless
+        # the connection itself was lost, whose error is the one to report)
+        if not conn.broken:
+            conn.execute("SELECT set_config('lock_timeout', %s, true)", (previous,), prepare=False)
 
 
 def drop_view(conn: psycopg.Connection, collection: str) -> None:
