@@ -23,6 +23,7 @@ and the query log is written in batches off the request path (`log.py`).
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 import threading
 import time
@@ -436,7 +437,7 @@ def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, stor
     t.collections += 1
     is_exact = mode != "ann"
     hits = [
-        Hit(name, str(chunk_id), doc_id, tables.score_from_distance(spec, float(distance)), text, metadata, "active",
+        Hit(name, chunk_id, doc_id, tables.score_from_distance(spec, distance), text, metadata, "active",
             is_exact, None, spec.key, pin)
         for chunk_id, doc_id, text, metadata, distance in rows
     ]
@@ -518,23 +519,30 @@ def _query_vector(spec: ModelSpec, query, vector, embed_query: QueryEmbedder) ->
             vec = np.asarray(vector, dtype=np.float32)
         except (TypeError, ValueError, OverflowError):  # not numbers, ragged, or beyond any float
             vec = None
-        if vec is None or vec.shape != (spec.dims,) or not np.isfinite(vec).all():
+        if vec is None or vec.shape != (spec.dims,):
             raise ValueError(f"query vector must be {spec.dims} finite numbers for model {spec.key!r}")
     else:
         if not query or not query.strip():
             raise ValueError("empty query")
         vec = np.asarray(embed_query(spec, query), dtype=np.float32).reshape(-1)
-    norm = np.linalg.norm(vec)
+    # The common case in one dot product: a squared length that is finite (NaN and infinity
+    # propagate into it) and well clear of 32-bit underflow.
+    squared = float(np.dot(vec, vec))
+    if 1e-30 < squared < math.inf:
+        return vec / np.float32(math.sqrt(squared)) if spec.normalise else vec
+    if not np.isfinite(vec).all():
+        raise ValueError(
+            f"query vector must be {spec.dims} finite numbers for model {spec.key!r}" if vector is not None
+            else f"model {spec.key!r} embedded the query as numbers that are not finite"
+        )
     if spec.normalise:
-        if norm == 0 or not np.isfinite(norm):
-            # the squares over- or underflow 32-bit floats (components near 1e19 or 1e-23):
-            # the length in 64 bits, so a finite vector is a direction, not NaN scores
-            wide = vec.astype(np.float64)
-            norm = np.linalg.norm(wide)
-            if norm == 0:
-                raise ValueError("query vector has zero length")
-            return (wide / norm).astype(np.float32)
-        vec = vec / norm
-    elif not np.isfinite(norm):
-        raise ValueError("query vector too large: its length overflows 32-bit floats")
-    return vec
+        # the squares over- or underflow 32-bit floats (components near 1e19 or 1e-23):
+        # the length in 64 bits, so a finite vector is a direction, not NaN scores
+        wide = vec.astype(np.float64)
+        norm = np.linalg.norm(wide)
+        if norm == 0:
+            raise ValueError("query vector has zero length")
+        return (wide / norm).astype(np.float32)
+    if squared < math.inf:
+        return vec
+    raise ValueError("query vector too large: its length overflows 32-bit floats")

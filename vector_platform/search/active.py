@@ -61,6 +61,10 @@ def _apply_settings(conn: psycopg.Connection, settings: dict[str, str], session:
 
 _queries: dict[tuple, str] = {}
 
+# What a search hit needs; the chunk id as text (uuid objects cost more to make than the
+# rest of a hit, and a hit carries the id as a string anyway).
+DEFAULT_COLUMNS = sql.SQL("chunk_id::text, doc_id, text, metadata")
+
 
 def _order_by(spec: ModelSpec, exact: bool) -> sql.Composable:
     """The ORDER BY expression. ANN on a model indexed as a halfvec expression (a vector model
@@ -102,7 +106,7 @@ def _nearest_query(
             "SELECT {columns}, embedding {op} %(q)s::{vtype} AS distance FROM {rel} {where} "
             "ORDER BY {order} LIMIT %(k)s"
         ).format(
-            columns=sql.SQL(", ").join([columns or sql.SQL("chunk_id, doc_id, text, metadata"), *([sql.SQL("fingerprint")] if pinned else [])]),
+            columns=sql.SQL(", ").join([columns or DEFAULT_COLUMNS, *([sql.SQL("fingerprint")] if pinned else [])]),
             op=operator(spec),
             vtype=sql.SQL(spec.storage_type), rel=relation, where=where, order=_order_by(spec, exact),
         ).as_string(conn)

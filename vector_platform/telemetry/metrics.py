@@ -49,15 +49,16 @@ QUERY_SECONDS = Histogram(
     "the row archive). histogram_quantile() over the buckets gives p50/p95/p99.",
     ["tier"], buckets=QUERY_BUCKETS, registry=PROCESS,
 )
-for _tier in TIERS:  # every tier's series exists from the start, so rate() sees its first query
-    QUERY_SECONDS.labels(tier=_tier)
+# Every tier's series exists from the start, so rate() sees its first query; looked up once,
+# not on every query.
+_QUERY_SECONDS_BY_TIER = {tier: QUERY_SECONDS.labels(tier=tier) for tier in TIERS}
 ProcessCollector(registry=PROCESS)
 PlatformCollector(registry=PROCESS)
 GCCollector(registry=PROCESS)
 
 
 def observe_query(tier: str, seconds: float) -> None:
-    QUERY_SECONDS.labels(tier=tier).observe(seconds)
+    _QUERY_SECONDS_BY_TIER[tier].observe(seconds)
 
 
 class PoolCollector:
