@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import dagster as dg
+import psycopg
 
-from vector_platform import backfills, catalog, db, runs, tables
+from vector_platform import backfills, catalog, checks, db, replicas, runs, tables
 from vector_platform.archive import rows as archive_rows
 from vector_platform.archive.reads import get_document
 from vector_platform.catalog import cache_index
@@ -279,19 +280,37 @@ class Platform:
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
         fingerprint: str | None = None,
+        consistent: bool = False,
     ) -> SearchResult:
         """Search active collections by HNSW (or exactly), cold ones exactly over their snapshot;
         archived ones are skipped. `include_archive` adds the collections' row archives (aged
         rows on the object store, searched exactly); `since` / `until` keep rows whose source
         timestamp is in [since, until). Every hit says its `source_tier`. With a `vector`, pass
         the `fingerprint` of the model that made it: collections serving another model are
-        then refused, not compared."""
-        readers = self.postgres.read_dsns()
-        return search(
-            self.pool(), self.embed_query, collections, query=query, vector=vector, k=k, exact=exact, filters=filters,
-            store=self.store(), include_archive=include_archive, since=since, until=until,
-            read_dsn=readers[0] if readers else None, fingerprint=fingerprint,
-        )
+        then refused, not compared.
+
+        With read DSNs (VP_PG_READ_DSN) the search reads one of them, chosen by health and
+        replication lag (replicas.py), else the primary; `consistent` reads the primary (a
+        search that must see a just-finished ingest). `stats["read_from"]` says which."""
+        tried: set[str] = set()
+        while True:
+            choice = self.postgres.reader(consistent)
+            try:
+                result = search(
+                    self.pool(), self.embed_query, collections, query=query, vector=vector, k=k, exact=exact,
+                    filters=filters, store=self.store(), include_archive=include_archive, since=since, until=until,
+                    read_dsn=choice.dsn, fingerprint=fingerprint,
+                )
+            except psycopg.OperationalError as err:
+                if choice.dsn is None or choice.dsn in tried:
+                    raise
+                # the read server went away since its last check: skip it, ask the next one
+                tried.add(choice.dsn)
+                replicas.router(self.postgres.resolved_dsn(), self.postgres.read_dsns()).mark_down(choice.dsn, err)
+                continue
+            result.warnings[:0] = choice.warnings
+            result.stats["read_from"] = {"server": choice.label, "lag_s": round(choice.lag_s, 3)}
+            return result
 
     def archive_rows(self, name: str) -> RunSummary:
         """One pass of row archival over `name` by its archive_rows_older_than_days rule: runs
@@ -406,6 +425,33 @@ class Platform:
         if wait and swap and rehydrate:
             self._rehydrate_swapped(outcome, cold, say)
         return outcome
+
+    def set_storage(
+        self, name: str, storage_type: str, wait: bool = True, swap: bool = True, say: Callable[[str], None] = _say,
+    ) -> UpgradeOutcome | None:
+        """Store a collection's vectors another way (`vector` | `halfvec` | `binary`; see
+        models.STORAGE_TYPES) through the model-upgrade path: the same model under another
+        storage is another model version (`<key>_<storage>`, registered here when no model of
+        that identity is), built in a shadow table from the embedding cache (nothing is embedded
+        again: the cache is keyed by the vectors, not their storage), gated on recall and
+        quality, and swapped. None when the collection already stores its vectors that way."""
+        from vector_platform.models import STORAGE_TYPES
+
+        if storage_type not in STORAGE_TYPES:
+            raise ValueError(f"unknown storage type {storage_type!r}; expected one of {sorted(STORAGE_TYPES)}")
+        with self.pool().connection() as conn:
+            serving = catalog.get_model(conn, self.collection(name).serving_model)
+            if serving.storage_type == storage_type:
+                return None
+            target = serving.with_storage(storage_type)
+            registered = [catalog.get_model(conn, key) for key in catalog.list_model_keys(conn)]
+        same = [spec for spec in registered if spec.fingerprint == target.fingerprint]
+        if same:
+            target = same[0]
+        else:
+            self.add_model(target)  # a key taken by another identity is refused here, with both named
+            say(f"registered model {target.key}: {serving.key} stored as {storage_type}")
+        return self.upgrade([name], target.key, wait=wait, swap=swap, say=say)
 
     def retry_upgrade(self, backfill_id: str, wait: bool = True, swap: bool = True, say: Callable[[str], None] = _say) -> UpgradeOutcome:
         """Re-execute a finished upgrade backfill from failure: only what it did not materialize."""
@@ -543,12 +589,13 @@ class Platform:
             for coll in catalog.list_collections(conn):
                 out.append(collection_status(conn, coll, store))
             specs = [catalog.get_model(conn, key) for key in catalog.list_model_keys(conn)]
-            cache = {s.key: {"fingerprint": s.fingerprint, "vectors": cache_index.count(conn, store.url, s.fingerprint),
-                             "bytes": cache_index.total_bytes(conn, store.url, s.fingerprint)} for s in specs}
+            cache_url = self.object_store.cache_store().url
+            cache = {s.key: {"fingerprint": s.cache_fingerprint, "vectors": cache_index.count(conn, cache_url, s.cache_fingerprint),
+                             "bytes": cache_index.total_bytes(conn, cache_url, s.cache_fingerprint)} for s in specs}
         return {
             "collections": out,
             "database": self.database_status(),
-            "object_store": {"url": store.url, "embedding_cache": cache},
+            "object_store": {"url": store.url, "embedding_cache_url": cache_url, "embedding_cache": cache},
         }
 
     # ------------------------------------------------------------ backups
@@ -634,10 +681,16 @@ def collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
         if tables.table_exists(conn, table):
             rows, size = tables.table_stats(conn, table)
             index = tables.current_index(conn, table)
+            recall = checks.recall_history(conn, coll.name, model_key, limit=1)
             table_info[model_key] = {
                 "table": f"{catalog.VECTORS}.{table}",
                 "rows": rows,
                 "bytes": size,
+                "storage_type": catalog.get_model(conn, model_key).storage_type,
+                **{k: v for k, v in tables.bytes_per_vector(conn, table, rows).items() if k != "rows"},
+                # the index's latest recall@10 against exact search (index_recall_meets_target)
+                "recall": {"recall": recall[0]["recall"], "ef_search": recall[0]["ef_search"],
+                           "measured_at": recall[0]["measured_at"].isoformat()} if recall else None,
                 "hnsw_index": index["name"] if index else None,
                 "fingerprint": catalog.table_fingerprint(conn, coll.name, model_key),
                 # month-partitioned (a row-archival rule when the table was made) or one table

@@ -69,15 +69,20 @@ def measure_recall(
     curve: Sequence[int] = (),
     logged_since: dt.datetime | None = None,
     salt: str = "",
+    rerank_factor: int | None = None,
 ) -> dict[str, Any]:
     """recall@k of the HNSW index vs exact search on real logged queries, topped up with stored vectors.
 
     `queries`: query vectors to use instead of the ones logged for this model (a shadow model
     has none logged: its gate passes the logged texts embedded with it). `logged_since`, `salt`:
     which logged queries (`logged_query_vectors`). `curve`: more ef_search values to measure on
-    the same queries against the same exact answers (figures["curve"]: {ef_search: recall})."""
+    the same queries against the same exact answers (figures["curve"]: {ef_search: recall}).
+    `rerank_factor`: a binary-stored model's candidates per result (default: the collection's
+    setting). The figures say the storage type and the bytes per vector it costs."""
     with pool.connection() as conn:
         spec = catalog.get_model(conn, model_key)
+        if rerank_factor is None:
+            rerank_factor = catalog.get_collection(conn, collection).settings.rerank_factor
         table = catalog.vector_table_name(conn, collection, model_key)
         relation = tables.table_id(table)
         if queries is not None:
@@ -94,11 +99,13 @@ def measure_recall(
                 ).fetchall()
             queries += [np.asarray(r[0].to_numpy() if hasattr(r[0], "to_numpy") else r[0], np.float32) for r in stored]
         plan = active.explain_nearest(conn, relation, spec, queries[0], exact=False, ef_search=ef_search) if queries else ""
+        storage = tables.bytes_per_vector(conn, table)
         recalls, ann_ms, exact_ms = [], [], []
         at_ef: dict[int, list[float]] = {ef: [] for ef in curve if ef != ef_search}
         for q in queries:
             t0 = time.perf_counter()
-            ann = active.nearest(conn, relation, spec, q, k, exact=False, ef_search=ef_search, columns=sql.SQL("chunk_id"))
+            ann = active.nearest(conn, relation, spec, q, k, exact=False, ef_search=ef_search, columns=sql.SQL("chunk_id"),
+                                 rerank_factor=rerank_factor)
             t1 = time.perf_counter()
             truth = active.nearest(conn, relation, spec, q, k, exact=True, columns=sql.SQL("chunk_id"))
             t2 = time.perf_counter()
@@ -107,7 +114,8 @@ def measure_recall(
             ann_ms.append((t1 - t0) * 1000)
             exact_ms.append((t2 - t1) * 1000)
             for ef, found in at_ef.items():
-                other = active.nearest(conn, relation, spec, q, k, exact=False, ef_search=ef, columns=sql.SQL("chunk_id"))
+                other = active.nearest(conn, relation, spec, q, k, exact=False, ef_search=ef, columns=sql.SQL("chunk_id"),
+                                       rerank_factor=rerank_factor)
                 found.append(recall_at_k([r[0] for r in other], truth_ids, k))
     measured = {ef: float(np.mean(found)) for ef, found in at_ef.items() if found}
     if recalls and curve:
@@ -125,7 +133,19 @@ def measure_recall(
         "exact_p95_ms": percentile(exact_ms, 95),
         "uses_index": "Index Scan" in plan and "hnsw" in plan.lower() if queries else None,
         "plan": plan,
+        "storage_type": spec.storage_type,
+        **({"rerank_factor": rerank_factor} if spec.reranked else {}),
+        **storage,
     }
+
+
+def storage_of(pool: ConnectionPool, collection: str, model_key: str) -> dict[str, Any]:
+    """The storage type of a (collection, model) table and what a vector costs in it (see
+    tables.bytes_per_vector): the figures a recall measurement carries, measured now."""
+    with pool.connection() as conn:
+        spec = catalog.get_model(conn, model_key)
+        table = catalog.vector_table_name(conn, collection, model_key)
+        return {"storage_type": spec.storage_type, **tables.bytes_per_vector(conn, table)}
 
 
 def current_plan(pool: ConnectionPool, collection: str, model_key: str, ef_search: int) -> tuple[str, bool | None]:
@@ -183,11 +203,13 @@ def snapshot_matches_table(pool: ConnectionPool, store: ObjectStore, collection:
 
 
 def recall_state(
-    conn, collection: str, model_key: str, ef_search: int, sample: int, logged_since: dt.datetime | None, salt: str
+    conn, collection: str, model_key: str, ef_search: int, sample: int, logged_since: dt.datetime | None, salt: str,
+    rerank_factor: int | None = None,
 ) -> str | None:
     """What a recall measurement (`measure_recall` with these arguments) measures: the table's
     rows (count and digest: any row added, removed or rewritten changes it), its valid indexes
-    (a rebuilt index is a new one), the ef_search and the logged queries it would sample.
+    (a rebuilt index is a new one), the ef_search (and a binary model's rerank factor) and the
+    logged queries it would sample.
     None when the table does not exist."""
     from vector_platform.tiers.snapshots import table_digest
 
@@ -202,7 +224,8 @@ def recall_state(
         (catalog.VECTORS, table),
     ).fetchone()[0]
     logged = logged_sample_digest(conn, collection, model_key, sample, since=logged_since, salt=salt)
-    return f"rows {digest}; indexes {indexes}; ef_search {ef_search}; sample {sample} {salt} logged {logged}"
+    rerank = f"; rerank_factor {rerank_factor}" if catalog.get_model(conn, model_key).reranked else ""
+    return f"rows {digest}; indexes {indexes}; ef_search {ef_search}{rerank}; sample {sample} {salt} logged {logged}"
 
 
 def measurement_of_state(conn, collection: str, model_key: str, state: str) -> dict[str, Any] | None:

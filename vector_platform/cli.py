@@ -29,6 +29,7 @@ SETTING_FLAGS = {
     "hnsw_m": int,
     "hnsw_ef_construction": int,
     "hnsw_ef_search": int,
+    "rerank_factor": int,
     "chunk_max_tokens": int,
     "chunk_overlap_tokens": int,
     "max_delete_fraction": float,
@@ -54,9 +55,18 @@ def cmd_collections_add(args) -> int:
 
 def cmd_collections_set(args) -> int:
     changes = _given_settings(args)
-    if not changes:
+    if not changes and not args.storage:
         print("error: give at least one setting to change (see --help)", file=sys.stderr)
         return 2
+    if args.storage:
+        if changes:
+            print("error: --storage rebuilds the collection through a model upgrade: change other settings apart", file=sys.stderr)
+            return 2
+        outcome = _platform().set_storage(args.name, args.storage, wait=args.wait, swap=not args.no_swap)
+        if outcome is None:
+            print(f"{args.name}: storage unchanged ({args.storage})")
+            return 0
+        return _report_upgrade(outcome)
     before, after = _platform().set_settings(args.name, **changes)
     for name in changes:
         old, new = getattr(before, name), getattr(after, name)
@@ -246,7 +256,8 @@ def cmd_search(args) -> int:
         started, result, error = time.perf_counter(), None, None
         try:
             result = vp.search(query, args.collection, k=args.k, exact=args.exact, filters=filters,
-                               include_archive=args.include_archive, since=args.since, until=args.until)
+                               include_archive=args.include_archive, since=args.since, until=args.until,
+                               consistent=args.consistent)
         except Exception as err:
             error = str(err)[:500]
             raise
@@ -347,6 +358,15 @@ def cmd_status(args) -> int:
             f"vectors={c['vectors']:<7} dead_letters={c['dead_letters']:<4} pg={c['bytes_postgres'] / 2**20:.1f} MiB "
             f"store={c['bytes_object_store'] / 2**20:.1f} MiB last_queried={c['last_queried_at'] or '-'}"
         )
+        for model_key, t in c["tables"].items():
+            recall = t.get("recall")
+            print(
+                f"  {model_key}{' (serving)' if model_key == c['serving_model'] else ''}: storage {t['storage_type']}, "
+                + (f"{t['table_bytes_per_vector']:,.0f} B/vector in the table, " if t.get("table_bytes_per_vector") else "")
+                + (f"{t['index_bytes_per_vector']:,.0f} B/vector in the HNSW index, " if t.get("index_bytes_per_vector") else "no index, ")
+                + (f"recall@10 {recall['recall']:.3f} at ef_search {recall['ef_search']} ({recall['measured_at'][:16]})"
+                   if recall and recall.get("recall") is not None else "recall not measured yet")
+            )
         serving = c["tables"].get(c["serving_model"])
         if serving and serving.get("partitions") is not None:
             print(f"  vectors: partitioned by source month ({serving['partitions']} partitions)")
@@ -478,7 +498,7 @@ def cmd_models_list(args) -> int:
         _print_json({"models": [{**s.to_row(), "fingerprint": s.fingerprint} for s in specs]})
     else:
         for s in specs:
-            print(f"{s.key:<20} {s.provider:<7} {s.dims:>5} d {s.distance:<13} {s.fingerprint}  {s.model_name}")
+            print(f"{s.key:<20} {s.provider:<7} {s.dims:>5} d {s.distance:<13} {s.storage_type:<7} {s.fingerprint}  {s.model_name}")
     return 0
 
 
@@ -646,6 +666,11 @@ def build_parser() -> argparse.ArgumentParser:
     cset = coll.add_parser("set", help="change some settings of a collection")
     cset.add_argument("name")
     _add_setting_flags(cset)
+    cset.add_argument("--storage", choices=["vector", "halfvec", "binary"],
+                      help="store the vectors another way (binary: an index of signs, re-ranked at full precision): "
+                      "a model upgrade to `<model>_<storage>` (shadow table from the embedding cache, gate, swap)")
+    cset.add_argument("--wait", action="store_true", help="with --storage: wait for the backfill, then swap")
+    cset.add_argument("--no-swap", action="store_true", help="with --storage --wait: build and gate, keep serving as before")
     cset.set_defaults(func=cmd_collections_set)
     rules = coll.add_parser("rules", help="show or change a collection's tier rules (enforced by tiering_sensor)")
     rules.add_argument("name")
@@ -713,6 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also search the row archive (aged rows on the object store, exact; hits say source_tier archive)")
     search.add_argument("--since", type=_timestamp, help="only rows whose source timestamp is at or after this (ISO date or time, UTC)")
     search.add_argument("--until", type=_timestamp, help="only rows whose source timestamp is before this (ISO date or time, UTC)")
+    search.add_argument("--consistent", action="store_true",
+                        help="read the primary, not a replica (VP_PG_READ_DSN): see what an ingest just wrote")
     search.set_defaults(func=cmd_search)
 
     maint = sub.add_parser("maintenance", help="VACUUM (ANALYZE) the vector tables, check their health, refresh the "
@@ -780,8 +807,9 @@ def build_parser() -> argparse.ArgumentParser:
     madd.add_argument("--model-name", required=True, help="the API's model name (or the local model's)")
     madd.add_argument("--dims", type=int, required=True)
     madd.add_argument("--distance", default="cosine", choices=["cosine", "l2", "inner_product"])
-    madd.add_argument("--storage-type", default="vector", choices=["vector", "halfvec"],
-                      help="halfvec halves the table and index; vector models over 2,000 dims get a halfvec index")
+    madd.add_argument("--storage-type", default="vector", choices=["vector", "halfvec", "binary"],
+                      help="halfvec halves the table and index; binary keeps the table, indexes one bit per dimension and "
+                      "re-ranks rerank_factor x k candidates at full precision; vector models over 2,000 dims get a halfvec index")
     madd.add_argument("--max-tokens", type=int, default=8191)
     madd.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (default $OPENAI_BASE_URL)")
     madd.add_argument("--dimensions-param", type=int, help="send `dimensions` to the API (models that shorten vectors)")

@@ -169,7 +169,11 @@ def _open_pool(dsn: str, key: str, name: str, max_size: int, reset=None, applica
         open=True,
         name=name,
     )
-    pool.wait(timeout=30)
+    try:
+        pool.wait(timeout=30.0 if wait_s is None else wait_s)
+    except Exception:
+        pool.close()  # its threads would go on reconnecting to a server nobody uses
+        raise
     _pools[key] = pool
     return pool
 
@@ -205,14 +209,16 @@ def _check_if_idle(conn: psycopg.Connection) -> None:
     _lent_at[conn] = now
 
 
-def get_search_pool(dsn: str, max_size: int = 8) -> ConnectionPool:
+def get_search_pool(dsn: str, max_size: int = 8, wait_s: float | None = None) -> ConnectionPool:
     """A process-wide pool that only search uses. Its connections keep the planner settings
     search gives them (search sends a setting only when it changes), so they are not reset
     between borrowers and nothing else may borrow them; they are checked before a loan only
-    after SEARCH_CHECK_IDLE_S idle. `dsn` may be a reader's (VP_PG_READ_DSN)."""
+    after SEARCH_CHECK_IDLE_S idle. `dsn` may be a reader's (VP_PG_READ_DSN); `wait_s`: how
+    long a loan waits for a connection (a replica that went away: short, so that the search
+    moves on to another server)."""
     key = f"search\x00{dsn}"
     with _lock:
-        return _pools.get(key) or _open_pool(dsn, key, "vector_platform_search", max_size,
+        return _pools.get(key) or _open_pool(dsn, key, "vector_platform_search", max_size, wait_s=wait_s,
                                              application_name="vector_platform search", check=_check_if_idle)
 
 

@@ -2,7 +2,8 @@
 
     POST /search       {"query": "..." | "vector": [...], "collections": [...], "k": 10, "filters": {...}, "exact": false,
                         "include_archive": false, "since": "2024-01-01", "until": "2024-07-01",
-                        "fingerprint": "<the model fingerprint a given vector was made with>"}
+                        "fingerprint": "<the model fingerprint a given vector was made with>",
+                        "consistent": false}  (true: read the primary, not a replica)
                        -> the same JSON as `vector-platform search --json`
     GET  /collections/{name}/documents/{doc_id}
                        -> one document (`vector-platform get NAME DOC_ID --json`), 404 when unknown
@@ -54,7 +55,8 @@ from starlette.routing import Route
 from vector_platform.telemetry import logs
 
 log = logging.getLogger(__name__)
-SEARCH_FIELDS = {"query", "vector", "fingerprint", "collections", "k", "filters", "exact", "include_archive", "since", "until"}
+SEARCH_FIELDS = {"query", "vector", "fingerprint", "collections", "k", "filters", "exact", "include_archive", "since", "until",
+                 "consistent"}
 
 
 def _instant(value: Any, name: str) -> dt.datetime | None:
@@ -194,6 +196,9 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
         include_archive = body.get("include_archive", False)
         if not isinstance(include_archive, bool):
             raise HttpError(400, "include_archive must be true or false")
+        consistent = body.get("consistent", False)
+        if not isinstance(consistent, bool):
+            raise HttpError(400, "consistent must be true or false")
         window = {name: _instant(body.get(name), name) for name in ("since", "until")}
         started = time.perf_counter()
         result, error = None, None
@@ -201,7 +206,7 @@ def create_app(platform=None, api_key: str | None = None, max_body_bytes: int | 
             with logs.log_context(collection=",".join(collections)):
                 result = await run_in_threadpool(
                     vp.search, query, collections, k=k, exact=exact, vector=vector, filters=body.get("filters"),
-                    include_archive=include_archive, fingerprint=fingerprint, **window,
+                    include_archive=include_archive, fingerprint=fingerprint, consistent=consistent, **window,
                 )
         except Exception as err:
             error = str(err)[:500] if isinstance(err, (ValueError, KeyError)) else f"internal error ({err.__class__.__name__})"

@@ -12,13 +12,19 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from vector_platform.names import validate_name
 
 DISTANCES = {"cosine", "l2", "inner_product"}
-STORAGE_TYPES = {"vector", "halfvec"}
+# How a model's vectors are kept and indexed:
+# - vector: 32-bit floats, an HNSW index over them;
+# - halfvec: 16-bit floats (half the bytes; scores rounded), an HNSW index over them;
+# - binary: 32-bit floats in the table, an HNSW index over their signs (`binary_quantize`,
+#   one bit per dimension, hamming distance); a search takes rerank_factor x k candidates from
+#   that index and ranks them by the full-precision distance.
+STORAGE_TYPES = {"vector", "halfvec", "binary"}
 PROVIDERS = {"local", "openai"}
 
 # Bump when chunk boundaries for the same text and settings would change.
@@ -74,13 +80,26 @@ class ModelSpec:
             raise ValueError(f"max_tokens must be at least 8, got {self.max_tokens}")
 
     @property
+    def heap_type(self) -> str:
+        """The SQL type of the table's `embedding` column: `binary` keeps full-precision vectors
+        (the re-rank reads them), the others are their own type."""
+        return "vector" if self.storage_type == "binary" else self.storage_type
+
+    @property
     def index_type(self) -> str:
-        """The type the HNSW index holds: the storage type, except `vector` models over
-        pgvector's 2,000-dimension `vector` index limit, indexed as a halfvec expression
-        (and searched through the identical cast, or the planner ignores the index)."""
+        """The type the HNSW index holds: the storage type (`bit` for binary), except `vector`
+        models over pgvector's 2,000-dimension `vector` index limit, indexed as a halfvec
+        expression (and searched through the identical cast, or the planner ignores the index)."""
+        if self.storage_type == "binary":
+            return "bit"
         if self.storage_type == "vector" and self.dims > MAX_VECTOR_INDEX_DIMS:
             return "halfvec"
         return self.storage_type
+
+    @property
+    def reranked(self) -> bool:
+        """ANN candidates come from a coarser index and are ranked again at full precision."""
+        return self.storage_type == "binary"
 
     @property
     def normalise(self) -> bool:
@@ -107,6 +126,26 @@ class ModelSpec:
     def fingerprint(self) -> str:
         canonical = json.dumps(self.identity, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @functools.cached_property
+    def cache_fingerprint(self) -> str:
+        """The embedding cache's key: the fingerprint of the same model stored as `vector`. The
+        storage type decides how vectors are kept, not which vectors the model returns, so a
+        storage change (`collections set NAME --storage …`) re-uses every cached vector."""
+        if self.storage_type == "vector":
+            return self.fingerprint
+        return replace(self, storage_type="vector").fingerprint
+
+    def with_storage(self, storage_type: str) -> "ModelSpec":
+        """The same model stored another way, under its own key (`<key>_<storage>`; back to the
+        plain key's `vector` twin by `<key>` without the suffix)."""
+        base = self.key
+        for suffix in STORAGE_TYPES:
+            if base.endswith("_" + suffix):
+                base = base[: -len(suffix) - 1]
+                break
+        key = base if storage_type == "vector" else f"{base}_{storage_type}"
+        return replace(self, key=key, storage_type=storage_type)
 
     def differences(self, other: "ModelSpec") -> list[str]:
         """Identity fields where `other` differs, as 'field: mine -> theirs'."""

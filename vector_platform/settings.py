@@ -3,10 +3,10 @@
 Environment variables (all optional):
 - VP_HOME: folder for the embedded defaults (default ./.vp)
 - VP_PG_DSN: a PostgreSQL DSN; when unset the embedded server under $VP_HOME/pg is used
-- VP_PG_READ_DSN: the DSN search reads through (CLI `search`, `Platform.search`, `serve`): a
-  read-only role (`vector-platform db reader-role`); writes, checks and moves keep VP_PG_DSN.
-  Unset: search reads through VP_PG_DSN too. One DSN for now (`read_dsns` returns a list, so
-  that several streaming replicas only change how it is read)
+- VP_PG_READ_DSN: the DSNs search reads through (CLI `search`, `Platform.search`, `serve`),
+  separated by `;`: streaming replicas and/or a read-only role on the primary (`vector-platform
+  db reader-role`), chosen per search by health and lag (`replicas.py`); writes, checks and
+  moves keep VP_PG_DSN. Unset: search reads through VP_PG_DSN too
 - VP_OBJECT_STORE: file:///path or s3://bucket/prefix (default file://$VP_HOME/objects)
 """
 
@@ -24,9 +24,10 @@ def vp_home() -> Path:
 
 
 def read_dsns(value: str | None = None) -> list[str]:
-    """The DSNs search reads through: VP_PG_READ_DSN (or `value`), [] when unset."""
+    """The DSNs search reads through: VP_PG_READ_DSN (or `value`), split on `;` (a character
+    neither URL nor key=value DSNs use unquoted), [] when unset."""
     value = os.environ.get("VP_PG_READ_DSN") if value is None else value
-    return [value.strip()] if value and value.strip() else []
+    return [part.strip() for part in (value or "").split(";") if part.strip()]
 
 
 def default_object_store_url() -> str:
@@ -43,6 +44,10 @@ class CollectionSettings:
     hnsw_m: int = 16
     hnsw_ef_construction: int = 64
     hnsw_ef_search: int = 100
+    # Binary storage: candidates per result taken from the index of signs, re-ranked at full
+    # precision (ef_search is raised to rerank_factor x k for those searches; see
+    # search.active.DEFAULT_RERANK_FACTOR for what it buys).
+    rerank_factor: int = 30
     recall_target: float = 0.95
     max_document_bytes: int = 20 * 1024 * 1024
     # An ingest that would soft-delete more than this share of the live documents is refused.
@@ -67,6 +72,8 @@ class CollectionSettings:
             )
         if not 1 <= self.hnsw_ef_search <= 1000:
             raise ValueError(f"hnsw_ef_search must be between 1 and 1000, got {self.hnsw_ef_search}")
+        if not 1 <= self.rerank_factor <= 100:
+            raise ValueError(f"rerank_factor must be between 1 and 100, got {self.rerank_factor}")
         if self.chunk_overlap_tokens < 0 or self.chunk_max_tokens < 0:
             raise ValueError("chunk sizes cannot be negative")
 

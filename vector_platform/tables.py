@@ -56,7 +56,7 @@ def index_name(table: str) -> str:
 
 
 def column_type(spec: ModelSpec) -> sql.Composable:
-    return sql.SQL("{}({})").format(sql.SQL(spec.storage_type), sql.Literal(spec.dims))
+    return sql.SQL("{}({})").format(sql.SQL(spec.heap_type), sql.Literal(spec.dims))
 
 
 def operator(spec: ModelSpec) -> sql.Composable:
@@ -64,14 +64,19 @@ def operator(spec: ModelSpec) -> sql.Composable:
 
 
 def indexed_expression(spec: ModelSpec) -> sql.Composable:
-    """What the HNSW index is built on: `embedding`, or `(embedding::halfvec(d))` for vector
-    models too wide for a vector index. A query's ORDER BY must use this very expression."""
-    if spec.index_type == spec.storage_type:
+    """What the HNSW index is built on: `embedding`; `(embedding::halfvec(d))` for vector
+    models too wide for a vector index; `(binary_quantize(embedding)::bit(d))` for binary
+    storage. A query's ORDER BY must use this very expression."""
+    if spec.index_type == "bit":
+        return sql.SQL("(binary_quantize(embedding)::bit({}))").format(sql.Literal(spec.dims))
+    if spec.index_type == spec.heap_type:
         return sql.SQL("embedding")
     return sql.SQL("(embedding::{}({}))").format(sql.SQL(spec.index_type), sql.Literal(spec.dims))
 
 
 def index_opclass(spec: ModelSpec) -> sql.Composable:
+    if spec.index_type == "bit":  # signs compared by hamming distance, whatever the model's metric
+        return sql.SQL("bit_hamming_ops")
     return sql.SQL(f"{spec.index_type}_{OPCLASS_SUFFIX[spec.distance]}")
 
 
@@ -234,6 +239,30 @@ def table_stats(conn: psycopg.Connection, table: str) -> tuple[int, int]:
     ).fetchone()
 
 
+def bytes_per_vector(conn: psycopg.Connection, table: str, rows: int | None = None) -> dict[str, Any]:
+    """What one vector costs on disk, measured: the table's bytes (heap and TOAST, every
+    partition) and its valid HNSW index's bytes, each divided by the rows (`rows`: counted
+    when not given). The index is what must stay in memory for fast search; binary storage
+    shrinks it, halfvec both."""
+    counted, heap = conn.execute(
+        sql.SQL(
+            "SELECT CASE WHEN %s THEN (SELECT count(*) FROM {t}) END, "
+            "CASE WHEN c.relkind = 'p' THEN (SELECT coalesce(sum(pg_table_size(relid)), 0)::bigint "
+            "FROM pg_partition_tree(c.oid)) ELSE pg_table_size(c.oid) END FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s"
+        ).format(t=table_id(table)),
+        (rows is None, VECTORS, table),
+    ).fetchone()
+    rows = counted if rows is None else rows
+    index = current_index(conn, table)
+    index_bytes = index["bytes"] if index else 0
+    return {
+        "rows": rows,
+        "table_bytes_per_vector": round(heap / rows, 1) if rows else None,
+        "index_bytes_per_vector": round(index_bytes / rows, 1) if rows and index else None,
+    }
+
+
 def copy_upsert(
     conn: psycopg.Connection,
     table: str,
@@ -262,7 +291,7 @@ def copy_upsert(
     if partitioned:
         ensure_partitions(conn, table, [r[6] for r in rows])
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("vector_rows", table),))
-    elif assume_new and spec.storage_type == "vector":
+    elif assume_new and spec.heap_type == "vector":
         try:
             with conn.transaction(), conn.cursor() as cur:
                 with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(table_id(table), columns)) as copy:
@@ -326,7 +355,7 @@ def copy_restored_rows(
         return
     payload = encode_vector_rows(rows, vectors, updated_at=updated_at)
     columns = sql.SQL(", ").join(map(sql.Identifier, ROW_COLUMNS + ("embedding", "updated_at")))
-    direct = spec.storage_type == "vector"
+    direct = spec.heap_type == "vector"
     stage = sql.Identifier("vp_restore_stage")
     target = table_id(table) if direct else stage
     with conn.cursor() as cur:
@@ -358,7 +387,7 @@ class IndexReport:
 
 def graph_bytes_estimate(rows: int, spec: ModelSpec, m: int) -> int:
     """Roughly what pgvector's in-memory HNSW graph needs: vectors + 2m neighbours on layer 0."""
-    vector_bytes = spec.dims * (2 if spec.index_type == "halfvec" else 4) + 8
+    vector_bytes = {"halfvec": spec.dims * 2, "bit": (spec.dims + 7) // 8}.get(spec.index_type, spec.dims * 4) + 8
     neighbour_bytes = 2 * m * 10 + 64
     return rows * (vector_bytes + neighbour_bytes)
 

@@ -106,3 +106,49 @@ def test_compaction_keeps_every_vector_and_waits_for_readers_before_deleting(tmp
     embedding_cache.compact(pool, store, fingerprint, max_files=2)
     assert len(store.list(embedding_cache.prefix(fingerprint))) == 1
     assert set(embedding_cache.lookup(pool, store, fingerprint, written)) == set(written)
+
+
+def test_a_regional_cache_on_another_store_is_shared_by_fingerprint_and_never_beside_the_snapshots(
+        make_platform, s3_url, tmp_path, monkeypatch, unique_name):
+    """VP_EMBEDDING_CACHE: the cache in the workers' region (here an S3 bucket) while snapshots
+    and archives stay on the main store (here a folder); another region's cache (another
+    folder) fills itself from the same model, and both hold the same vectors."""
+    from psycopg import sql
+
+    from vector_platform import tables
+
+    from . import upgrade_data as data
+    from .conftest import write_jsonl
+
+    srv = data.server()
+    try:
+        docs = write_jsonl(tmp_path / "docs.jsonl", data.docs_with_judged(120))
+        key = f"mini_{unique_name[-6:]}"
+
+        def ingest_in(region_url: str, name: str) -> int:
+            monkeypatch.setenv("VP_EMBEDDING_CACHE", region_url)
+            vp = make_platform()
+            vp.add_model(data.spec(key, srv))
+            before = srv.counters.inputs
+            vp.add_collection(name, docs, model=key)
+            assert all(r.success for r in vp.ingest(name))
+            return srv.counters.inputs - before
+
+        region_a, region_b = s3_url + "/cache-a", (tmp_path / "region-b").as_uri()
+        assert ingest_in(region_a, f"{unique_name}_a1") == 120  # embedded once, cached in region A
+        assert ingest_in(region_a, f"{unique_name}_a2") == 0  # the same chunks in region A: from its cache
+        assert ingest_in(region_b, f"{unique_name}_b1") == 120  # region B fills its own cache
+        fingerprint = data.spec(key, srv).fingerprint
+        assert ObjectStore.from_url(region_a).list(embedding_cache.prefix(fingerprint))
+        assert ObjectStore.from_url(region_b).list(embedding_cache.prefix(fingerprint))
+        assert not ObjectStore.from_url((tmp_path / "objects").as_uri()).list("embedding_cache")  # never on the main store
+        vp = make_platform()
+        with vp.pool().connection() as conn:
+            def vectors(name):
+                table = tables.table_id(catalog.vector_table_name(conn, name, key))
+                return dict(conn.execute(sql.SQL("SELECT content_hash, embedding::text FROM {}").format(table)).fetchall())
+
+            a1, b1 = vectors(f"{unique_name}_a1"), vectors(f"{unique_name}_b1")
+        assert len(a1) == 120 and a1 == b1  # keyed by fingerprint: the regions agree vector for vector
+    finally:
+        srv.stop()

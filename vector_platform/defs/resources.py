@@ -14,7 +14,7 @@ import dagster as dg
 from psycopg_pool import ConnectionPool
 from pydantic import Field
 
-from vector_platform import catalog, db
+from vector_platform import catalog, db, replicas
 from vector_platform.ingest.embedders import Embedder, make_embedder
 from vector_platform.models import ModelSpec
 from vector_platform.object_store import ObjectStore
@@ -34,8 +34,13 @@ class PostgresResource(dg.ConfigurableResource):
     )
     read_dsn: Optional[str] = Field(
         default=None,
-        description="DSN of the read-only role search reads through (a secret: bind it with EnvVar('VP_PG_READ_DSN'); "
-        "make the role with `vector-platform db reader-role`). Unset: search reads through `dsn`. Writes never use it.",
+        description="DSNs search reads through, separated by `;`: streaming replicas and/or the read-only role "
+        "(`vector-platform db reader-role`) on the primary (a secret: bind it with EnvVar('VP_PG_READ_DSN')). "
+        "Unset: search reads through `dsn`. Writes, checks and moves never use them.",
+    )
+    max_replica_lag_s: float = Field(
+        default=5.0,
+        description="A replica further behind the primary than this is skipped (with a warning) until it catches up.",
     )
     home: Optional[str] = Field(default=None, description="Folder for embedded defaults (default $VP_HOME or ./.vp).")
     pool_size: int = Field(default=4, description="Connections per process.")
@@ -55,11 +60,16 @@ class PostgresResource(dg.ConfigurableResource):
         value = self.read_dsn.get_value() if isinstance(self.read_dsn, dg.EnvVar) else self.read_dsn
         return read_dsns(value or "")
 
+    def reader(self, consistent: bool = False) -> "replicas.Choice":
+        """Where a search reads now (see replicas.py): a healthy read DSN within
+        max_replica_lag_s, else the primary (`dsn` None); `consistent`: the primary."""
+        return replicas.router(self.resolved_dsn(), self.read_dsns()).choose(self.max_replica_lag_s, consistent)
+
     def read_pool(self) -> ConnectionPool:
         """The pool for reads outside search (documents, the collection list, health, metrics):
-        on the reader's DSN when one is set, else the owner's pool."""
-        readers = self.read_dsns()
-        return db.get_read_pool(readers[0], self.pool_size) if readers else self.pool()
+        on a read DSN chosen as search chooses one, else the owner's pool."""
+        choice = self.reader() if self.read_dsns() else None
+        return db.get_read_pool(choice.dsn, self.pool_size) if choice and choice.dsn else self.pool()
 
     def pool(self) -> ConnectionPool:
         dsn = self.resolved_dsn()
@@ -76,9 +86,19 @@ class ObjectStoreResource(dg.ConfigurableResource):
 
     url: Optional[str] = Field(default=None, description="file:///path or s3://bucket/prefix (default $VP_OBJECT_STORE or file://$VP_HOME/objects).")
     endpoint_url: Optional[str] = Field(default=None, description="S3-compatible endpoint (default $AWS_ENDPOINT_URL).")
+    embedding_cache_url: Optional[str] = Field(
+        default=None,
+        description="Where the embedding cache lives when not beside the snapshots (default $VP_EMBEDDING_CACHE, else "
+        "`url`): e.g. a bucket in the workers' region. Keyed by model fingerprint, so caches never disagree.",
+    )
 
     def store(self) -> ObjectStore:
         return ObjectStore.from_url(self.url or default_object_store_url(), self.endpoint_url)
+
+    def cache_store(self) -> ObjectStore:
+        """The embedding cache's store: `embedding_cache_url` / VP_EMBEDDING_CACHE, else `store()`."""
+        url = self.embedding_cache_url or os.environ.get("VP_EMBEDDING_CACHE")
+        return ObjectStore.from_url(url, self.endpoint_url) if url else self.store()
 
 
 _embedders: dict[tuple, Embedder] = {}

@@ -263,7 +263,7 @@ def embed_chunks(
     the next starts; rejects become dead letters. A killed run resumes from the cache.
     """
     spec = embedder.spec
-    fingerprint = spec.fingerprint
+    fingerprint = spec.cache_fingerprint  # a storage change re-uses the vectors (see ModelSpec)
     stats = EmbedStats()
     counters_before = embedder.counters()
     embedding_cache.adopt_legacy_files(pool, store, model_key, fingerprint)
@@ -325,7 +325,7 @@ def embed_batch(pool, store, embedder: Embedder, collection: str, model_key: str
         rejects, refused = result.rejected, result.refused
         good_hashes = [batch[i][0] for i in result.accepted]
         good_vectors = result.vectors
-    if embedding_cache.write(pool, store, spec.fingerprint, good_hashes, good_vectors):
+    if embedding_cache.write(pool, store, spec.cache_fingerprint, good_hashes, good_vectors):
         stats.cache_files_written += 1
     ok_refs = [cid for i in result.accepted for cid in batch[i][2]] if raw is not None else []
     stats.embedded += len(ok_refs)
@@ -372,7 +372,7 @@ def load_vectors(
     for page in docs_sql.pages_of_missing_chunks(pool, collection, tid, batch_rows):
         lap("seconds_selecting")
         seen += len(page)
-        vectors = embedding_cache.lookup(pool, store, spec.fingerprint, {r[3] for r in page})
+        vectors = embedding_cache.lookup(pool, store, spec.cache_fingerprint, {r[3] for r in page})
         lap("seconds_reading_cache")
         rows = [(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in page if r[3] in vectors]
         without_vector += len(page) - len(rows)

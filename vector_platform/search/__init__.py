@@ -107,9 +107,15 @@ class Runtime:
         self.sessions: weakref.WeakKeyDictionary[psycopg.Connection, dict[str, str]] = weakref.WeakKeyDictionary()
 
     def pool(self, read_dsn: str | None = None) -> ConnectionPool:
-        """Looked up on each use: pools closed (e.g. by `db.close_pools`) are replaced."""
-        return db.get_search_pool(read_dsn or self.dsn)
+        """Looked up on each use: pools closed (e.g. by `db.close_pools`) are replaced. A read
+        server's loans wait briefly: one that went away is skipped (replicas.py), not waited for."""
+        if read_dsn and read_dsn != self.dsn:
+            return db.get_search_pool(read_dsn, wait_s=READ_SERVER_WAIT_S)
+        return db.get_search_pool(self.dsn)
 
+
+# How long a search waits for a connection to a read server (VP_PG_READ_DSN) before it skips it.
+READ_SERVER_WAIT_S = 3.0
 
 _runtimes: dict[str, Runtime] = {}
 _runtimes_lock = threading.Lock()
@@ -414,7 +420,7 @@ def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, stor
     since, until = window
     rows = active.nearest(
         conn, relation, spec, qvec, k, exact, facts.settings.hnsw_ef_search, filters, session=session, fingerprint=pin,
-        since=since, until=until,
+        since=since, until=until, rerank_factor=facts.settings.rerank_factor,
     )
     mode, fallback = ("exact" if exact else "ann"), False
     if len(rows) < k:

@@ -18,10 +18,17 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from vector_platform.models import ModelSpec
+from vector_platform import tables
 from vector_platform.tables import PARTITION_KEY, operator
 
 # pgvector's upper bound for hnsw.ef_search, hence for k.
 MAX_K = 1000
+# Binary storage: candidates taken from the index of signs per result, then ranked at full
+# precision (a collection's `rerank_factor` setting; see `nearest`). Signs keep little of a
+# small model's vectors: on SciFact with all-MiniLM-L6-v2 (384 d), recall@10 against exact
+# search is 0.59 with no re-rank, 0.95 at 10, 0.977 at 20, 0.988 at 30, 0.994 at 40; wider
+# models need fewer (bench/scale_out.py).
+DEFAULT_RERANK_FACTOR = 30
 # Rows an iterative scan may visit before it stops (pgvector's default is 20,000).
 MAX_SCAN_TUPLES = 100_000
 
@@ -67,11 +74,14 @@ DEFAULT_COLUMNS = sql.SQL("chunk_id::text, doc_id, text, metadata")
 
 
 def _order_by(spec: ModelSpec, exact: bool) -> sql.Composable:
-    """The ORDER BY expression. ANN on a model indexed as a halfvec expression (a vector model
-    over 2,000 dimensions) must repeat the index's expression exactly, or the planner cannot
-    use the index; exact search ranks at full precision."""
-    if exact or spec.index_type == spec.storage_type:
-        return sql.SQL("embedding {op} %(q)s::{vtype}").format(op=operator(spec), vtype=sql.SQL(spec.storage_type))
+    """The ORDER BY expression. ANN on a model indexed through an expression (a halfvec cast
+    of a vector model over 2,000 dimensions, the signs of a binary one) must repeat the
+    index's expression exactly, or the planner cannot use the index; exact search ranks at
+    full precision."""
+    if exact or spec.index_type == spec.heap_type:
+        return sql.SQL("embedding {op} %(q)s::{vtype}").format(op=operator(spec), vtype=sql.SQL(spec.heap_type))
+    if spec.index_type == "bit":
+        return sql.SQL("{indexed} <~> binary_quantize(%(q)s::vector)").format(indexed=tables.indexed_expression(spec))
     cast = sql.SQL("{}({})").format(sql.SQL(spec.index_type), sql.Literal(spec.dims))
     return sql.SQL("embedding::{cast} {op} %(q)s::{cast}").format(cast=cast, op=operator(spec))
 
@@ -93,23 +103,29 @@ def _nearest_query(
     """The SELECT, composed once per shape (composing costs as much as a tenth of a query).
     The distance returned is always the full-precision one, as exact search and the cold
     tier compute it."""
-    halfvec_index = spec.index_type != spec.storage_type
-    key = (repr(relation), repr(columns), spec.distance, spec.storage_type, spec.dims if halfvec_index else 0,
-           exact if halfvec_index else None, filtered, pinned, timed)
+    expression_index = spec.index_type != spec.heap_type
+    key = (repr(relation), repr(columns), spec.distance, spec.storage_type, spec.dims if expression_index else 0,
+           exact if expression_index else None, filtered, pinned, timed)
     query = _queries.get(key)
     if query is None:
         # A pinned search reads the view's fingerprint column and `nearest` keeps the rows that
         # carry the pin: as a WHERE condition it cost a tenth of a query in planning.
         conditions = ([sql.SQL("metadata @> %(filters)s")] if filtered else []) + ([TIME_CONDITION] if timed else [])
         where = sql.SQL("WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
+        reranked = spec.reranked and not exact
         query = sql.SQL(
             "SELECT {columns}, embedding {op} %(q)s::{vtype} AS distance FROM {rel} {where} "
-            "ORDER BY {order} LIMIT %(k)s"
+            "ORDER BY {order} LIMIT {limit}"
         ).format(
             columns=sql.SQL(", ").join([columns or DEFAULT_COLUMNS, *([sql.SQL("fingerprint")] if pinned else [])]),
             op=operator(spec),
-            vtype=sql.SQL(spec.storage_type), rel=relation, where=where, order=_order_by(spec, exact),
-        ).as_string(conn)
+            vtype=sql.SQL(spec.heap_type), rel=relation, where=where, order=_order_by(spec, exact),
+            limit=sql.SQL("%(candidates)s" if reranked else "%(k)s"),
+        )
+        if reranked:
+            # the index's nearest signs, then the k nearest of those at full precision
+            query = sql.SQL("SELECT * FROM ({}) candidates ORDER BY distance LIMIT %(k)s").format(query)
+        query = query.as_string(conn)
         _queries[key] = query
     return query
 
@@ -128,8 +144,13 @@ def nearest(
     fingerprint: str | None = None,
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
+    rerank_factor: int = DEFAULT_RERANK_FACTOR,
 ) -> list[tuple]:
     """Top-k rows by the model's distance; each row ends with the distance.
+
+    `rerank_factor`: on a binary-stored model, an ANN search takes this many times k
+    candidates from the index of signs (hamming distance) and returns the k nearest of them
+    by the full-precision distance; ef_search is raised to the candidates' number.
 
     `fingerprint`: on a serving view, only rows of vectors with this fingerprint (the view
     holds one model's table, so this is all rows or none: a view swapped to another model
@@ -148,7 +169,10 @@ def nearest(
     params = {"q": np.asarray(vector, dtype=np.float32), "k": k, "fingerprint": fingerprint, "since": since, "until": until}
     if filters:
         params["filters"] = Jsonb(filters)
-    settings = plan_settings(exact, max(ef_search, k), iterative=bool(filters) or timed)
+    wanted = k
+    if spec.reranked and not exact:
+        wanted = params["candidates"] = min(MAX_K, max(k, rerank_factor * k))
+    settings = plan_settings(exact, max(ef_search, wanted), iterative=bool(filters) or timed)
     try:
         if session is not None:
             _apply_settings(conn, settings, session)
@@ -165,9 +189,10 @@ def nearest(
         return []
     if fingerprint is not None:
         rows = [(*r[:-2], r[-1]) for r in rows if r[-2] == fingerprint]
-    if not exact and (filters or timed or spec.index_type != spec.storage_type):
+    if not exact and not spec.reranked and (filters or timed or spec.index_type != spec.heap_type):
         # relaxed order may return rows slightly out of order, and a halfvec index orders by
-        # the rounded distance: order by the full-precision distance returned
+        # the rounded distance: order by the full-precision distance returned (a re-ranked
+        # query already did)
         rows.sort(key=lambda r: r[-1])
     return rows
 
@@ -198,7 +223,10 @@ def explain_nearest(
 ) -> str:
     """The plan `nearest` really runs (for check metadata and tests)."""
     query = "EXPLAIN " + _nearest_query(conn, relation, spec, False, sql.SQL("chunk_id"), exact, fingerprint is not None)
-    params = {"q": np.asarray(vector, dtype=np.float32), "k": 10, "fingerprint": fingerprint}
+    params = {"q": np.asarray(vector, dtype=np.float32), "k": 10, "fingerprint": fingerprint,
+              "candidates": 10 * DEFAULT_RERANK_FACTOR}
+    if spec.reranked and not exact:
+        ef_search = max(ef_search, params["candidates"])
     with conn.transaction():
         _apply_settings(conn, plan_settings(exact, ef_search, iterative=False), None)
         plan = conn.execute(query, params, prepare=False).fetchall()

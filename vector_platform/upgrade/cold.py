@@ -80,9 +80,11 @@ def upgrade_snapshot(
     say: Callable[[str], None] = lambda _: None,
     progress: steps.Progress = lambda stage, done, total: None,
     work_dir: Path | None = None,
+    cache_store: ObjectStore | None = None,
 ) -> ColdUpgradeReport:
     """Give cold `collection` a verified snapshot of model `embedder.spec.key`, embedded from the
-    text of the snapshot that serves it. Idempotent: a snapshot of that model with its
+    text of the snapshot that serves it (`cache_store`: where the embedding cache lives, by
+    default `store`). Idempotent: a snapshot of that model with its
     fingerprint that holds every row of the serving snapshot (equal digests) is kept and not
     written again; one that left rows out is made again."""
     started = time.perf_counter()
@@ -129,7 +131,8 @@ def upgrade_snapshot(
         paths = snapshots.fetch_verified(store, source, work)
         manifest = snapshots.new_manifest(coll, spec, table, spec.fingerprint)
         manifest["source_snapshot"] = source.id
-        pages = _reembedded_pages(pool, store, embedder, collection, paths, batch_size, stats, digest, left_out, progress, source.rows)
+        pages = _reembedded_pages(pool, cache_store or store, embedder, collection, paths, batch_size, stats, digest, left_out,
+                                  progress, source.rows)
         receipt = snapshots.publish(pool, store, manifest, pages, spec, finish=finish)
     finally:
         snapshots.clear_local(work)
@@ -153,7 +156,8 @@ def _reembedded_pages(
     digest: snapshots.RowsDigest, left_out: list[str], progress: steps.Progress, total: int,
 ) -> Iterator[pa.Table]:
     """The source snapshot's rows (chunk_id order kept) with the new model's vectors; rows
-    whose text the model rejected are left out (their dead letters say why)."""
+    whose text the model rejected are left out (their dead letters say why). `store`: the
+    embedding cache's."""
     spec = embedder.spec
     schema = snapshots.arrow_schema(spec.dims)
     done = 0
@@ -163,7 +167,7 @@ def _reembedded_pages(
         needed: dict[str, tuple[str, list[str]]] = {}
         for chunk_id, content_hash, text in zip(page.column("chunk_id").to_pylist(), hashes, page.column("text").to_pylist()):
             needed.setdefault(content_hash, (text, []))[1].append(chunk_id)
-        hit = embedding_cache.cached(pool, store, spec.fingerprint, needed)
+        hit = embedding_cache.cached(pool, store, spec.cache_fingerprint, needed)
         stats.chunks += page.num_rows
         stats.from_cache += sum(len(needed[h][1]) for h in hit)
         if hit:
@@ -173,7 +177,7 @@ def _reembedded_pages(
         todo = [(h, text, ids) for h, (text, ids) in needed.items() if h not in hit]
         for start in range(0, len(todo), batch_size):
             steps.embed_batch(pool, store, embedder, collection, spec.key, todo[start : start + batch_size], stats)
-        vectors = embedding_cache.lookup(pool, store, spec.fingerprint, needed)
+        vectors = embedding_cache.lookup(pool, store, spec.cache_fingerprint, needed)
         keep = [i for i, h in enumerate(hashes) if h in vectors]
         left_out += [chunk_id for i, chunk_id in enumerate(page.column("chunk_id").to_pylist()) if hashes[i] not in vectors]
         if keep:

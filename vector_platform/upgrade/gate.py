@@ -84,15 +84,17 @@ def _ranked_docs(rows: Sequence[tuple], k: int) -> list[str]:
 Searcher = Callable[[ModelSpec, Sequence[np.ndarray], int], tuple[list[list[tuple]], list[float]]]
 
 
-def _active_searcher(conn, relation, ef_search: int) -> Searcher:
-    """Search a vector table through its index, timed per query: (chunk_id, doc_id) rows."""
+def _active_searcher(conn, relation, ef_search: int, rerank_factor: int) -> Searcher:
+    """Search a vector table through its index (as search does), timed per query:
+    (chunk_id, doc_id) rows."""
     columns = sql.SQL("chunk_id, doc_id")
 
     def search(spec: ModelSpec, vectors, k: int):
         results, latencies = [], []
         for q in vectors:
             began = time.perf_counter()
-            results.append(active.nearest(conn, relation, spec, q, k, exact=False, ef_search=max(ef_search, k), columns=columns))
+            results.append(active.nearest(conn, relation, spec, q, k, exact=False, ef_search=max(ef_search, k), columns=columns,
+                                          rerank_factor=rerank_factor))
             latencies.append((time.perf_counter() - began) * 1000)
         return results, latencies
 
@@ -243,7 +245,8 @@ def evaluate(pool: ConnectionPool, embed: TextEmbedder, collection: str, model_k
     # recall@10 vs exact, on what users ask (embedded with the new model)
     logged_shadow = _embed(embed, shadow, logged) if logged else []
     recall = checks.measure_recall(
-        pool, collection, model_key, ef_search=settings.hnsw_ef_search, sample=LOGGED_QUERIES, queries=logged_shadow
+        pool, collection, model_key, ef_search=settings.hnsw_ef_search, sample=LOGGED_QUERIES, queries=logged_shadow,
+        rerank_factor=settings.rerank_factor,
     )
     figures.update(recall=recall["recall"], recall_queries=recall["queries"], uses_index=recall["uses_index"])
     if recall["recall"] is None or recall["recall"] < settings.recall_target:
@@ -256,8 +259,8 @@ def evaluate(pool: ConnectionPool, embed: TextEmbedder, collection: str, model_k
             stored = None if logged or labelled else _stored_pairs(conn, shadow_table, serving_table)
             _compare(
                 figures, reasons, settings, embed,
-                shadow, _active_searcher(conn, tables.table_id(shadow_table), settings.hnsw_ef_search),
-                serving, _active_searcher(conn, tables.table_id(serving_table), settings.hnsw_ef_search),
+                shadow, _active_searcher(conn, tables.table_id(shadow_table), settings.hnsw_ef_search, settings.rerank_factor),
+                serving, _active_searcher(conn, tables.table_id(serving_table), settings.hnsw_ef_search, settings.rerank_factor),
                 logged, labelled, logged_shadow, stored,
             )
     return Verdict(not reasons, figures, reasons)

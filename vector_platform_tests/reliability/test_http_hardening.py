@@ -86,6 +86,7 @@ field_values = {
     "filters": st.one_of(json_objects, json_values),
     "exact": st.one_of(st.booleans(), json_values),
     "include_archive": st.one_of(st.booleans(), json_values),
+    "consistent": st.one_of(st.booleans(), json_values),
     "since": st.one_of(instants, json_values),
     "until": st.one_of(instants, json_values),
 }

@@ -161,7 +161,7 @@ def embeddings(
     hash, indexed in the catalog). Only content with no vector yet is sent to the model;
     rejected vectors become dead letters with the reason."""
     pool = postgres.pool()
-    store = object_store.store()
+    store = object_store.cache_store()
 
     def work(collection: str, model_key: str) -> dict:
         _, spec = _attached_model(pool, collection, model_key)
@@ -173,7 +173,7 @@ def embeddings(
             )
         return {
             "dagster/row_count": stats.chunks,
-            "cache": store.uri(f"embedding_cache/{spec.fingerprint}"),
+            "cache": store.uri(f"embedding_cache/{spec.cache_fingerprint}"),
             "model_fingerprint": spec.fingerprint,
             **stats.as_metadata(),
         }
@@ -201,7 +201,7 @@ def vector_table(
     def work(collection: str, model_key: str) -> dict:
         _, spec = _attached_model(pool, collection, model_key)
         with writing(context, postgres, collection, model_key):
-            figures = steps.load_vectors(pool, object_store.store(), collection, model_key, progress=reporter(context.log))
+            figures = steps.load_vectors(pool, object_store.cache_store(), collection, model_key, progress=reporter(context.log))
         return {
             "dagster/row_count": figures["rows"],
             "dagster/table_name": figures["table"],

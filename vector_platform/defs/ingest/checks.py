@@ -126,16 +126,17 @@ def index_recall_meets_target(
         with pool.connection() as conn:
             settings = catalog.get_collection(conn, collection).settings
             ef = settings.hnsw_ef_search
-            state = checks.recall_state(conn, collection, model_key, ef, RECALL_SAMPLE, since, week)
+            state = checks.recall_state(conn, collection, model_key, ef, RECALL_SAMPLE, since, week, settings.rerank_factor)
             reused = checks.measurement_of_state(conn, collection, model_key, state) if state else None
         if reused is not None:
             # Nothing it measured has changed since: its figures stand; the plan is explained anew.
             plan, uses_index = checks.current_plan(pool, collection, model_key, ef)
-            figures = {**reused, "plan": plan, "uses_index": uses_index}
+            figures = {**reused, "plan": plan, "uses_index": uses_index, **checks.storage_of(pool, collection, model_key)}
         else:
             figures = checks.measure_recall(
                 pool, collection, model_key, ef_search=ef, sample=RECALL_SAMPLE,
                 curve=sorted({10, 20, 40, ef // 2, ef, ef * 2} - {0}), logged_since=since, salt=week,
+                rerank_factor=settings.rerank_factor,
             )
         if figures["recall"] is None:
             passed = True

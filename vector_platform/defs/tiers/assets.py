@@ -66,7 +66,8 @@ def cold_snapshot(
             with writing(context, postgres, collection, model_key, require_active=False):
                 try:
                     report = cold_upgrade.upgrade_snapshot(
-                        pool, store, model, collection, batch_size=model.batch_size(embedder.batch_size), say=context.log.info, progress=reporter(context.log),
+                        pool, store, model, collection, batch_size=model.batch_size(embedder.batch_size), say=context.log.info,
+                        progress=reporter(context.log), cache_store=object_store.cache_store(),
                     )
                 except (cold_upgrade.ColdUpgradeError, snapshots.SnapshotError) as err:
                     raise dg.Failure(str(err), allow_retries=False) from None
