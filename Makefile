@@ -8,7 +8,7 @@ export TOKENIZERS_PARALLELISM := false
 # pytest-xdist workers for `make test` (each takes whole test files; 2 suits 2 cores).
 TEST_WORKERS ?= 2
 
-.PHONY: install demo test dev bench bench-scale bench-peers soak clean
+.PHONY: install demo test dev bench bench-scale bench-peers bench-scale-out soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench-scale: install
 # the peers live in a venv of their own (bench/.venv-peers), never in the product's.
 bench-peers: install
 	$(BIN)/python bench/peers.py
+
+bench-scale-out: install
+	$(BIN)/python bench/scale_out.py
 
 # The reliability suite's soak for 10 minutes instead of the test run's minute.
 soak: install

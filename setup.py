@@ -43,7 +43,11 @@ setup(
         # playwright: the browser test drives the Dagster UI in Debian's chromium (never `playwright install`).
         # pytest-xdist: `make test` runs two workers, a test file per worker (most tests wait on
         # Postgres, Dagster runs and subprocesses: 22 min alone, 13 min as two on 2 cores).
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "moto[server]>=5.0", "playwright>=1.45", "hypothesis>=6.100"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "moto[server]>=5.0", "playwright>=1.45", "hypothesis>=6.100",
+                 "dagster-celery~=0.29.0", "redis>=5"],
+        # VP_EXECUTOR=celery: every step a Celery task, run by `dagster-celery` workers, with a
+        # Redis broker (Dagster's own Celery integration and the broker's reference client).
+        "celery": ["dagster-celery~=0.29.0", "redis>=5"],
     },
     entry_points={"console_scripts": ["vector-platform=vector_platform.cli:main"]},
 )
