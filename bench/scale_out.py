@@ -10,8 +10,17 @@ that they share the same minutes of a noisy machine.
 
     .venv/bin/python bench/scale_out.py [--rows 100000] [--queries 300] [--dsn DSN]
 
-Still to come in this benchmark (issue 12, next sessions): cold search over a 1M-row
-snapshot with partition-pruned reads vs a full scan, and search on a replica vs the primary.
+Cold search on a 1,000,000-row snapshot in the IVF layout (the same vectors tiled, with the
+abstracts' text; written by the product's snapshot writer straight from generated pages, to
+a file:// object store): each mode runs in a fresh process with an empty cache, which
+prints its first query (fetch + read + search), its cached p50 and its peak RSS:
+partition-pruned (the default nprobe lists, ranged reads) vs a full scan (`exact`). Recall@10
+of the pruned answers against the full scan's. Last line:
+`cold_1m_pruned_over_full_p50=<pruned cached p50 / full-scan cached p50>` (goal <= 0.1).
+
+    .venv/bin/python bench/scale_out.py [--rows 100000] [--cold-rows 1000000] [--queries 300] [--dsn DSN]
+
+Still to come: search on a replica vs the primary.
 """
 
 from __future__ import annotations
@@ -93,16 +102,162 @@ def storage_types(dsn: str, rows: int, queries: int, ef_search: int) -> dict[str
     return out
 
 
+def _pages(rows: int, page_rows: int = 5461):
+    """Snapshot pages of `rows` rows: the SciFact vectors tiled (each tile perturbed and
+    re-normalised, as common.scifact does) with their abstracts' text."""
+    import datetime as dt
+    import json as json_
+    import uuid
+
+    import pyarrow as pa
+
+    from vector_platform.tiers import snapshots
+
+    base = np.load(common.DATA / "corpus_minilm.npy").astype(np.float32)
+    ids = json_.loads((common.DATA / "minilm_ids.json").read_text())["corpus_ids"]
+    texts = {}
+    with (common.DATA / "corpus.jsonl").open() as f:
+        for line in f:
+            d = json_.loads(line)
+            texts[d["_id"]] = f"{d['title']}\n\n{d['text']}"
+    schema = snapshots.arrow_schema(base.shape[1])
+    now = dt.datetime(2026, 11, 25, tzinfo=dt.timezone.utc)
+    for start in range(0, rows, page_rows):
+        index = np.arange(start, min(rows, start + page_rows))
+        tile = index // len(base)
+        vectors = base[index % len(base)].copy()
+        for t in np.unique(tile):
+            if t:
+                sel = tile == t
+                vectors[sel] += np.random.default_rng(int(t)).normal(0, 0.02, (int(sel.sum()), base.shape[1])).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        docs = [ids[i % len(ids)] for i in index]
+        columns = [
+            [str(uuid.UUID(int=int(i) + 1)) for i in index], [f"{d}-{t}" for d, t in zip(docs, tile)], [0] * len(index),
+            [f"{int(i):064x}" for i in index], [texts[d] for d in docs], ["{}"] * len(index), [None] * len(index),
+            [now] * len(index),
+        ]
+        arrays = [pa.array(values, type=schema.field(i).type) for i, values in enumerate(columns)]
+        arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), base.shape[1]))
+        yield pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_cold_snapshot(dsn: str, store_url: str, rows: int, work: Path) -> int:
+    """A `rows`-row IVF snapshot of a collection declared for it; returns its snapshot id."""
+    from vector_platform import catalog
+    from vector_platform.models import MINILM
+    from vector_platform.tiers import snapshots
+
+    vp = common.platform(dsn, store_url)
+    name = "bench_cold_1m"
+    source = work / "empty.jsonl"
+    source.write_text("")
+    vp.add_collection(name, source)
+    with vp.pool().connection() as conn:
+        coll = catalog.get_collection(conn, name)
+    manifest = snapshots.new_manifest(coll, MINILM, "generated", MINILM.fingerprint)
+
+    def finish(m):
+        m["table_digest"] = f"generated:{rows}"
+
+    started = time.perf_counter()
+    receipt = snapshots.publish(vp.pool(), vp.store(), manifest, _pages(rows), MINILM, expected_rows=rows, finish=finish,
+                                ivf_work_dir=work / "spill")
+    print(f"  snapshot {receipt.id}: {rows:,} rows, {receipt.bytes / 2**30:.2f} GiB, {receipt.manifest['ivf']['lists']} lists, "
+          f"written and verified in {time.perf_counter() - started:.0f} s", flush=True)
+    return receipt.id
+
+
+def cold_worker(args) -> None:
+    """One mode in a fresh process: first query, cached p50/p95, peak RSS, the answers."""
+    import json as json_
+    import resource
+
+    from vector_platform import db
+    from vector_platform.catalog import tiers as tier_sql
+    from vector_platform.models import MINILM
+    from vector_platform.object_store import ObjectStore
+    from vector_platform.search import cold, cold_ivf
+
+    with db.get_pool(args.dsn).connection() as conn:
+        receipt = tier_sql.get_snapshot(conn, args.snapshot)
+    store = ObjectStore.from_url(args.store)
+    queries = common.query_vectors(args.queries)
+    if args.cold_worker == "pruned":
+        cache = cold_ivf.IvfCache()
+
+        def search(q):
+            return [row["chunk_id"] for _, row in cold_ivf.search(cache, store, receipt, MINILM, q, 10, None, (None, None), 0).found]
+    else:
+        cache = cold.ColdCache()
+
+        def search(q):
+            data, _ = cache.get(store, receipt)
+            return [row["chunk_id"] for row in cold.rows_of(data, [i for i, _ in cold.nearest(data, MINILM, q, 10)])]
+    t0 = time.perf_counter()
+    answers = [search(queries[0])]
+    first = time.perf_counter() - t0
+    times = []
+    for q in queries[1:]:
+        t0 = time.perf_counter()
+        answers.append(search(q))
+        times.append(time.perf_counter() - t0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    Path(args.out).write_text(json_.dumps({"first_s": first, "p50_ms": common.pct(times, 50), "p95_ms": common.pct(times, 95),
+                                           "peak_rss": rss, "answers": answers}))
+
+
+def cold_modes(dsn: str, store_url: str, snapshot: int, queries: int, work: Path) -> dict[str, dict]:
+    import json as json_
+    import os
+    import subprocess
+
+    out = {}
+    for mode in ("pruned", "full"):
+        home = work / f"home-{mode}"  # an empty cache: the first query reads from the store
+        result = work / f"{mode}.json"
+        env = {**os.environ, "VP_HOME": str(home)}
+        subprocess.run([sys.executable, __file__, "--cold-worker", mode, "--dsn", dsn, "--store", store_url, "--snapshot",
+                        str(snapshot), "--queries", str(queries), "--out", str(result)], env=env, check=True)
+        out[mode] = json_.loads(result.read_text())
+        print(f"  {mode}: first query {out[mode]['first_s']:.2f} s, cached p50 {out[mode]['p50_ms']:.2f} ms, "
+              f"peak RSS {out[mode]['peak_rss'] / 2**20:.0f} MiB", flush=True)
+    from vector_platform.metrics import recall_at_k
+
+    out["pruned"]["recall"] = float(np.mean([recall_at_k(p, f) for p, f in zip(out["pruned"]["answers"], out["full"]["answers"])]))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dsn")
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--ef-search", type=int, default=100)
+    parser.add_argument("--cold-rows", type=int, default=1_000_000)
+    parser.add_argument("--cold-worker", choices=["pruned", "full"], help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    parser.add_argument("--snapshot", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    with common.server(args.dsn) as dsn:
-        print(f"storage types on {args.rows:,} rows x 384 d, {args.queries} queries, ef_search {args.ef_search}:", flush=True)
-        figures = storage_types(dsn, args.rows, args.queries, args.ef_search)
+    if args.cold_worker:
+        cold_worker(args)
+        return
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="vp-bench-scale-out-"))
+    try:
+        with common.server(args.dsn) as dsn:
+            print(f"storage types on {args.rows:,} rows x 384 d, {args.queries} queries, ef_search {args.ef_search}:", flush=True)
+            figures = storage_types(dsn, args.rows, args.queries, args.ef_search)
+            print(f"cold search on {args.cold_rows:,} rows x 384 d:", flush=True)
+            store_url = (work / "objects").as_uri()
+            snapshot = write_cold_snapshot(dsn, store_url, args.cold_rows, work)
+            cold = cold_modes(dsn, store_url, snapshot, args.queries, work)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
     print()
     print("| storage | table B/vector | HNSW index B/vector | ef_search | recall@10 | p50 ms | p95 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -112,6 +267,14 @@ def main() -> None:
     vector, binary = figures["vector"], figures["binary"]
     print(f"binary_index_bytes_over_vector={binary['index_bytes_per_vector'] / vector['index_bytes_per_vector']:.3f}")
     print(f"binary_recall_minus_vector={binary['recall'] - vector['recall']:+.4f}")
+    print()
+    print(f"| cold, {args.cold_rows:,} rows | first query s | cached p50 ms | cached p95 ms | peak RSS MiB | recall@10 vs full |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for mode in ("pruned", "full"):
+        c = cold[mode]
+        print(f"| {mode} | {c['first_s']:.2f} | {c['p50_ms']:.2f} | {c['p95_ms']:.2f} | {c['peak_rss'] / 2**20:,.0f} "
+              f"| {c.get('recall', 1.0):.4f} |")
+    print(f"cold_1m_pruned_over_full_p50={cold['pruned']['p50_ms'] / cold['full']['p50_ms']:.3f}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ SETTING_FLAGS = {
     "hnsw_ef_construction": int,
     "hnsw_ef_search": int,
     "rerank_factor": int,
+    "cold_nprobe": int,
     "chunk_max_tokens": int,
     "chunk_overlap_tokens": int,
     "max_delete_fraction": float,

@@ -48,6 +48,9 @@ class CollectionSettings:
     # precision (ef_search is raised to rerank_factor x k for those searches; see
     # search.active.DEFAULT_RERANK_FACTOR for what it buys).
     rerank_factor: int = 30
+    # Cold search over an IVF snapshot (one of at least VP_COLD_IVF_MIN_ROWS rows): the lists
+    # read per query; 0: 3 % of them, at least 30 (tiers/ivf.py). `--exact` reads them all.
+    cold_nprobe: int = 0
     recall_target: float = 0.95
     max_document_bytes: int = 20 * 1024 * 1024
     # An ingest that would soft-delete more than this share of the live documents is refused.
@@ -72,6 +75,8 @@ class CollectionSettings:
             )
         if not 1 <= self.hnsw_ef_search <= 1000:
             raise ValueError(f"hnsw_ef_search must be between 1 and 1000, got {self.hnsw_ef_search}")
+        if not 0 <= self.cold_nprobe <= 4096:
+            raise ValueError(f"cold_nprobe must be between 0 (the default share) and 4096, got {self.cold_nprobe}")
         if not 1 <= self.rerank_factor <= 100:
             raise ValueError(f"rerank_factor must be between 1 and 100, got {self.rerank_factor}")
         if self.chunk_overlap_tokens < 0 or self.chunk_max_tokens < 0:

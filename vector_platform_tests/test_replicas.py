@@ -105,3 +105,4 @@ def test_searches_are_served_by_a_streaming_replica_and_by_the_primary_when_it_l
             replica.stop("immediate")
         except Exception:  # noqa: BLE001 - already stopped
             pass
+        replica.remove_socket_dir()

@@ -39,7 +39,7 @@ from vector_platform import clock, db, tables
 from vector_platform.models import ModelSpec
 from vector_platform.names import validate_name
 from vector_platform.object_store import ObjectStore
-from vector_platform.search import active, cold, merge
+from vector_platform.search import active, cold, cold_ivf, merge
 from vector_platform.search import filters as filter_language
 from vector_platform.search.active import MAX_K
 from vector_platform.search.facts import Facts, FactsCache, read_facts
@@ -120,6 +120,7 @@ READ_SERVER_WAIT_S = 3.0
 _runtimes: dict[str, Runtime] = {}
 _runtimes_lock = threading.Lock()
 cold_cache = cold.ColdCache()
+ivf_cache = cold_ivf.IvfCache()
 
 
 def runtime(pool: ConnectionPool) -> Runtime:
@@ -404,7 +405,7 @@ def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, stor
     if refused:
         return "warning", refused
     if facts.tier == "cold":
-        return _search_cold(facts, vector_for, k, filters, store, tally, window)
+        return _search_cold(facts, vector_for, k, filters, store, tally, window, exact)
     if not facts.has_view:
         return "warning", f"collection {name!r} has no serving view yet; ingest it first"
     spec = facts.spec
@@ -450,7 +451,10 @@ def _search_one(conn, session, facts: Facts, vector_for, k, exact, filters, stor
     return "hits", (hits, spec, facts.fingerprint, mode, elapsed, fallback)
 
 
-def _search_cold(facts: Facts, vector_for, k, filters, store, tally, window=(None, None)) -> tuple[str, Any]:
+def _search_cold(facts: Facts, vector_for, k, filters, store, tally, window=(None, None), exact: bool = False) -> tuple[str, Any]:
+    """A cold collection over its snapshot: every row scored exactly, or, over an IVF snapshot
+    (tiers/ivf.py) unless `exact`, only the rows of the `cold_nprobe` lists nearest the query
+    (those hits say `exact: false`)."""
     name, receipt = facts.name, facts.snapshot
     if receipt is None:
         return "warning", f"cold collection {name!r} has no snapshot recorded; skipped"
@@ -463,27 +467,33 @@ def _search_cold(facts: Facts, vector_for, k, filters, store, tally, window=(Non
             f"(fingerprint {receipt.manifest.get('fingerprint')}), not the serving model {spec.key!r} ({spec.fingerprint})"
         )
     qvec = vector_for(spec)
+    pruned = receipt.manifest.get("layout") == "ivf" and not exact
     began = time.perf_counter()
     try:
-        data, source = cold_cache.get(store, receipt)
-        found = cold.nearest(data, spec, qvec, k, filters, mask=cold.time_mask(data.rows, *window))
-        rows = cold.rows_of(data, [i for i, _ in found])
+        if pruned:
+            answer = cold_ivf.search(ivf_cache, store, receipt, spec, qvec, k, filters, window, facts.settings.cold_nprobe)
+            pairs, scanned, source = answer.found, answer.rows_scanned, answer.data_from
+        else:
+            data, source = cold_cache.get(store, receipt)
+            found = cold.nearest(data, spec, qvec, k, filters, mask=cold.time_mask(data.rows, *window))
+            pairs = list(zip([d for _, d in found], cold.rows_of(data, [i for i, _ in found])))
+            scanned = data.count
     except Exception as err:  # noqa: BLE001 - a cold read that fails leaves the rest of the answer
         return "warning", f"cold collection {name!r} skipped: its snapshot {receipt.id} could not be read ({err})"
     elapsed = (time.perf_counter() - began) * 1000
     observe_query("cold", elapsed / 1000)
     t = tally.setdefault("cold", _Tally())
-    t.hits += len(found)
+    t.hits += len(pairs)
     t.latency_ms += elapsed
     t.collections += 1
-    t.rows_scanned += data.count
+    t.rows_scanned += scanned
     t.data_from[name] = source
     hits = [
         Hit(name, row["chunk_id"], row["doc_id"], tables.score_from_distance(spec, distance), row["text"], row["metadata"],
-            "cold", True, receipt.id, spec.key, receipt.manifest["fingerprint"])
-        for (_, distance), row in zip(found, rows)
+            "cold", not pruned, receipt.id, spec.key, receipt.manifest["fingerprint"])
+        for distance, row in pairs
     ]
-    return "hits", (hits, spec, receipt.manifest.get("fingerprint"), "cold_exact", elapsed, False)
+    return "hits", (hits, spec, receipt.manifest.get("fingerprint"), "cold_pruned" if pruned else "cold_exact", elapsed, False)
 
 
 def _search_archive(pool, facts: Facts, vector_for, k, filters, store, tally, window) -> tuple[str, Any]:

@@ -215,13 +215,19 @@ def _restore(pool, store, collection, model_key, receipt: SnapshotReceipt, setti
         table = catalog.vector_table_name(conn, collection, model_key)
         tables.create_table(conn, table, spec, partitioned=tier_sql.wants_partitions(conn, collection))
         partitioned = tables.is_partitioned(conn, table)
-        after = conn.execute(sql.SQL("SELECT chunk_id::text FROM {} ORDER BY chunk_id DESC LIMIT 1").format(tables.table_id(table))).fetchone()
-        after = after[0] if after else None
-    if after is not None:
-        say(f"{collection}/{model_key}: resuming the restore after chunk {after}")
+        after, skip = None, 0
+        if receipt.manifest.get("layout") == "ivf":
+            # rows in list order, loaded in file order one committed batch at a time: the rows
+            # already in the table are the snapshot's first ones
+            skip = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(tables.table_id(table))).fetchone()[0]
+        else:
+            after = conn.execute(sql.SQL("SELECT chunk_id::text FROM {} ORDER BY chunk_id DESC LIMIT 1").format(tables.table_id(table))).fetchone()
+            after = after[0] if after else None
+    if after is not None or skip:
+        say(f"{collection}/{model_key}: resuming the restore after " + (f"chunk {after}" if after else f"{skip} rows"))
     try:
         paths = snapshots.fetch_verified(store, receipt, work)
-        for batch in snapshots.read_batches(paths, after=after, batch_rows=RESTORE_BATCH_ROWS):
+        for batch in snapshots.read_batches(paths, after=after, batch_rows=RESTORE_BATCH_ROWS, skip_rows=skip):
             rows, vectors, updated_at = snapshots.rows_of_batch(batch)
             with pool.connection() as conn, conn.transaction():
                 tables.copy_restored_rows(conn, table, spec, rows, vectors, updated_at, partitioned)

@@ -16,6 +16,7 @@ Nothing here takes locks: callers hold the collection's writer lock.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -37,6 +38,8 @@ from vector_platform.catalog import tiers as tier_sql
 from vector_platform.catalog.tiers import SnapshotReceipt
 from vector_platform.models import ModelSpec
 from vector_platform.object_store import ObjectStore
+from vector_platform.settings import vp_home
+from vector_platform.tiers import ivf
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +157,16 @@ def ensure_snapshot(
         return SnapshotResult(latest, False, time.perf_counter() - started, [])
     manifest = new_manifest(coll, spec, table, fingerprint)
     manifest["table_digest"] = digest
-    receipt = publish(pool, store, manifest, _table_pages(pool, table, _group_rows(spec)), spec, expected_rows=rows)
+    receipt = publish(pool, store, manifest, _table_pages(pool, table, _group_rows(spec)), spec, expected_rows=rows,
+                      ivf_work_dir=spill_dir(manifest) if rows >= ivf.min_rows() else None)
     say(f"{collection}/{model_key}: snapshot {receipt.id} written and verified ({rows} rows, {receipt.bytes} bytes)")
     deleted = delete_replaced(pool, store, collection, model_key, keep=receipt.id)
     return SnapshotResult(receipt, True, time.perf_counter() - started, deleted)
+
+
+def spill_dir(manifest: dict[str, Any]) -> Path:
+    """Where an IVF snapshot's pages are spilled while it is written (removed after)."""
+    return vp_home() / "cache" / "snapshot-spill" / manifest["prefix"].replace("/", "_")
 
 
 def new_manifest(coll: catalog.Collection, spec: ModelSpec, table: str, fingerprint: str) -> dict[str, Any]:
@@ -187,15 +196,24 @@ def publish(
     spec: ModelSpec,
     expected_rows: int | None = None,
     finish: Callable[[dict[str, Any]], None] | None = None,
+    ivf_work_dir: Path | None = None,
+    ivf_rows: int | None = None,
 ) -> SnapshotReceipt:
     """Write `pages` (snapshot rows in chunk_id order) under the manifest's prefix, then the
     manifest, read everything back and verify it, and only then write the receipt. `finish`
     sees the manifest once every page is written (rows, id_hash and files set): it may add to
     it (e.g. the digest of rows that were never in a table) or raise to refuse the snapshot.
+    `ivf_work_dir`: write the IVF layout (ivf.py; pages in any order), spilling there, with
+    lists for `ivf_rows` rows (default `expected_rows`).
     On any failure the files are removed (no receipt: they never counted) and the error is raised."""
     prefix = manifest["prefix"]
     try:
-        files, id_hash, written_rows = _write_files(store, pages, spec, prefix)
+        if ivf_work_dir is not None:
+            files, id_hash, written_rows, layout = _write_ivf_files(store, pages, spec, prefix, ivf_work_dir,
+                                                                    ivf_rows or expected_rows or 0)
+            manifest.update(layout="ivf", ivf=layout)
+        else:
+            files, id_hash, written_rows = _write_files(store, pages, spec, prefix)
         if expected_rows is not None and written_rows != expected_rows:
             raise SnapshotError(f"the table changed while it was written ({expected_rows} rows counted, {written_rows} written)")
         manifest.update(rows=written_rows, id_hash=id_hash, files=files)
@@ -229,6 +247,71 @@ def write_table_files(
     return _write_files(store, _table_pages(pool, table, _group_rows(spec)), spec, prefix)
 
 
+def _parquet_writer(sink, schema: pa.Schema) -> pq.ParquetWriter:
+    return pq.ParquetWriter(
+        sink,
+        schema,
+        compression="zstd",
+        use_dictionary=["chunk_id", "doc_id", "content_hash", "metadata"],
+        use_byte_stream_split=["embedding.list.element"],
+        write_statistics=["chunk_id", "doc_id", "seq", "source_ts"],
+    )
+
+
+def _write_ivf_files(
+    store: ObjectStore, pages: Iterator[pa.Table], spec: ModelSpec, prefix: str, work_dir: Path, expected_rows: int,
+) -> tuple[list[dict[str, Any]], str, int, dict[str, Any]]:
+    """The IVF layout (see ivf.py): pages spilled and sampled, centroids trained, then one row
+    group per list, lists in order, files of about rows_per_file() rows. Returns (files,
+    id_hash, rows, the manifest's `ivf` entry)."""
+    partitioner = ivf.Partitioner(work_dir, spec.distance, expected_rows)
+    try:
+        for page in pages:
+            partitioner.add(page)
+        centroids = partitioner.centroids()
+        buffer = io.BytesIO()
+        np.save(buffer, centroids.astype("<f4"), allow_pickle=False)
+        payload = buffer.getvalue()
+        centroids_key = f"{prefix}/centroids.npy"
+        store.put_bytes(centroids_key, payload)
+        schema = arrow_schema(spec.dims)
+        per_file = rows_per_file()
+        files: list[dict[str, Any]] = []
+        directory: list[list[Any]] = []
+        total = 0
+        lists = partitioner.lists()
+        pending = next(lists, None)
+        while pending is not None:
+            key = f"{prefix}/part-{len(files):05d}.parquet"
+            digest = hashlib.sha256()
+            in_file, groups = 0, 0
+            with store.open_output(key) as raw:
+                sink = HashingSink(raw, digest)
+                with _parquet_writer(sink, schema) as writer:
+                    while pending is not None and (in_file < per_file or groups == 0):
+                        list_id, table = pending
+                        if table is None or table.num_rows == 0:
+                            directory.append([-1, -1, 0, ""])
+                        else:
+                            writer.write_table(table, row_group_size=table.num_rows)  # the list is one row group
+                            directory.append([len(files), groups, table.num_rows, ivf.list_digest(table)])
+                            groups += 1
+                            in_file += table.num_rows
+                        pending = next(lists, None)
+            files.append({"key": key, "rows": in_file, "bytes": sink.size, "sha256": digest.hexdigest()})
+            total += in_file
+        layout = {
+            "lists": len(centroids),
+            "distance": spec.distance,
+            "trained_on": partitioner.sample_rows,
+            "centroids": {"key": centroids_key, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()},
+            "directory": directory,  # per list: [file index, row group, rows, sha256 of its ids and vectors]
+        }
+        return files, partitioner.id_hash(), total, layout
+    finally:
+        partitioner.close()
+
+
 def _write_files(
     store: ObjectStore, pages: Iterator[pa.Table], spec: ModelSpec, prefix: str
 ) -> tuple[list[dict[str, Any]], str, int]:
@@ -245,14 +328,7 @@ def _write_files(
         in_file = 0
         with store.open_output(key) as raw:
             sink = HashingSink(raw, digest)
-            with pq.ParquetWriter(
-                sink,
-                schema,
-                compression="zstd",
-                use_dictionary=["chunk_id", "doc_id", "content_hash", "metadata"],
-                use_byte_stream_split=["embedding.list.element"],
-                write_statistics=["chunk_id", "doc_id", "seq", "source_ts"],
-            ) as writer:
+            with _parquet_writer(sink, schema) as writer:
                 while page is not None and in_file < per_file:
                     for chunk_id in page.column("chunk_id").to_pylist():
                         ids.update(chunk_id.encode() + b"\n")
@@ -370,6 +446,14 @@ def verify(store: ObjectStore, manifest: dict[str, Any], expected_rows: int, exp
         rows += entry["rows"]
     if rows != expected_rows:
         raise SnapshotCorrupt(f"{manifest['prefix']}: {rows} rows read back, the table has {expected_rows}")
+    if manifest.get("layout") == "ivf":
+        centroids = manifest["ivf"]["centroids"]
+        sha, size = sha256_of(store, centroids["key"])
+        if (sha, size) != (centroids["sha256"], centroids["bytes"]):
+            raise SnapshotCorrupt(f"{centroids['key']}: read back {size} bytes with sha256 {sha[:12]}…, wrote {centroids['bytes']}")
+        listed = sum(entry[2] for entry in manifest["ivf"]["directory"])
+        if listed != rows:
+            raise SnapshotCorrupt(f"{manifest['prefix']}: its lists hold {listed} rows, its files {rows}")
     ids.sort()
     if hashlib.sha256(b"".join(i.encode() + b"\n" for i in ids)).hexdigest() != expected_id_hash:
         raise SnapshotCorrupt(f"{manifest['prefix']}: the chunk ids read back differ from the table's")
@@ -377,7 +461,8 @@ def verify(store: ObjectStore, manifest: dict[str, Any], expected_rows: int, exp
 
 def verify_present(store: ObjectStore, receipt: SnapshotReceipt) -> None:
     """A cheap check that a receipt's files still exist with their sizes (no download)."""
-    for entry in receipt.manifest["files"]:
+    extra = [receipt.manifest["ivf"]["centroids"]] if receipt.manifest.get("layout") == "ivf" else []
+    for entry in receipt.manifest["files"] + extra:
         try:
             size = store.size_of(entry["key"])
         except (FileNotFoundError, OSError) as err:
@@ -455,15 +540,27 @@ def rows_of_batch(batch: pa.RecordBatch) -> tuple[list[tuple], np.ndarray, list]
     return rows, vectors, data["updated_at"]
 
 
-def read_batches(paths: list[Path], after: str | None = None, batch_rows: int = 5000) -> Iterator[pa.RecordBatch]:
-    """Rows of fetched snapshot files in chunk_id order, skipping ids <= `after` (a resume)."""
+def read_batches(paths: list[Path], after: str | None = None, batch_rows: int = 5000, skip_rows: int = 0) -> Iterator[pa.RecordBatch]:
+    """Rows of fetched snapshot files in file order (chunk_id order in the flat layout),
+    skipping ids <= `after` (a resume of a flat snapshot) or the first `skip_rows` rows (a
+    resume of an IVF snapshot, whose rows are in list order)."""
     for path in paths:
+        if skip_rows:
+            rows_in_file = pq.ParquetFile(path).metadata.num_rows
+            if skip_rows >= rows_in_file:
+                skip_rows -= rows_in_file
+                continue
         parquet = pq.ParquetFile(path)
         if after is not None:
             stats = parquet.metadata.row_group(parquet.num_row_groups - 1).column(0).statistics if parquet.num_row_groups else None
             if stats is not None and stats.has_min_max and stats.max <= after:
                 continue
         for batch in parquet.iter_batches(batch_size=batch_rows):
+            if skip_rows:
+                if skip_rows >= batch.num_rows:
+                    skip_rows -= batch.num_rows
+                    continue
+                batch, skip_rows = batch.slice(skip_rows), 0
             if after is not None:
                 ids = batch.column(0).to_pylist()
                 start = next((i for i, value in enumerate(ids) if value > after), len(ids))

@@ -31,7 +31,7 @@ from vector_platform.ingest import embedding_cache, steps
 from vector_platform.ingest.embedders import Embedder
 from vector_platform.object_store import ObjectStore
 from vector_platform.settings import vp_home
-from vector_platform.tiers import snapshots
+from vector_platform.tiers import ivf, snapshots
 
 PAGE_ROWS = 4_096
 
@@ -133,7 +133,10 @@ def upgrade_snapshot(
         manifest["source_snapshot"] = source.id
         pages = _reembedded_pages(pool, cache_store or store, embedder, collection, paths, batch_size, stats, digest, left_out,
                                   progress, source.rows)
-        receipt = snapshots.publish(pool, store, manifest, pages, spec, finish=finish)
+        # the new model's vectors get lists of their own when the source is large (or was IVF)
+        ivf_layout = source.rows >= ivf.min_rows() or source.manifest.get("layout") == "ivf"
+        receipt = snapshots.publish(pool, store, manifest, pages, spec, finish=finish, ivf_rows=source.rows,
+                                    ivf_work_dir=snapshots.spill_dir(manifest) if ivf_layout else None)
     finally:
         snapshots.clear_local(work)
     with pool.connection() as conn, conn.transaction():

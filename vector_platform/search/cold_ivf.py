@@ -1,0 +1,217 @@
+"""Cold search over IVF snapshots (tiers/ivf.py) without reading them whole.
+
+A query reads the snapshot's centroids (once; kept in memory), picks the `nprobe` nearest
+lists, and scores only their rows, exactly as `cold.nearest` scores any rows. A list is read
+from the object store by one ranged read of its row group (Parquet's footer says where it
+is), checked against the digest the manifest holds for it, then kept on local disk and in an
+in-memory LRU, both bounded in bytes (`VP_COLD_MEMORY_BYTES`, `VP_COLD_DISK_BYTES`, as the
+whole-snapshot cache). Memory is bounded by those budgets whatever the snapshot's size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vector_platform.catalog.tiers import SnapshotReceipt
+from vector_platform.models import ModelSpec
+from vector_platform.object_store import ObjectStore
+from vector_platform.search import cold
+from vector_platform.settings import vp_home
+from vector_platform.tiers import ivf
+from vector_platform.tiers.snapshots import SnapshotCorrupt
+
+
+@dataclass
+class Answer:
+    found: list[tuple[float, dict[str, Any]]]  # (distance, row), nearest first
+    rows_scanned: int
+    lists_read: int
+    data_from: str  # memory | local_disk | object_store (the slowest source any list came from)
+
+
+class IvfCache:
+    """Centroids and lists of IVF snapshots: lists on local disk and in memory, both bounded."""
+
+    def __init__(self, root: Path | None = None, memory_bytes: int | None = None, disk_bytes: int | None = None):
+        self.root = root or vp_home() / "cache" / "cold-lists"
+        self.memory_bytes = memory_bytes or int(os.environ.get("VP_COLD_MEMORY_BYTES", str(2**30)))
+        self.disk_bytes = disk_bytes or int(os.environ.get("VP_COLD_DISK_BYTES", str(8 * 2**30)))
+        self._centroids: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lists: OrderedDict[tuple[str, str, int], cold.ColdData] = OrderedDict()
+        self._footers: OrderedDict[tuple[str, str], pq.ParquetFile] = OrderedDict()
+        self._lock = threading.Lock()
+        self._disk_used: int | None = None
+
+    def folder(self, store: ObjectStore, receipt: SnapshotReceipt) -> Path:
+        name = hashlib.sha256(f"{store.url}\x00{receipt.prefix}".encode()).hexdigest()[:24]
+        return self.root / name
+
+    # ------------------------------------------------------------ centroids
+
+    def centroids(self, store: ObjectStore, receipt: SnapshotReceipt) -> np.ndarray:
+        key = (store.url, receipt.prefix)
+        with self._lock:
+            if key in self._centroids:
+                self._centroids.move_to_end(key)
+                return self._centroids[key]
+        entry = receipt.manifest["ivf"]["centroids"]
+        payload = store.get_bytes(entry["key"])
+        if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
+            raise SnapshotCorrupt(f"snapshot {receipt.id}: {entry['key']} differs from its receipt; never served")
+        centroids = np.load(io.BytesIO(payload), allow_pickle=False).astype(np.float32)
+        with self._lock:
+            self._centroids[key] = centroids
+            while len(self._centroids) > 64:
+                self._centroids.popitem(last=False)
+        return centroids
+
+    # ------------------------------------------------------------ lists
+
+    def list_data(self, store: ObjectStore, receipt: SnapshotReceipt, list_id: int) -> tuple[cold.ColdData | None, str]:
+        """One list's rows, ready to score, and where they came from (None: an empty list)."""
+        file_index, group, rows, digest = receipt.manifest["ivf"]["directory"][list_id]
+        if rows == 0:
+            return None, "memory"
+        key = (store.url, receipt.prefix, list_id)
+        with self._lock:
+            data = self._lists.get(key)
+            if data is not None:
+                self._lists.move_to_end(key)
+                return data, "memory"
+        folder = self.folder(store, receipt) / f"list-{list_id:05d}"
+        source = "local_disk"
+        data = None
+        if (folder / "READY").exists():
+            try:
+                data = _load_list(folder, receipt.id, rows)
+            except (OSError, ValueError, pa.ArrowException):  # a damaged local copy: read it again
+                shutil.rmtree(folder, ignore_errors=True)
+        if data is None:
+            table = self._read_group(store, receipt, file_index, group)
+            if table.num_rows != rows or ivf.list_digest(table) != digest:
+                raise SnapshotCorrupt(f"snapshot {receipt.id}: list {list_id} read back differs from its receipt; never served")
+            self._save_list(folder, table)
+            data = _load_list(folder, receipt.id, rows)
+            source = "object_store"
+        with contextlib.suppress(OSError):
+            os.utime(folder / "READY")
+        with self._lock:
+            self._lists[key] = data
+            total = sum(d.nbytes for d in self._lists.values())
+            while total > self.memory_bytes and len(self._lists) > 1:
+                _, dropped = self._lists.popitem(last=False)
+                total -= dropped.nbytes
+        return data, source
+
+    def _read_group(self, store: ObjectStore, receipt: SnapshotReceipt, file_index: int, group: int) -> pa.Table:
+        """One row group by ranged reads: the file's footer once, then the group's columns."""
+        file_key = receipt.manifest["files"][file_index]["key"]
+        key = (store.url, file_key)
+        with self._lock:
+            parquet = self._footers.get(key)
+        if parquet is None:
+            parquet = pq.ParquetFile(store.fs.open_input_file(store.path(file_key)))
+            with self._lock:
+                self._footers[key] = parquet
+                while len(self._footers) > 256:
+                    self._footers.popitem(last=False)
+        return parquet.read_row_group(group, columns=cold.ROW_COLUMNS + ["embedding"])
+
+    def _save_list(self, folder: Path, table: pa.Table) -> None:
+        """vectors.npy + rows.arrow, written beside and renamed into place."""
+        work = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex}")
+        work.mkdir(parents=True)
+        try:
+            np.save(work / "vectors.npy", ivf.vectors_of(table).astype(np.float32), allow_pickle=False)
+            rows = pa.Table.from_arrays([table.column(name).combine_chunks() for name in cold.ROW_COLUMNS], schema=cold.ROWS_SCHEMA)
+            with pa.OSFile(str(work / "rows.arrow"), "wb") as sink, pa.ipc.new_file(sink, cold.ROWS_SCHEMA) as writer:
+                writer.write_table(rows)
+            (work / "READY").write_text(json.dumps({"rows": table.num_rows}))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(work, folder)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self._trim_disk(keep=folder)
+
+    def _trim_disk(self, keep: Path) -> None:
+        """Delete the least recently used lists beyond the disk budget."""
+        entries = []
+        for ready in self.root.glob("*/list-*/READY"):
+            folder = ready.parent
+            if ".tmp-" in folder.name:
+                continue
+            try:
+                size = sum(x.stat().st_size for x in folder.iterdir() if x.is_file())
+                entries.append((ready.stat().st_mtime, size, folder))
+            except OSError:
+                continue
+        total = sum(size for _, size, _ in entries)
+        for _, size, folder in sorted(entries, key=lambda e: e[0]):
+            if total <= self.disk_bytes:
+                break
+            if folder != keep:
+                shutil.rmtree(folder, ignore_errors=True)
+                total -= size
+
+    def forget(self) -> None:
+        with self._lock:
+            self._lists.clear()
+            self._centroids.clear()
+            self._footers.clear()
+
+
+def _load_list(folder: Path, snapshot_id: int, rows: int) -> cold.ColdData:
+    vectors = np.load(folder / "vectors.npy")
+    if len(vectors) != rows:
+        raise ValueError(f"local copy of a list of snapshot {snapshot_id} has {len(vectors)} rows, not {rows}")
+    norms2 = np.einsum("ij,ij->i", vectors, vectors)
+    with np.errstate(divide="ignore"):
+        inv_norms = (1.0 / np.sqrt(norms2.astype(np.float64))).astype(np.float32)
+    table = pa.ipc.open_file(pa.memory_map(str(folder / "rows.arrow"))).read_all()
+    max_norm = float(np.sqrt(norms2.max())) if len(norms2) else 0.0
+    return cold.ColdData(snapshot_id, vectors, norms2, inv_norms, max_norm, table, vectors.nbytes + norms2.nbytes + inv_norms.nbytes)
+
+
+_ORDER = {"memory": 0, "local_disk": 1, "object_store": 2}
+
+
+def search(
+    cache: IvfCache, store: ObjectStore, receipt: SnapshotReceipt, spec: ModelSpec, query: np.ndarray, k: int,
+    filters: dict[str, Any] | None, window, nprobe: int,
+) -> Answer:
+    """The k nearest rows among the `nprobe` lists nearest the query (0: the default share)."""
+    layout = receipt.manifest["ivf"]
+    centroids = cache.centroids(store, receipt)
+    probe = nprobe or ivf.default_nprobe(layout["lists"])
+    candidates: list[tuple[float, int, int]] = []  # (distance, list, row)
+    datas: dict[int, cold.ColdData] = {}
+    scanned, worst = 0, "memory"
+    for list_id in ivf.nearest_lists(centroids, np.asarray(query, np.float32), layout["distance"], probe):
+        data, source = cache.list_data(store, receipt, int(list_id))
+        if _ORDER[source] > _ORDER[worst]:
+            worst = source
+        if data is None:
+            continue
+        datas[int(list_id)] = data
+        scanned += data.count
+        for index, distance in cold.nearest(data, spec, query, k, filters, mask=cold.time_mask(data.rows, *window)):
+            candidates.append((distance, int(list_id), index))
+    candidates.sort()
+    found = [(distance, cold.rows_of(datas[list_id], [index])[0]) for distance, list_id, index in candidates[:k]]
+    return Answer(found, scanned, len(datas), worst)
