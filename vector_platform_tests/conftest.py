@@ -316,3 +316,18 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:XDG_RUNTIME_DIR")
     # bpe-openai 0.1.4 reads its tables with importlib.resources.open_binary (deprecated, still works).
     config.addinivalue_line("filterwarnings", "ignore:open_binary is deprecated:DeprecationWarning")
+
+
+# The slowest files, slowest first (seconds in CI beside the other worker). `make test` runs two
+# pytest-xdist workers that each take whole files in collection order: started first, the
+# long files overlap each other instead of leaving one worker alone with them at the end.
+SLOW_FILES_FIRST = (
+    "test_scifact.py", "test_upgrade_backfill.py", "test_celery.py", "test_ui_browser.py", "test_cli.py",
+    "test_crash.py", "test_soak.py", "test_cold_ivf.py", "test_daemon.py", "test_concurrency.py", "test_logging.py",
+    "test_replicas.py", "test_tiers_cli.py", "test_upgrade.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

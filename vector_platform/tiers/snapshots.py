@@ -1,9 +1,13 @@
 """Cold snapshots: a vector table as verified Parquet files plus a manifest on the object store.
 
 Layout: `collections/<collection>/snapshots/<model>/<stamp>-<id>/part-00000.parquet ... manifest.json`.
-Rows are written in chunk_id order (so a restore can resume after the last row it loaded),
-zstd-compressed, the float vector column BYTE_STREAM_SPLIT-encoded and never dictionary-
-encoded, in row groups of about 8 MiB so a reader can fetch one group with a ranged read.
+Rows are zstd-compressed, the float vector column BYTE_STREAM_SPLIT-encoded and never
+dictionary-encoded. Two layouts:
+- flat (the manifest has no `layout`): rows in chunk_id order (so a restore can resume after
+  the last row it loaded), in row groups of about 8 MiB;
+- `ivf`, for snapshots of at least `ivf.min_rows()` rows: rows grouped by k-means list, one
+  row group per list, the centroids in `centroids.npy` (see ivf.py), so that cold search reads
+  only the lists nearest a query; a restore resumes after the rows it already loaded.
 
 A snapshot counts only once it was read back from the store and verified: every file's
 sha256 and size, the row count, and a sha256 over the sorted chunk ids against the table's.
