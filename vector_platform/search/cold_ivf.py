@@ -142,15 +142,22 @@ class IvfCache:
             with pa.OSFile(str(work / "rows.arrow"), "wb") as sink, pa.ipc.new_file(sink, cold.ROWS_SCHEMA) as writer:
                 writer.write_table(rows)
             (work / "READY").write_text(json.dumps({"rows": table.num_rows}))
+            written = sum(x.stat().st_size for x in work.iterdir())
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(work, folder)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        self._trim_disk(keep=folder)
+        # The folder is scanned once, then usage is counted as lists are written: a scan per
+        # list written (thousands of folders) cost more than the search itself.
+        with self._lock:
+            self._disk_used = (self._disk_used + written) if self._disk_used is not None else None
+            over = self._disk_used is None or self._disk_used > self.disk_bytes
+        if over:
+            self._trim_disk(keep=folder)
 
     def _trim_disk(self, keep: Path) -> None:
-        """Delete the least recently used lists beyond the disk budget."""
+        """Delete the least recently used lists beyond the disk budget; count what is left."""
         entries = []
         for ready in self.root.glob("*/list-*/READY"):
             folder = ready.parent
@@ -168,6 +175,8 @@ class IvfCache:
             if folder != keep:
                 shutil.rmtree(folder, ignore_errors=True)
                 total -= size
+        with self._lock:
+            self._disk_used = total
 
     def forget(self) -> None:
         with self._lock:
