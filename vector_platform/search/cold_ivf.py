@@ -53,8 +53,9 @@ class IvfCache:
         self.disk_bytes = disk_bytes or int(os.environ.get("VP_COLD_DISK_BYTES", str(8 * 2**30)))
         self._centroids: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._lists: OrderedDict[tuple[str, str, int], cold.ColdData] = OrderedDict()
-        self._footers: OrderedDict[tuple[str, str], pq.ParquetFile] = OrderedDict()
+        self._footers: OrderedDict[tuple[str, str], tuple[pq.ParquetFile, threading.Lock]] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading: dict[tuple[str, str, int], threading.Lock] = {}
         self._disk_used: int | None = None
 
     def folder(self, store: ObjectStore, receipt: SnapshotReceipt) -> Path:
@@ -93,6 +94,19 @@ class IvfCache:
             if data is not None:
                 self._lists.move_to_end(key)
                 return data, "memory"
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one thread reads a list; the others wait for it, then take it from memory
+            with self._lock:
+                data = self._lists.get(key)
+                if data is not None:
+                    return data, "memory"
+            try:
+                return self._fetch(store, receipt, list_id, key, file_index, group, rows, digest)
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+
+    def _fetch(self, store, receipt, list_id, key, file_index, group, rows, digest) -> tuple[cold.ColdData, str]:
         folder = self.folder(store, receipt) / f"list-{list_id:05d}"
         source = "local_disk"
         data = None
@@ -123,14 +137,16 @@ class IvfCache:
         file_key = receipt.manifest["files"][file_index]["key"]
         key = (store.url, file_key)
         with self._lock:
-            parquet = self._footers.get(key)
-        if parquet is None:
-            parquet = pq.ParquetFile(store.fs.open_input_file(store.path(file_key)))
+            opened = self._footers.get(key)
+        if opened is None:
+            opened = (pq.ParquetFile(store.fs.open_input_file(store.path(file_key))), threading.Lock())
             with self._lock:
-                self._footers[key] = parquet
+                opened = self._footers.setdefault(key, opened)
                 while len(self._footers) > 256:
                     self._footers.popitem(last=False)
-        return parquet.read_row_group(group, columns=cold.ROW_COLUMNS + ["embedding"])
+        parquet, reading = opened
+        with reading:  # one reader per open file at a time
+            return parquet.read_row_group(group, columns=cold.ROW_COLUMNS + ["embedding"])
 
     def _save_list(self, folder: Path, table: pa.Table) -> None:
         """vectors.npy + rows.arrow, written beside and renamed into place."""
