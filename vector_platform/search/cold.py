@@ -187,12 +187,17 @@ def _load(folder: Path, receipt: SnapshotReceipt) -> ColdData:
     vectors = np.load(folder / "vectors.npy")  # into memory: searched in full on every query
     if vectors.shape != (receipt.rows, receipt.manifest["dims"]):
         raise ValueError(f"local copy of snapshot {receipt.id} has shape {vectors.shape}")
+    rows = pa.ipc.open_file(pa.memory_map(str(folder / "rows.arrow"))).read_all()
+    return cold_data(receipt.id, vectors, rows)
+
+
+def cold_data(snapshot_id: int, vectors: np.ndarray, rows: pa.Table) -> ColdData:
+    """Vectors and their rows, with what the ranking needs of each vector precomputed."""
     norms2 = np.einsum("ij,ij->i", vectors, vectors)
     with np.errstate(divide="ignore"):
         inv_norms = (1.0 / np.sqrt(norms2.astype(np.float64))).astype(np.float32)
-    rows = pa.ipc.open_file(pa.memory_map(str(folder / "rows.arrow"))).read_all()
     max_norm = float(np.sqrt(norms2.max())) if len(norms2) else 0.0
-    return ColdData(receipt.id, vectors, norms2, inv_norms, max_norm, rows, vectors.nbytes + norms2.nbytes + inv_norms.nbytes)
+    return ColdData(snapshot_id, vectors, norms2, inv_norms, max_norm, rows, vectors.nbytes + norms2.nbytes + inv_norms.nbytes)
 
 
 _blas_limited = False

@@ -205,12 +205,7 @@ def _load_list(folder: Path, snapshot_id: int, rows: int) -> cold.ColdData:
     vectors = np.load(folder / "vectors.npy")
     if len(vectors) != rows:
         raise ValueError(f"local copy of a list of snapshot {snapshot_id} has {len(vectors)} rows, not {rows}")
-    norms2 = np.einsum("ij,ij->i", vectors, vectors)
-    with np.errstate(divide="ignore"):
-        inv_norms = (1.0 / np.sqrt(norms2.astype(np.float64))).astype(np.float32)
-    table = pa.ipc.open_file(pa.memory_map(str(folder / "rows.arrow"))).read_all()
-    max_norm = float(np.sqrt(norms2.max())) if len(norms2) else 0.0
-    return cold.ColdData(snapshot_id, vectors, norms2, inv_norms, max_norm, table, vectors.nbytes + norms2.nbytes + inv_norms.nbytes)
+    return cold.cold_data(snapshot_id, vectors, pa.ipc.open_file(pa.memory_map(str(folder / "rows.arrow"))).read_all())
 
 
 _ORDER = {"memory": 0, "local_disk": 1, "object_store": 2}
