@@ -26,7 +26,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -50,19 +50,27 @@ CACHE_FORMAT = 2  # 2: rows carry source_ts (time filters); older local copies a
 
 @dataclass
 class ColdData:
-    """One snapshot, ready to search: vectors and squared norms in memory, rows memory-mapped."""
+    """Rows ready to search: vectors and squared norms in memory, the rest memory-mapped."""
 
     snapshot_id: int
     vectors: np.ndarray  # (n, dims) float32
     norms2: np.ndarray  # (n,) float32, as pgvector sums them
     inv_norms: np.ndarray  # (n,) float32, 1 / |v| (for the float32 ranking)
     max_norm: float
-    rows: pa.Table  # chunk_id, doc_id, text, metadata, source_ts (memory-mapped)
+    # chunk_id, doc_id, text, metadata, source_ts (memory-mapped), or how to open them: an IVF
+    # list opens its rows only when a filter or a hit needs them.
+    rows_or_opener: pa.Table | Callable[[], pa.Table]
     nbytes: int
 
     @property
     def count(self) -> int:
         return len(self.vectors)
+
+    @property
+    def rows(self) -> pa.Table:
+        if callable(self.rows_or_opener):  # two threads may both open it: the same mapped file
+            self.rows_or_opener = self.rows_or_opener()
+        return self.rows_or_opener
 
 
 class ColdCache:
@@ -191,13 +199,21 @@ def _load(folder: Path, receipt: SnapshotReceipt) -> ColdData:
     return cold_data(receipt.id, vectors, rows)
 
 
-def cold_data(snapshot_id: int, vectors: np.ndarray, rows: pa.Table) -> ColdData:
-    """Vectors and their rows, with what the ranking needs of each vector precomputed."""
-    norms2 = np.einsum("ij,ij->i", vectors, vectors)
+def cold_data(
+    snapshot_id: int, vectors: np.ndarray, rows: pa.Table | Callable[[], pa.Table], norms2: np.ndarray | None = None,
+) -> ColdData:
+    """Vectors and their rows, with what the ranking needs of each vector precomputed (the
+    squared norms as pgvector sums them, unless given)."""
+    if norms2 is None:
+        norms2 = squared_norms(vectors)
     with np.errstate(divide="ignore"):
         inv_norms = (1.0 / np.sqrt(norms2.astype(np.float64))).astype(np.float32)
     max_norm = float(np.sqrt(norms2.max())) if len(norms2) else 0.0
     return ColdData(snapshot_id, vectors, norms2, inv_norms, max_norm, rows, vectors.nbytes + norms2.nbytes + inv_norms.nbytes)
+
+
+def squared_norms(vectors: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", vectors, vectors)
 
 
 _blas_limited = False
@@ -288,11 +304,47 @@ def nearest(
     Every row is ranked in float32; the rows within the ranking's error bound of the k-th are
     re-scored exactly as pgvector scores them, and the answer is ordered by those distances.
     """
-    if data.count == 0:
-        return []
+    return [(index, distance) for _, index, distance in nearest_in_many([data], spec, query, k, filters, [mask])]
+
+
+def nearest_in_many(
+    datas: list[ColdData], spec: ModelSpec, query: np.ndarray, k: int, filters: dict[str, Any] | None = None,
+    masks: list[np.ndarray | None] | None = None,
+) -> list[tuple[int, int, float]]:
+    """The k nearest rows of several row sets taken together (an IVF snapshot's lists):
+    (position in `datas`, index, distance), best first. Each set is ranked in float32; only
+    the rows within the error bound of the k-th of them all are re-scored exactly."""
     q = np.ascontiguousarray(query, dtype=np.float32)
     if spec.storage_type == "halfvec":  # pgvector casts the query to halfvec too
         q = q.astype(np.float16).astype(np.float32)
+    found = []  # (position, candidate indices, their float32 distances)
+    slack = 0.0
+    for position, data in enumerate(datas):
+        if data.count:
+            candidates, approx, its_slack = _candidates(data, spec, q, k, filters, masks[position] if masks else None)
+            found.append((position, candidates, approx))
+            slack = max(slack, its_slack)
+    if not found:
+        return []
+    every = np.concatenate([approx for _, _, approx in found])
+    if len(every) > k:
+        bound = np.partition(every, k - 1)[k - 1] + slack
+        found = [(position, candidates[approx <= bound], None) for position, candidates, approx in found]
+    scored = []
+    for position, candidates, _ in found:
+        if len(candidates):
+            exact = exact_distances(datas[position], spec, q, candidates)
+            scored.extend((float(d), position, int(i)) for d, i in zip(exact, candidates) if np.isfinite(d))
+    scored.sort()
+    return [(position, index, distance) for distance, position, index in scored[:k]]
+
+
+def _candidates(
+    data: ColdData, spec: ModelSpec, q: np.ndarray, k: int, filters: dict[str, Any] | None, mask: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The rows of `data` that may be among the k nearest (that match `filters`, where `mask`
+    is True): those within the float32 ranking's error bound of the k-th. Returns them, their
+    float32 distances and that bound."""
     approx = _approximate(data, spec, q)
     slack = _slack(data, spec, q)
     approx = np.where(np.isnan(approx), np.inf, approx)
@@ -318,11 +370,7 @@ def nearest(
                 if len(matched) == k:
                     bound = approx[i] + slack
         candidates = np.asarray(matched, dtype=np.int64)
-    if not len(candidates):
-        return []
-    exact = exact_distances(data, spec, q, candidates)
-    order = np.lexsort((candidates, exact))[:k]
-    return [(int(candidates[j]), float(exact[j])) for j in order if np.isfinite(exact[j])]
+    return candidates, approx[candidates], slack
 
 
 def rows_of(data: ColdData, indices: list[int]) -> list[dict[str, Any]]:

@@ -35,6 +35,8 @@ from vector_platform.settings import vp_home
 from vector_platform.tiers import ivf
 from vector_platform.tiers.snapshots import SnapshotCorrupt
 
+LIST_FORMAT = 2  # 2: vectors.f32 (vectors, then squared norms); older local copies are read again
+
 
 @dataclass
 class Answer:
@@ -53,6 +55,7 @@ class IvfCache:
         self.disk_bytes = disk_bytes or int(os.environ.get("VP_COLD_DISK_BYTES", str(8 * 2**30)))
         self._centroids: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._lists: OrderedDict[tuple[str, str, int], cold.ColdData] = OrderedDict()
+        self._memory_used = 0  # bytes of the lists in self._lists
         self._footers: OrderedDict[tuple[str, str], tuple[pq.ParquetFile, threading.Lock]] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, str, int], threading.Lock] = {}
@@ -112,24 +115,25 @@ class IvfCache:
         data = None
         if (folder / "READY").exists():
             try:
-                data = _load_list(folder, receipt.id, rows)
-            except (OSError, ValueError, pa.ArrowException):  # a damaged local copy: read it again
+                data = self._load_list(folder, store, receipt, list_id, rows)
+            except (OSError, ValueError, pa.ArrowException):  # damaged, or an older format: read it again
                 shutil.rmtree(folder, ignore_errors=True)
         if data is None:
             table = self._read_group(store, receipt, file_index, group)
             if table.num_rows != rows or ivf.list_digest(table) != digest:
                 raise SnapshotCorrupt(f"snapshot {receipt.id}: list {list_id} read back differs from its receipt; never served")
             self._save_list(folder, table)
-            data = _load_list(folder, receipt.id, rows)
+            data = self._load_list(folder, store, receipt, list_id, rows)
             source = "object_store"
         with contextlib.suppress(OSError):
             os.utime(folder / "READY")
         with self._lock:
-            self._lists[key] = data
-            total = sum(d.nbytes for d in self._lists.values())
-            while total > self.memory_bytes and len(self._lists) > 1:
+            if key not in self._lists:
+                self._lists[key] = data
+                self._memory_used += data.nbytes
+            while self._memory_used > self.memory_bytes and len(self._lists) > 1:
                 _, dropped = self._lists.popitem(last=False)
-                total -= dropped.nbytes
+                self._memory_used -= dropped.nbytes
         return data, source
 
     def _read_group(self, store: ObjectStore, receipt: SnapshotReceipt, file_index: int, group: int) -> pa.Table:
@@ -149,15 +153,19 @@ class IvfCache:
             return parquet.read_row_group(group, columns=cold.ROW_COLUMNS + ["embedding"])
 
     def _save_list(self, folder: Path, table: pa.Table) -> None:
-        """vectors.npy + rows.arrow, written beside and renamed into place."""
+        """vectors.f32 (the vectors, then their squared norms: one read, no header to parse) and
+        rows.arrow, written beside and renamed into place."""
         work = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex}")
         work.mkdir(parents=True)
         try:
-            np.save(work / "vectors.npy", ivf.vectors_of(table).astype(np.float32), allow_pickle=False)
+            vectors = np.ascontiguousarray(ivf.vectors_of(table), dtype=np.float32)
+            with open(work / "vectors.f32", "wb") as out:
+                vectors.tofile(out)
+                cold.squared_norms(vectors).astype(np.float32).tofile(out)
             rows = pa.Table.from_arrays([table.column(name).combine_chunks() for name in cold.ROW_COLUMNS], schema=cold.ROWS_SCHEMA)
             with pa.OSFile(str(work / "rows.arrow"), "wb") as sink, pa.ipc.new_file(sink, cold.ROWS_SCHEMA) as writer:
                 writer.write_table(rows)
-            (work / "READY").write_text(json.dumps({"rows": table.num_rows}))
+            (work / "READY").write_text(json.dumps({"rows": table.num_rows, "format": LIST_FORMAT}))
             written = sum(x.stat().st_size for x in work.iterdir())
             if folder.exists():
                 shutil.rmtree(folder)
@@ -197,15 +205,39 @@ class IvfCache:
     def forget(self) -> None:
         with self._lock:
             self._lists.clear()
+            self._memory_used = 0
             self._centroids.clear()
             self._footers.clear()
 
 
-def _load_list(folder: Path, snapshot_id: int, rows: int) -> cold.ColdData:
-    vectors = np.load(folder / "vectors.npy")
-    if len(vectors) != rows:
-        raise ValueError(f"local copy of a list of snapshot {snapshot_id} has {len(vectors)} rows, not {rows}")
-    return cold.cold_data(snapshot_id, vectors, pa.ipc.open_file(pa.memory_map(str(folder / "rows.arrow"))).read_all())
+    def _load_list(self, folder: Path, store: ObjectStore, receipt: SnapshotReceipt, list_id: int, rows: int) -> cold.ColdData:
+        """A list's vectors and norms into memory by one read. Its rows are mapped when first
+        needed (a filter, or a hit to return): most lists a query scores give it no hit."""
+        dims = receipt.manifest["dims"]
+        flat = np.fromfile(folder / "vectors.f32", dtype=np.float32)
+        if flat.size != rows * (dims + 1):
+            raise ValueError(f"local copy of a list of snapshot {receipt.id} holds {flat.size} floats, not {rows} rows of {dims}")
+        rows_file = folder / "rows.arrow"
+        if not rows_file.exists():
+            raise ValueError(f"local copy of a list of snapshot {receipt.id} has no rows")
+
+        def open_rows() -> pa.Table:
+            try:
+                return _map_rows(rows_file)
+            except (OSError, pa.ArrowException):  # the local copy was trimmed since: read the list again
+                key = (store.url, receipt.prefix, list_id)
+                with self._lock:
+                    dropped = self._lists.pop(key, None)
+                    if dropped is not None:
+                        self._memory_used -= dropped.nbytes
+                self.list_data(store, receipt, list_id)
+                return _map_rows(rows_file)
+
+        return cold.cold_data(receipt.id, flat[: rows * dims].reshape(rows, dims), open_rows, norms2=flat[rows * dims :])
+
+
+def _map_rows(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 _ORDER = {"memory": 0, "local_disk": 1, "object_store": 2}
@@ -215,23 +247,36 @@ def search(
     cache: IvfCache, store: ObjectStore, receipt: SnapshotReceipt, spec: ModelSpec, query: np.ndarray, k: int,
     filters: dict[str, Any] | None, window, nprobe: int,
 ) -> Answer:
-    """The k nearest rows among the `nprobe` lists nearest the query (0: the default share)."""
+    """The k nearest rows among the `nprobe` lists nearest the query (0: the default share).
+
+    When fewer than k of those lists' rows match (a filter, a time window, small lists), the
+    search reads on, `nprobe` next-nearest lists at a time, until k rows match or every list has been
+    read (as pgvector's iterative index scans do), so a short answer means the snapshot holds
+    no more matches. A step holds at most `nprobe` lists beyond the caches, whatever the
+    snapshot's size."""
     layout = receipt.manifest["ivf"]
     centroids = cache.centroids(store, receipt)
-    probe = nprobe or ivf.default_nprobe(layout["lists"])
-    candidates: list[tuple[float, int, int]] = []  # (distance, list, row)
-    datas: dict[int, cold.ColdData] = {}
-    scanned, worst = 0, "memory"
-    for list_id in ivf.nearest_lists(centroids, np.asarray(query, np.float32), layout["distance"], probe):
-        data, source = cache.list_data(store, receipt, int(list_id))
-        if _ORDER[source] > _ORDER[worst]:
-            worst = source
-        if data is None:
-            continue
-        datas[int(list_id)] = data
-        scanned += data.count
-        for index, distance in cold.nearest(data, spec, query, k, filters, mask=cold.time_mask(data.rows, *window)):
-            candidates.append((distance, int(list_id), index))
-    candidates.sort()
-    found = [(distance, cold.rows_of(datas[list_id], [index])[0]) for distance, list_id, index in candidates[:k]]
-    return Answer(found, scanned, len(datas), worst)
+    step = min(layout["lists"], nprobe or ivf.default_nprobe(layout["lists"]))
+    order = ivf.nearest_lists(centroids, np.asarray(query, np.float32), layout["distance"], layout["lists"])
+    timed = any(bound is not None for bound in window)
+    best: list[tuple[float, dict[str, Any]]] = []
+    scanned, worst, read = 0, "memory", 0
+    while read < len(order):
+        datas: list[cold.ColdData] = []
+        masks: list[np.ndarray | None] = []
+        for list_id in order[read : read + step]:
+            data, source = cache.list_data(store, receipt, int(list_id))
+            if _ORDER[source] > _ORDER[worst]:
+                worst = source
+            if data is not None:
+                datas.append(data)
+                masks.append(cold.time_mask(data.rows, *window) if timed else None)
+                scanned += data.count
+        read += step
+        found = cold.nearest_in_many(datas, spec, query, k, filters, masks)
+        # Exact distances: the best of each step merge as they are.
+        best = sorted(best + [(distance, cold.rows_of(datas[position], [index])[0]) for position, index, distance in found],
+                      key=lambda pair: pair[0])[:k]
+        if len(best) >= k:
+            break
+    return Answer(best, scanned, min(read, len(order)), worst)
