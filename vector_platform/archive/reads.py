@@ -272,12 +272,9 @@ class ArchiveSearch:
             rows.append(table.select(cold.ROW_COLUMNS).cast(cold.ROWS_SCHEMA))
             batches.append(np.full(table.num_rows, _batch_tag(file.job_id, file.batch), dtype=np.int64))
         matrix = np.vstack(vectors) if vectors else np.zeros((0, dims), np.float32)
-        norms2 = np.einsum("ij,ij->i", matrix, matrix)
-        with np.errstate(divide="ignore"):
-            inv = (1.0 / np.sqrt(norms2.astype(np.float64))).astype(np.float32)
         table = (pa.concat_tables(rows) if rows else cold.ROWS_SCHEMA.empty_table()).combine_chunks()
-        nbytes = matrix.nbytes + norms2.nbytes + inv.nbytes + table.nbytes
-        data = cold.ColdData(-1, matrix, norms2, inv, float(np.sqrt(norms2.max())) if len(norms2) else 0.0, table, nbytes)
+        data = cold.cold_data(-1, matrix, table)  # rows in memory, not mapped: counted with the vectors
+        nbytes = data.nbytes + table.nbytes
         doc_ids = table.column("doc_id").to_pylist()
         nbytes += sum(len(d) + 50 for d in doc_ids)  # the id list, roughly
         return Slice(data, np.concatenate(batches) if batches else np.zeros(0, np.int64), doc_ids, nbytes)
