@@ -274,3 +274,47 @@ def _top10(scores: np.ndarray) -> np.ndarray:
     """Per row, the indices of the 10 highest scores, highest first."""
     top = np.argpartition(-scores, 9, axis=1)[:, :10]
     return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
+
+
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from vector_platform.tiers import ivf
+partitioner = ivf.Partitioner(Path(sys.argv[1]), "cosine", 100_000)
+(Path(sys.argv[1]) / "run-000000.arrow").write_bytes(b"spilled pages")
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_spill_folders_of_killed_snapshot_writes_are_removed_by_the_next_write(tmp_path, monkeypatch):
+    """A snapshot write killed mid-way leaves its spilled pages under $VP_HOME; the next IVF
+    write removes them, and never the folder of a write still running."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from vector_platform.tiers import snapshots
+
+    monkeypatch.setenv("VP_HOME", str(tmp_path / "home"))
+    root = tmp_path / "home" / "cache" / "snapshot-spill"
+    killed = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(root / "killed")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert killed.stdout.readline().strip() == "ready"
+    finally:
+        killed.kill()
+        killed.wait()
+    running = ivf.Partitioner(root / "running", "cosine", 100_000)
+    unclaimed = root / "left-by-an-older-version"
+    unclaimed.mkdir()
+    os.utime(unclaimed, (time.time() - 7200, time.time() - 7200))
+    try:
+        assert (root / "killed" / "run-000000.arrow").exists()
+        where = snapshots.spill_dir({"prefix": "collections/c/snapshots/m/1"})
+        assert where.parent == root
+        assert not (root / "killed").exists() and not unclaimed.exists()
+        assert (root / "running").is_dir()  # its writer holds the claim
+    finally:
+        running.close()
+    assert not (root / "running").exists()

@@ -17,16 +17,21 @@ those files (memory-mapped) one at a time.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import logging
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+
+log = logging.getLogger(__name__)
 
 # Training: at most this many sample vectors per list, and in all.
 SAMPLE_PER_LIST = 40
@@ -151,6 +156,7 @@ class Partitioner:
         self.runs: list[Path] = []
         shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(parents=True)
+        self._claim = _claim(work_dir)
 
     def add(self, page: pa.Table) -> None:
         path = self.work_dir / f"run-{len(self.runs):06d}.arrow"
@@ -199,3 +205,55 @@ class Partitioner:
 
     def close(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)
+        os.close(self._claim)  # the lock goes with the descriptor
+
+
+# A spill folder is claimed by its writer with an exclusive flock on this file, which the
+# kernel releases when the writer's process ends, however it ends. The file is locked before
+# it takes its name, so a folder whose lock file is there and free has no writer.
+CLAIM = ".writer.lock"
+UNCLAIMED_GRACE_S = 3600.0  # a folder without a claim (a writer between mkdir and its claim)
+
+
+def _claim(work_dir: Path) -> int:
+    temporary = work_dir / f"{CLAIM}.{os.getpid()}"
+    fd = os.open(temporary, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.replace(temporary, work_dir / CLAIM)
+    return fd
+
+
+def sweep_abandoned(parent: Path) -> list[Path]:
+    """Remove the spill folders under `parent` (a folder that holds nothing else) whose writer is gone (a killed snapshot write
+    leaves its pages behind); a live writer's folder is left alone. Returns what was removed."""
+    removed: list[Path] = []
+    if not parent.is_dir():
+        return removed
+    for folder in parent.iterdir():
+        if not folder.is_dir():
+            continue
+        try:
+            fd = os.open(folder / CLAIM, os.O_RDWR)
+        except FileNotFoundError:
+            try:
+                old = time.time() - folder.stat().st_mtime > UNCLAIMED_GRACE_S
+            except OSError:
+                continue
+            if old:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a writer holds it
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+            log.info("removed the spill folder of an interrupted snapshot write: %s", folder)
+        finally:
+            os.close(fd)
+    return removed

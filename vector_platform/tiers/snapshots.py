@@ -169,8 +169,11 @@ def ensure_snapshot(
 
 
 def spill_dir(manifest: dict[str, Any]) -> Path:
-    """Where an IVF snapshot's pages are spilled while it is written (removed after)."""
-    return vp_home() / "cache" / "snapshot-spill" / manifest["prefix"].replace("/", "_")
+    """Where an IVF snapshot's pages are spilled while it is written (removed after). The
+    folders of writes that were killed are removed first."""
+    root = vp_home() / "cache" / "snapshot-spill"
+    ivf.sweep_abandoned(root)
+    return root / manifest["prefix"].replace("/", "_")
 
 
 def new_manifest(coll: catalog.Collection, spec: ModelSpec, table: str, fingerprint: str) -> dict[str, Any]:
