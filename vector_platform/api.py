@@ -707,9 +707,10 @@ def collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
         if gate is not None:
             gates[model_key] = {"id": gate.id, "passed": gate.passed, "reasons": gate.reasons, "figures": gate.figures,
                                 "evaluated_at": gate.evaluated_at.isoformat()}
+    serving_snapshots = set(tier_sql.cold_snapshots(conn, coll.name).values())
     snapshots = [
         {"id": r.id, "model": r.model_key, "rows": r.rows, "bytes": r.bytes, "uri": r.uri, "created_at": r.created_at.isoformat(),
-         "serving": r.id in tier_sql.cold_snapshots(conn, coll.name).values()}
+         "serving": r.id in serving_snapshots, **_snapshot_layout(r, coll.settings.cold_nprobe)}
         for r in tier_sql.live_snapshots(conn, coll.name)
     ]
     return {
@@ -737,3 +738,15 @@ def collection_status(conn, coll: catalog.Collection, store) -> dict[str, Any]:
         "tables": table_info,
         "settings": coll.settings.to_json(),
     }
+
+
+def _snapshot_layout(receipt, cold_nprobe: int) -> dict[str, Any]:
+    """How a cold search reads the snapshot: every row (flat), or the `nprobe` nearest of its
+    IVF lists (tiers/ivf.py)."""
+    if receipt.manifest.get("layout") != "ivf":
+        return {"layout": "flat"}
+    from vector_platform.tiers import ivf
+
+    lists = receipt.manifest["ivf"]["lists"]
+    return {"layout": "ivf", "lists": lists, "nprobe": min(lists, cold_nprobe or ivf.default_nprobe(lists)),
+            "nprobe_setting": cold_nprobe}

@@ -368,6 +368,15 @@ def cmd_status(args) -> int:
                 + (f"recall@10 {recall['recall']:.3f} at ef_search {recall['ef_search']} ({recall['measured_at'][:16]})"
                    if recall and recall.get("recall") is not None else "recall not measured yet")
             )
+        for snap in c["snapshots"]:
+            if snap["serving"]:
+                print(
+                    f"  snapshot {snap['id']} of {snap['model']} (cold search reads it): {snap['rows']:,} rows, "
+                    f"{snap['bytes'] / 2**20:,.1f} MiB, "
+                    + (f"IVF layout, {snap['lists']:,} lists, a query reads the nearest {snap['nprobe']:,} "
+                       + ("(cold_nprobe)" if snap["nprobe_setting"] else "(the default; setting cold_nprobe)")
+                       if snap["layout"] == "ivf" else "every row scored (flat layout)")
+                )
         serving = c["tables"].get(c["serving_model"])
         if serving and serving.get("partitions") is not None:
             print(f"  vectors: partitioned by source month ({serving['partitions']} partitions)")

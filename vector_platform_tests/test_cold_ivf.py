@@ -52,6 +52,8 @@ def test_an_ivf_snapshot_is_searched_by_its_nearest_lists_and_restored_whole(
     assert receipt.manifest["layout"] == "ivf" and layout["lists"] == ivf.lists_for(ROWS) == 55
     assert sum(entry[2] for entry in layout["directory"]) == receipt.rows == ROWS
     assert vp.store().get_bytes(layout["centroids"]["key"])  # the centroids are a file of the snapshot
+    (shown,) = [s for c in vp.status()["collections"] if c["name"] == name for s in c["snapshots"] if s["serving"]]
+    assert (shown["layout"], shown["lists"], shown["nprobe"]) == ("ivf", 55, 30)  # 30 of 55: the default share
 
     queries = np.load(SCIFACT / "queries_minilm.npy").astype(np.float32)[:100]
     recalls, scanned = [], []
@@ -117,6 +119,8 @@ def test_an_ivf_snapshot_is_searched_by_its_nearest_lists_and_restored_whole(
     runtime(vp.pool()).facts.invalidate(name)
     wider = vp.search(vector=queries[0], collections=[name], k=10)
     assert wider.stats["tiers"]["cold"]["rows_scanned"] > scanned[0]
+    (shown,) = [s for c in vp.status()["collections"] if c["name"] == name for s in c["snapshots"] if s["serving"]]
+    assert (shown["id"], shown["layout"], shown["lists"], shown["nprobe"]) == (receipt.id, "ivf", 55, 45)
 
     # back to active: every row restored, in list order, and resumable
     from vector_platform import faults

@@ -402,3 +402,50 @@ def test_a_cold_collection_is_upgraded_from_its_snapshot_and_stays_cold(make_pla
     assert [h.doc_id for h in hits][:5] == before[texts[0]][:5]
     vp.rollback(name)
     assert {h.model for h in vp.search(texts[0], [name]).hits} == {keys["rotated"]}
+
+
+def test_a_cold_upgrade_of_an_ivf_snapshot_is_gated_on_its_nearest_lists(make_platform, servers, tmp_path, unique_name,
+                                                                        monkeypatch):
+    """A cold collection whose snapshot has the IVF layout (a large one's: here the threshold is
+    lowered) is upgraded into an IVF snapshot of the new model, and its gate searches both as
+    cold search does, by their nearest lists, never loading either whole."""
+    from vector_platform.search import cold_cache
+
+    monkeypatch.setenv("VP_COLD_IVF_MIN_ROWS", "200")
+    vp = make_platform()
+    keys = _models(vp, {k: servers[k] for k in ("mini", "rotated", "random")}, unique_name[-6:])
+    name = unique_name
+    _ingested(vp, tmp_path, name, keys["mini"], data.docs_with_judged(400))
+    assert vp.tier(name, "cold").success
+    vp.set_settings(name, cold_nprobe=6)
+
+    def serving_snapshot(model):
+        (snap,) = [s for c in vp.status()["collections"] if c["name"] == name for s in c["snapshots"]
+                   if s["serving"] and s["model"] == model]
+        return snap
+
+    assert serving_snapshot(keys["mini"])["layout"] == "ivf"
+    cold_cache.forget()
+    loaded = []
+    original = cold_cache.get
+    cold_cache.get = lambda *a, **kw: loaded.append(a) or original(*a, **kw)  # a whole-snapshot load
+    try:
+        good = vp.upgrade([name], keys["rotated"], say=lambda m: None)  # no query texts: stored vectors time both
+        assert good.swaps[name]["to_model"] == keys["rotated"], good.refused
+        new = serving_snapshot(keys["rotated"])
+        assert new["layout"] == "ivf" and new["nprobe"] == 6 and new["rows"] == serving_snapshot(keys["mini"])["rows"]
+        gate = {c["name"]: c for c in vp.status()["collections"]}[name]["upgrade"]["gates"][keys["rotated"]]
+        assert gate["figures"]["search"] == "cold_pruned vs serving cold_pruned"
+        assert gate["figures"]["quality_measured"] is False and gate["figures"]["p95_ms_shadow"] is not None
+        hits = vp.search(list(data.queries().values())[0], [name]).hits
+        assert hits and {(h.model, h.source_tier, h.exact) for h in hits} == {(keys["rotated"], "cold", False)}
+        vp.rollback(name)
+
+        vp.set_qrels(name, data.SCIFACT)  # labelled queries: the gate measures quality on the nearest lists
+        bad = vp.upgrade([name], keys["random"], say=lambda m: None)
+        assert not bad.runs[0].success and "nDCG@10" in bad.refused[name]
+        gate = {c["name"]: c for c in vp.status()["collections"]}[name]["upgrade"]["gates"][keys["random"]]
+        assert gate["figures"]["search"] == "cold_pruned vs serving cold_pruned" and gate["figures"]["ndcg_serving"] > 0.4
+    finally:
+        cold_cache.get = original
+    assert loaded == []

@@ -34,6 +34,8 @@ class GateResult:
         f = self.figures
         if f.get("search") == "cold_exact":
             parts = ["cold snapshot, exact search"]
+        elif str(f.get("search", "")).startswith("cold_"):
+            parts = [f"cold snapshots, {f['search']} search"]
         else:
             parts = [f"recall@10 {f.get('recall')!s} (target {f.get('recall_target')})"]
         if f.get("ndcg_shadow") is not None:

@@ -268,10 +268,9 @@ def evaluate(pool: ConnectionPool, embed: TextEmbedder, collection: str, model_k
 
 def evaluate_cold(pool: ConnectionPool, store: ObjectStore, embed: TextEmbedder, collection: str, model_key: str) -> Verdict:
     """Measure a cold collection's new snapshot (a cold upgrade's) against its serving snapshot.
-    Both are searched as cold search does, by exact brute force: recall is exact by
-    construction, so the gate is about quality (nDCG@10, overlap@10) and latency."""
-    from vector_platform.search import cold_cache  # search's cache: the local copies on disk are shared with it
-
+    Both are searched as cold search does: by exact brute force (recall is exact by
+    construction), or over IVF snapshots the nearest lists; the gate is about quality (nDCG@10,
+    overlap@10) and latency."""
     with pool.connection() as conn:
         coll = catalog.get_collection(conn, collection)
         settings = coll.settings
@@ -301,17 +300,65 @@ def evaluate_cold(pool: ConnectionPool, store: ObjectStore, embed: TextEmbedder,
     reasons: list[str] = []
     if new.rows < old.rows:
         reasons.append(f"snapshot {new.id} has {new.rows} rows, the serving snapshot {old.rows}: rows were left out (dead letters say why)")
-    new_data, _ = cold_cache.get(store, new)
-    old_data, _ = cold_cache.get(store, old)
+    new_search, new_mode = _snapshot_searcher(store, new, settings.cold_nprobe)
+    old_search, old_mode = _snapshot_searcher(store, old, settings.cold_nprobe)
+    figures["search"] = "cold_exact" if new_mode == old_mode == "cold_exact" else f"{new_mode} vs serving {old_mode}"
     stored = None
     if not logged and not labelled:  # each snapshot's own vectors of the same chunks time the two
-        at = {c: i for i, c in enumerate(old_data.rows.column("chunk_id").to_pylist())}
-        pairs = [(i, at[c]) for i, c in enumerate(new_data.rows.column("chunk_id").to_pylist()[:STORED_QUERIES * 4]) if c in at]
-        pairs = pairs[:STORED_QUERIES]
-        stored = ([new_data.vectors[i] for i, _ in pairs], [old_data.vectors[j] for _, j in pairs])
-    _compare(figures, reasons, settings, embed, shadow, _cold_searcher(new_data), serving, _cold_searcher(old_data),
-             logged, labelled, stored=stored)
+        mine = dict(_snapshot_rows(store, new, want=None, limit=STORED_QUERIES * 4))
+        theirs = dict(_snapshot_rows(store, old, want=set(mine), limit=None))
+        pairs = [c for c in mine if c in theirs][:STORED_QUERIES]
+        stored = ([mine[c] for c in pairs], [theirs[c] for c in pairs])
+    _compare(figures, reasons, settings, embed, shadow, new_search, serving, old_search, logged, labelled, stored=stored)
     return Verdict(not reasons, figures, reasons)
+
+
+def _snapshot_searcher(store: ObjectStore, receipt, cold_nprobe: int) -> tuple[Searcher, str]:
+    """Search a snapshot as cold search does: every row of a flat snapshot (loaded whole, as
+    search loads it), the nearest `cold_nprobe` lists of an IVF one (memory bounded by the
+    list cache, whatever the snapshot's size)."""
+    from vector_platform.search import cold_cache, cold_ivf, ivf_cache  # search's caches, shared with it
+
+    if receipt.manifest.get("layout") != "ivf":
+        data, _ = cold_cache.get(store, receipt)
+        return _cold_searcher(data), "cold_exact"
+
+    def search(spec: ModelSpec, vectors, k: int):
+        results, latencies = [], []
+        for q in vectors:
+            began = time.perf_counter()
+            answer = cold_ivf.search(ivf_cache, store, receipt, spec, q, k, None, (None, None), cold_nprobe)
+            results.append([(row["chunk_id"], row["doc_id"]) for _, row in answer.found])
+            latencies.append((time.perf_counter() - began) * 1000)
+        return results, latencies
+
+    return search, "cold_pruned"
+
+
+def _snapshot_rows(store: ObjectStore, receipt, want: set[str] | None, limit: int | None):
+    """(chunk_id, vector) of a snapshot's rows, verified as search reads them: the rows in
+    `want` (None: any), at most `limit`. An IVF snapshot is read list by list through the
+    list cache (memory stays bounded), stopping once every wanted row is found."""
+    from vector_platform.search import cold_cache, ivf_cache
+
+    if receipt.manifest.get("layout") != "ivf":
+        datas = iter([cold_cache.get(store, receipt)[0]])
+    else:
+        datas = (ivf_cache.list_data(store, receipt, list_id)[0] for list_id in range(receipt.manifest["ivf"]["lists"]))
+    found, left = 0, (len(want) if want is not None else None)
+    if left == 0:
+        return
+    for data in datas:
+        if data is None:
+            continue
+        for i, chunk_id in enumerate(data.rows.column("chunk_id").to_pylist()):
+            if want is None or chunk_id in want:
+                yield chunk_id, data.vectors[i].copy()  # not a view: it would hold its whole list
+                found += 1
+                if left is not None:
+                    left -= 1
+                if (limit is not None and found >= limit) or left == 0:
+                    return
 
 
 def run_gate(
