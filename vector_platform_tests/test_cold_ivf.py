@@ -110,6 +110,7 @@ def test_an_ivf_snapshot_is_searched_by_its_nearest_lists_and_restored_whole(
     every = vp.search(vector=queries[2], collections=[name], k=20, filters={"rare": True})
     assert len(every.hits) == len(docs_rare := range(0, ROWS, RARE_EVERY)) == 12
     assert every.stats["tiers"]["cold"]["rows_scanned"] == ROWS  # every list read: the snapshot holds no more
+    assert all(h.exact for h in every.hits)  # every list was read: the answer is exact
     assert any("hold no more that match the filters" in w for w in every.warnings)
 
     # more lists probed: more rows read, and recall at least as high

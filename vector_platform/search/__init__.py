@@ -473,6 +473,7 @@ def _search_cold(facts: Facts, vector_for, k, filters, store, tally, window=(Non
         if pruned:
             answer = cold_ivf.search(ivf_cache, store, receipt, spec, qvec, k, filters, window, facts.settings.cold_nprobe)
             pairs, scanned, source = answer.found, answer.rows_scanned, answer.data_from
+            pruned = not answer.every_list  # every list read (nprobe >= lists, or a filter read on): exact
         else:
             data, source = cold_cache.get(store, receipt)
             found = cold.nearest(data, spec, qvec, k, filters, mask=cold.time_mask(data.rows, *window))

@@ -44,6 +44,7 @@ class Answer:
     rows_scanned: int
     lists_read: int
     data_from: str  # memory | local_disk | object_store (the slowest source any list came from)
+    every_list: bool = False  # every list was read: the answer is exact
 
 
 class IvfCache:
@@ -279,4 +280,4 @@ def search(
                       key=lambda pair: pair[0])[:k]
         if len(best) >= k:
             break
-    return Answer(best, scanned, min(read, len(order)), worst)
+    return Answer(best, scanned, min(read, len(order)), worst, every_list=read >= len(order))
