@@ -18,7 +18,8 @@ prints its first query (fetch + read + search), the p50 of its first pass over t
 RSS: partition-pruned (the default nprobe lists, ranged reads; with a 2 GiB memory cache, as
 much as the full scan holds, the default 1 GiB and 256 MiB) vs a full scan (`exact`).
 Recall@10 against the full scan's answers. Last line:
-`cold_1m_pruned_over_full_p50=<pruned cached p50 / full-scan cached p50>` (goal <= 0.1).
+`cold_1m_pruned_over_full_p50=<pruned cached p50 with the default 1 GiB cache / full-scan cached p50>`
+(goal <= 0.1).
 
     .venv/bin/python bench/scale_out.py [--rows 100000] [--cold-rows 1000000] [--queries 300] [--dsn DSN]
 
@@ -344,11 +345,11 @@ def main() -> None:
         print(f"search p50 (HNSW, the vector table, ef_search {args.ef_search}): primary {replica['primary']:.2f} ms, "
               f"streaming replica {replica['replica']:.2f} ms; replica_over_primary_p50={replica['replica'] / replica['primary']:.3f}")
     # "cached" on both sides: the full scan holds its 1.5 GB of vectors in memory whatever the
-    # budget (the LRU keeps the snapshot it is using); the pruned search gets a cache that holds
-    # the lists it reads. With the default budget some lists come from local disk each time.
-    default = cold["pruned, 1 GiB cache (the default)"]["p50_ms"] / cold["full"]["p50_ms"]
-    print(f"pruned over full, cached p50, with the default 1 GiB cache: {default:.3f}")
-    print(f"cold_1m_pruned_over_full_p50={cold['pruned, 2 GiB cache']['p50_ms'] / cold['full']['p50_ms']:.3f}")
+    # budget (the LRU keeps the snapshot it is using); the pruned search keeps what its default
+    # 1 GiB budget holds, so some lists come back from local disk each pass.
+    large = cold["pruned, 2 GiB cache"]["p50_ms"] / cold["full"]["p50_ms"]
+    print(f"pruned over full, cached p50, with a 2 GiB cache (every list fits): {large:.3f}")
+    print(f"cold_1m_pruned_over_full_p50={cold['pruned, 1 GiB cache (the default)']['p50_ms'] / cold['full']['p50_ms']:.3f}")
 
 
 if __name__ == "__main__":

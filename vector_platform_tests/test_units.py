@@ -222,3 +222,20 @@ def test_the_quality_gate_latency_rule_fails_a_slow_shadow_and_times_stored_vect
     assert "not measured" in figures["latency"] and reasons == []
     with pytest.raises(ValueError, match="upgrade_latency_floor_ms"):
         CollectionSettings().changed(upgrade_latency_floor_ms=-1.0)
+
+
+def test_the_catalog_listener_says_an_outage_once_not_every_second(tmp_path, caplog):
+    """A search process whose database is gone (a restart, a teardown) warns once that the
+    catalog listener lost its connection, then keeps retrying quietly."""
+    import logging
+    import time
+
+    from vector_platform.search.facts import FactsCache
+
+    caplog.set_level(logging.DEBUG, logger="vector_platform.search.facts")
+    cache = FactsCache(f"host={tmp_path} port=5999 dbname=none connect_timeout=1")  # no server on that socket
+    time.sleep(1.5)  # the constructor waited 5 s for the listener: a few attempts each second
+    cache.close()
+    said = [r for r in caplog.records if "catalog listener" in r.getMessage()]
+    assert [r.levelno for r in said].count(logging.WARNING) == 1
+    assert len(said) >= 3  # it kept trying (the retries logged at debug)

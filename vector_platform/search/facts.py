@@ -113,6 +113,7 @@ class FactsCache:
         self._stopped.set()
 
     def _listen(self) -> None:
+        down_since = None  # the outage is said once, when it starts, and when it ends
         while not self._stopped.is_set():
             try:
                 with psycopg.connect(
@@ -122,13 +123,20 @@ class FactsCache:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(CHANGES_CHANNEL)))
                     self.invalidate()  # anything cached before this point may have missed a notice
                     self._listening.set()
+                    if down_since is not None:
+                        log.info("catalog listener is back after %.0f s; search caches facts again", time.monotonic() - down_since)
+                        down_since = None
                     while not self._stopped.is_set():
                         for notice in conn.notifies(timeout=1.0):
                             self.invalidate(notice.payload or None)
             except Exception as err:  # noqa: BLE001 - keep serving uncached, try again
                 if self._stopped.is_set():
                     return
-                log.warning("catalog listener lost its connection (%s); search reads facts uncached until it is back", err)
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("catalog listener lost its connection (%s); search reads facts uncached until it is back", err)
+                else:
+                    log.debug("catalog listener still cannot connect: %s", err)
             finally:
                 self._listening.clear()
                 self.invalidate()
